@@ -1,0 +1,367 @@
+"""A Llama-family decoder, written out in full: GQA attention with RoPE, SwiGLU MLP, RMSNorm,
+tied embeddings. Module names are Hugging Face's, so `state_dict()` keys are the keys of an HF
+`LlamaForCausalLM` checkpoint and `save_pretrained`/`from_pretrained` map weights by name alone.
+
+This file imports torch, safetensors and the standard library only (no torch_xla, no transformers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich 2019). With fp32=True the statistics and the scaling
+    run in float32 whatever the input dtype, and the result is rounded back once: in bf16 the mean
+    of squares over 768 channels loses enough bits to move the loss."""
+
+    def __init__(self, dim: int, eps: float, fp32: bool = True):
+        super().__init__()
+        self.eps, self.fp32 = eps, fp32
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        dtype = x.dtype
+        if self.fp32:
+            x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x * self.weight.to(x.dtype)).to(dtype)
+
+
+def rope_tables(head_dim: int, max_pos: int, theta: float, device=None):
+    """cos/sin tables (max_pos, head_dim) in HF's rotate-half layout: frequency i drives channels
+    i and i + head_dim/2 (not interleaved pairs as in the RoPE paper), so HF weights load as is."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float()
+                               / head_dim)
+    t = torch.arange(max_pos, dtype=torch.int64, device=device).float()
+    freqs = torch.outer(t, inv_freq)  # (max_pos, head_dim/2)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    # x (B, H, T, hd); cos/sin (T, hd)
+    return x * cos + rotate_half(x) * sin
+
+
+class KVCache(nn.Module):
+    """Preallocated keys/values (B, n_kv, max_len, hd). Writes go through index_copy_ at the
+    given positions, so every decode step has the same shapes: one compiled graph under XLA,
+    one CUDA graph under torch.compile(mode='reduce-overhead')."""
+
+    def __init__(self, batch, n_kv, max_len, head_dim, dtype, device):
+        super().__init__()
+        shape = (batch, n_kv, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, pos, k, v):
+        # pos (T,); k/v (B, n_kv, T, hd)
+        self.k.index_copy_(2, pos, k.to(self.k.dtype))
+        self.v.index_copy_(2, pos, v.to(self.v.dtype))
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        d = cfg.hidden_size
+        self.q_proj = nn.Linear(d, self.n_head * self.hd, bias=False)
+        self.k_proj = nn.Linear(d, self.n_kv * self.hd, bias=False)
+        self.v_proj = nn.Linear(d, self.n_kv * self.hd, bias=False)
+        self.o_proj = nn.Linear(self.n_head * self.hd, d, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, pos=None, mask=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, KV, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if pos is not None:  # decoding: attend over the whole cache, masked by position
+            k, v = self.kv_cache.update(pos, k, v)
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        if self.n_kv != self.n_head:
+            # Each KV head serves n_head/n_kv consecutive query heads (HF's repeat_kv order).
+            # Expanding here, rather than SDPA's enable_gqa, keeps the fused flash kernel usable.
+            k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)
+            v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
+
+
+class MLP(nn.Module):
+    """SwiGLU (Shazeer 2020): down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_fp32)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_fp32)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, pos=None, mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, pos, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(cfg.vocab_size, cfg.hidden_size),
+            layers=nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers)),
+            norm=RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_fp32),
+        ))
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self._build_rope()
+        self.reset_parameters()
+
+    def _build_rope(self, device=None):
+        device = device or self.model.embed_tokens.weight.device
+        cos, sin = rope_tables(self.config.head_dim, self.config.max_position_embeddings,
+                               self.config.rope_theta, device)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """The seed card's init: N(0, 0.02) for embeddings and Linear weights; the two projections
+        that write into the residual stream (o_proj, down_proj) get 0.02/sqrt(2 * layers), as in
+        GPT-2, so the residual's variance does not grow with depth; RMSNorm weights 1."""
+        std = self.config.initializer_range
+        out_std = std / math.sqrt(2 * self.config.num_hidden_layers)
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, 0.0, out_std)
+            elif p.dim() == 2:
+                nn.init.normal_(p, 0.0, std)
+            else:
+                nn.init.ones_(p)
+
+    def num_params(self) -> int:
+        """Unique parameters (a tied embedding counts once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    # ------------------------------------------------------------------------------------------
+    # Forward
+
+    def forward(self, idx, targets=None, start_pos=None):
+        """idx (B, T) token ids -> logits (B, T, vocab), or the mean cross-entropy if targets.
+
+        start_pos (int or 0-d tensor) switches to cached decoding: idx holds the tokens at
+        positions start_pos .. start_pos+T-1 and the KV cache (see setup_cache) holds the rest.
+        """
+        B, T = idx.shape
+        if start_pos is None:
+            if T > self.config.max_position_embeddings:
+                raise ValueError(f"sequence length {T} exceeds max_position_embeddings="
+                                 f"{self.config.max_position_embeddings}")
+            pos, mask = None, None
+            cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        else:
+            if self.model.layers[0].self_attn.kv_cache is None:
+                raise RuntimeError("cached decoding needs model.setup_cache(batch, max_len) first")
+            pos = start_pos + torch.arange(T, device=idx.device)  # (T,)
+            cache_len = self.model.layers[0].self_attn.kv_cache.k.shape[2]
+            mask = torch.arange(cache_len, device=idx.device)[None, :] <= pos[:, None]  # (T, S)
+            cos, sin = self.rope_cos[pos], self.rope_sin[pos]
+
+        x = self.model.embed_tokens(idx)  # (B, T, d)
+        n = len(self.model.layers)
+        dev = x.device.type
+        for i, block in enumerate(self.model.layers):
+            if self.config.fp32_edge_blocks and i in (0, n - 1) and torch.is_autocast_enabled(dev):
+                # The seed's recipe: the first and last blocks stay in fp32 under bf16 autocast.
+                with torch.autocast(dev, enabled=False):
+                    x = block(x.float(), cos, sin, pos, mask)
+            else:
+                x = block(x, cos, sin, pos, mask)
+        x = self.model.norm(x)
+        logits = self.lm_head(x)  # (B, T, vocab)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1),
+                               ignore_index=-100)
+
+    def setup_cache(self, batch_size: int, max_len: int, dtype=None, device=None):
+        """Preallocate a KV cache for batch_size sequences of up to max_len positions."""
+        if max_len > self.config.max_position_embeddings:
+            raise ValueError(f"cache length {max_len} exceeds max_position_embeddings="
+                             f"{self.config.max_position_embeddings}")
+        w = self.lm_head.weight
+        for block in self.model.layers:
+            a = block.self_attn
+            a.kv_cache = KVCache(batch_size, a.n_kv, max_len, a.hd, dtype or w.dtype, device or w.device)
+
+    def clear_cache(self):
+        for block in self.model.layers:
+            block.self_attn.kv_cache = None
+
+    # ------------------------------------------------------------------------------------------
+    # Hugging Face model folders: config.json + model.safetensors, never a pickle.
+
+    def save_pretrained(self, path, dtype=None):
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        sd = self.state_dict()
+        if self.config.tie_word_embeddings:
+            sd.pop("lm_head.weight")  # HF re-ties it on load; safetensors refuses shared storage
+        sd = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in sd.items()}
+        dtype_name = str(next(iter(sd.values())).dtype).removeprefix("torch.")
+        cfg = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
+                   head_dim=self.config.head_dim, attention_bias=False, mlp_bias=False,
+                   **dataclasses.asdict(self.config), torch_dtype=dtype_name)
+        save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
+        (path / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=torch.float32, device="cpu", **overrides) -> "Llama":
+        """Load any HF Llama folder (config.json + model.safetensors, or a sharded index).
+
+        overrides set ModelConfig fields that HF configs lack (e.g. fp32_edge_blocks=False).
+        """
+        path = Path(path)
+        cfg = dataclasses.replace(load_config(path), **overrides)
+        sd = load_safetensors(path)
+        with torch.device("meta"):
+            model = cls(cfg)
+        expected = {k: v.shape for k, v in model.state_dict().items()}
+        if cfg.tie_word_embeddings:
+            expected.pop("lm_head.weight")
+            sd.pop("lm_head.weight", None)  # some tied checkpoints store a copy; HF ignores it too
+        sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}  # old HF files
+        missing = sorted(set(expected) - set(sd))
+        unexpected = sorted(set(sd) - set(expected))
+        wrong = sorted(f"{k}: file {tuple(sd[k].shape)}, model {tuple(expected[k])}"
+                       for k in set(sd) & set(expected) if sd[k].shape != expected[k])
+        if missing or unexpected or wrong:
+            lines = [f"{path}: weights do not match config.json"]
+            for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+                if items:
+                    lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:12])
+                                 + (" ..." if len(items) > 12 else ""))
+            raise ValueError("\n".join(lines))
+        sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
+        if cfg.tie_word_embeddings:
+            sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+        model.load_state_dict(sd, assign=True)
+        if cfg.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        model._build_rope(torch.device(device))
+        return model
+
+
+# HF LlamaConfig's defaults, for the fields a config.json may leave out.
+_HF_DEFAULTS = dict(max_position_embeddings=2048, rope_theta=10000.0, rms_norm_eps=1e-6,
+                    tie_word_embeddings=False, initializer_range=0.02, bos_token_id=1,
+                    eos_token_id=2)
+_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+             "num_attention_heads")
+
+
+def load_config(path) -> ModelConfig:
+    """Read an HF Llama config.json into a ModelConfig, refusing what this model cannot run."""
+    path = Path(path)
+    f = path / "config.json"
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: not a directory; expected an HF model folder "
+                                f"with config.json and model.safetensors")
+    if not f.is_file():
+        raise FileNotFoundError(f"{path}: no config.json; expected an HF model folder "
+                                f"(config.json + model.safetensors), e.g. one written by "
+                                f"save_pretrained or train.py")
+    try:
+        hf = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{f}: not valid JSON ({e})") from None
+    arch = hf.get("architectures") or []
+    if hf.get("model_type") != "llama" and "LlamaForCausalLM" not in arch:
+        raise ValueError(f"{f}: model_type={hf.get('model_type')!r}, architectures={arch}; "
+                         f"only Llama checkpoints (model_type 'llama') can be loaded")
+    missing = [k for k in _REQUIRED if k not in hf]
+    if missing:
+        raise ValueError(f"{f}: missing field(s) {', '.join(missing)}")
+    problems = []
+    if hf.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act={hf['hidden_act']!r} (only 'silu')")
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        problems.append("attention_bias/mlp_bias (this model has no biases)")
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        problems.append(f"rope scaling {rope} (only plain RoPE)")
+    if hf.get("head_dim") not in (None, hf["hidden_size"] // hf["num_attention_heads"]):
+        problems.append(f"head_dim={hf['head_dim']} != hidden_size/num_attention_heads")
+    if problems:
+        raise ValueError(f"{f}: unsupported Llama variant: " + "; ".join(problems))
+    fields = {fld.name for fld in dataclasses.fields(ModelConfig)}
+    kw = {**_HF_DEFAULTS, "num_key_value_heads": hf["num_attention_heads"]}
+    kw.update({k: v for k, v in hf.items() if k in fields})
+    if "rope_theta" in rope:  # transformers 5 keeps rope_theta inside rope_parameters
+        kw["rope_theta"] = rope["rope_theta"]
+    for k in ("bos_token_id", "eos_token_id"):  # HF allows a list of EOS ids; keep the first
+        if isinstance(kw[k], list):
+            kw[k] = kw[k][0]
+    try:
+        return ModelConfig(**kw)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{f}: {e}") from None
+
+
+def load_safetensors(path) -> dict[str, torch.Tensor]:
+    """All tensors of a folder's model.safetensors (or its shards). Never unpickles."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        other = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+        hint = (f" (found {', '.join(other)}: pickle files are not loaded; convert them to "
+                f"safetensors first)" if other else "")
+        raise FileNotFoundError(f"{path}: no model.safetensors{hint}")
+    sd = {}
+    for name in files:
+        try:
+            sd.update(load_file(str(path / name)))
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{path / name}: cannot read safetensors file ({e}); it may be "
+                             f"truncated or corrupt: re-download or re-save it") from None
+    return sd

@@ -1,0 +1,319 @@
+"""The whole test suite: `pytest test_model.py`.
+
+transformers is used here only, as the reference the model must match.
+"""
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+from config import MODEL_PRESETS, ModelConfig, TrainConfig, apply_overrides, model_config
+from model import Llama, RMSNorm
+
+SMALL = dict(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+             rope_theta=50000.0, rms_norm_eps=1e-5)
+
+
+def small_config(**kw) -> ModelConfig:
+    return ModelConfig(**{**SMALL, **kw})
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+
+
+def expected_params(c: ModelConfig) -> int:
+    """Closed-form count, independent of the module code."""
+    d, hd = c.hidden_size, c.head_dim
+    attn = d * hd * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)
+    per_layer = attn + 3 * d * c.intermediate_size + 2 * d
+    head = 0 if c.tie_word_embeddings else c.vocab_size * d
+    return c.vocab_size * d + c.num_hidden_layers * per_layer + d + head
+
+
+@pytest.mark.parametrize("name", list(MODEL_PRESETS))
+def test_param_count_of_every_preset(name):
+    with torch.device("meta"):
+        model = Llama(model_config(name))
+    assert model.num_params() == expected_params(model.config)
+
+
+def test_portimbria_150m_shape_and_count():
+    c = model_config("portimbria-150m")
+    assert (c.hidden_size, c.intermediate_size, c.num_hidden_layers) == (768, 2048, 20)
+    assert (c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (6, 2, 128)
+    assert (c.vocab_size, c.max_position_embeddings, c.rope_theta) == (32768, 4096, 50000.0)
+    with torch.device("meta"):
+        assert Llama(c).num_params() == 151_026_432
+
+
+@pytest.mark.parametrize("kw, field", [
+    (dict(num_attention_heads=6, num_key_value_heads=4, hidden_size=768), "num_key_value_heads"),
+    (dict(num_attention_heads=5), "num_attention_heads"),
+    (dict(vocab_size=0), "vocab_size"),
+    (dict(num_hidden_layers=-1), "num_hidden_layers"),
+])
+def test_bad_model_config_names_the_field(kw, field):
+    with pytest.raises(ValueError, match=field):
+        small_config(**kw)
+
+
+def test_cli_overrides_coerce_types_and_reject_typos():
+    t, m = apply_overrides(["--lr", "3e-4", "--compile", "false", "--resume", "--max_steps=20",
+                            "--num_hidden_layers", "2", "--token_budget", "1e6"],
+                           TrainConfig(), small_config())
+    assert t.lr == 3e-4 and t.compile is False and t.resume is True and t.max_steps == 20
+    assert m.num_hidden_layers == 2 and t.token_budget == 1e6
+    with pytest.raises(ValueError, match="did you mean --lr"):
+        apply_overrides(["--lrr", "1"], TrainConfig())
+    with pytest.raises(ValueError, match="--max_steps: expected int"):
+        apply_overrides(["--max_steps", "ten"], TrainConfig())
+    with pytest.raises(ValueError, match="num_key_value_heads"):  # validation re-runs
+        apply_overrides(["--num_key_value_heads", "3"], TrainConfig(), small_config())
+    with pytest.raises(ValueError, match="unknown preset"):
+        model_config("portimbria-15m")
+
+
+# ---------------------------------------------------------------------------------------------
+# Parity with transformers.LlamaForCausalLM
+
+
+def hf_logits(path, idx):
+    from transformers import LlamaForCausalLM
+
+    hf = LlamaForCausalLM.from_pretrained(path, torch_dtype=torch.float32, attn_implementation="eager")
+    hf.eval()
+    with torch.no_grad():
+        return hf(idx).logits
+
+
+@pytest.mark.parametrize("kv_heads", [2, 4], ids=["gqa", "mha"])
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_our_checkpoint_loads_in_hf_with_equal_logits(tmp_path, kv_heads, tied):
+    torch.manual_seed(0)
+    model = Llama(small_config(num_key_value_heads=kv_heads, tie_word_embeddings=tied)).eval()
+    model.save_pretrained(tmp_path)
+    idx = torch.randint(0, 256, (2, 50))
+    with torch.no_grad():
+        ours = model(idx)
+    theirs = hf_logits(tmp_path, idx)
+    assert ours.shape == (2, 50, 256)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kv_heads", [2, 4], ids=["gqa", "mha"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_hf_checkpoint_loads_in_ours_with_equal_logits(tmp_path, kv_heads, dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    hf_cfg = LlamaConfig(**{**SMALL, "num_key_value_heads": kv_heads}, tie_word_embeddings=True)
+    hf = LlamaForCausalLM(hf_cfg).to(dtype)
+    # HF's own init leaves norms at 1; perturb them so a swapped or missed norm weight shows.
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if "norm" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    hf.save_pretrained(tmp_path)
+    idx = torch.randint(0, 256, (2, 40))
+    ours = Llama.from_pretrained(tmp_path).eval()
+    assert ours.config.tie_word_embeddings and ours.config.num_key_value_heads == kv_heads
+    with torch.no_grad():
+        got = ours(idx)
+    want = hf_logits(tmp_path, idx)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_untied_hf_checkpoint_with_lm_head(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    LlamaForCausalLM(LlamaConfig(**SMALL, tie_word_embeddings=False)).save_pretrained(tmp_path)
+    ours = Llama.from_pretrained(tmp_path)
+    assert not ours.config.tie_word_embeddings
+    assert ours.lm_head.weight.data_ptr() != ours.model.embed_tokens.weight.data_ptr()
+    idx = torch.randint(0, 256, (1, 30))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx), hf_logits(tmp_path, idx), rtol=0, atol=1e-5)
+
+
+def test_saved_config_is_hf_llama(tmp_path):
+    Llama(small_config()).save_pretrained(tmp_path, dtype=torch.bfloat16)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["model_type"] == "llama"
+    assert cfg["torch_dtype"] == "bfloat16" and cfg["num_key_value_heads"] == 2
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        assert f.get_tensor("model.norm.weight").dtype == torch.bfloat16
+    assert "model.embed_tokens.weight" in keys and "lm_head.weight" not in keys
+    assert "model.layers.2.self_attn.o_proj.weight" in keys
+    assert "model.layers.0.post_attention_layernorm.weight" in keys
+    assert "model.layers.1.mlp.down_proj.weight" in keys
+
+
+# ---------------------------------------------------------------------------------------------
+# Behaviour
+
+
+def test_causality():
+    torch.manual_seed(0)
+    model = Llama(small_config()).eval()
+    idx = torch.randint(0, 256, (1, 32))
+    changed = idx.clone()
+    changed[0, 20:] = (changed[0, 20:] + 7) % 256
+    with torch.no_grad():
+        a, b = model(idx), model(changed)
+    torch.testing.assert_close(a[:, :20], b[:, :20], rtol=0, atol=0)
+    assert (a[:, 20:] - b[:, 20:]).abs().max() > 1e-3
+
+
+def test_kv_cache_decoding_equals_full_forward():
+    torch.manual_seed(0)
+    model = Llama(small_config()).eval()
+    idx = torch.randint(0, 256, (2, 40))
+    with torch.no_grad():
+        full = model(idx)
+        model.setup_cache(batch_size=2, max_len=64)
+        steps = [model(idx[:, :16], start_pos=0)]  # prefill
+        for t in range(16, 40):
+            steps.append(model(idx[:, t:t + 1], start_pos=torch.tensor(t)))
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-5)
+
+
+def test_positions_up_to_max_position_embeddings(tmp_path):
+    torch.manual_seed(0)
+    model = Llama(small_config()).eval()  # max_position_embeddings 128
+    idx = torch.randint(0, 256, (1, 128))
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        full = model(idx)
+        model.setup_cache(1, 128)
+        model(idx[:, :120], start_pos=0)
+        tail = torch.cat([model(idx[:, t:t + 1], start_pos=t) for t in range(120, 128)], dim=1)
+    torch.testing.assert_close(full, hf_logits(tmp_path, idx), rtol=0, atol=1e-5)
+    torch.testing.assert_close(tail, full[:, 120:], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model(torch.zeros(1, 129, dtype=torch.long))
+
+
+def test_init_statistics_follow_the_recipe():
+    torch.manual_seed(0)
+    c = model_config("tiny")
+    model = Llama(c)
+    out_std = 0.02 / math.sqrt(2 * c.num_hidden_layers)
+    for name, p in model.named_parameters():
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            assert p.std().item() == pytest.approx(out_std, rel=0.05), name
+        elif p.dim() == 2:
+            assert p.std().item() == pytest.approx(0.02, rel=0.05), name
+        else:
+            assert torch.all(p == 1), name
+        if p.numel() > 1000:
+            assert abs(p.mean().item()) < 0.002, name
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_rmsnorm_computes_in_fp32_for_bf16_input():
+    torch.manual_seed(0)
+    x = (torch.randn(4, 768) * 30).bfloat16()
+    norm = RMSNorm(768, 1e-5, fp32=True)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        exact = (x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-5)
+                 * norm.weight.double())
+        got = norm(x)
+        naive = RMSNorm(768, 1e-5, fp32=False).to(torch.bfloat16)
+        naive.weight.copy_(norm.weight)
+        low = naive(x)
+    assert got.dtype == torch.bfloat16
+    # fp32 internals leave only the final rounding: every element is the exact value rounded
+    # once to bf16. Computing in bf16 rounds at each step and misses on about a third of them.
+    assert (got == exact.bfloat16()).float().mean() == 1.0
+    assert (low == exact.bfloat16()).float().mean() < 0.9
+
+
+def test_bf16_autocast_runs_edge_blocks_in_fp32():
+    torch.manual_seed(0)
+    model = Llama(small_config(num_hidden_layers=4))
+    seen = {}
+    for i, block in enumerate(model.model.layers):
+        block.mlp.down_proj.register_forward_hook(
+            lambda m, a, out, i=i: seen.__setitem__(i, out.dtype))
+    idx = torch.randint(0, 256, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(idx, targets=idx)
+    loss.backward()
+    assert seen == {0: torch.float32, 1: torch.bfloat16, 2: torch.bfloat16, 3: torch.float32}
+    assert torch.isfinite(loss) and model.model.layers[1].mlp.up_proj.weight.grad is not None
+    off = Llama(small_config(num_hidden_layers=4, fp32_edge_blocks=False))
+    off.model.layers[0].mlp.down_proj.register_forward_hook(
+        lambda m, a, out: seen.__setitem__("off", out.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        off(idx)
+    assert seen["off"] == torch.bfloat16
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_folder_without_config_json(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        Llama.from_pretrained(tmp_path)
+
+
+def test_missing_key_is_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    Llama(small_config()).save_pretrained(tmp_path)
+    sd = load_file(str(tmp_path / "model.safetensors"))
+    del sd["model.layers.1.mlp.up_proj.weight"]
+    sd["model.layers.0.extra.weight"] = torch.zeros(2)
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError) as e:
+        Llama.from_pretrained(tmp_path)
+    msg = str(e.value)
+    assert "missing (1): model.layers.1.mlp.up_proj.weight" in msg
+    assert "unexpected (1): model.layers.0.extra.weight" in msg
+
+
+def test_wrong_shape_is_named(tmp_path):
+    Llama(small_config()).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["intermediate_size"] = 128
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"wrong shape .*mlp.gate_proj.weight: file \(160, 64\)"):
+        Llama.from_pretrained(tmp_path)
+
+
+def test_six_heads_four_kv_heads_config(tmp_path):
+    Llama(small_config()).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg.update(hidden_size=768, num_attention_heads=6, num_key_value_heads=4, head_dim=128)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="config.json: .*num_key_value_heads=4 must divide"):
+        Llama.from_pretrained(tmp_path)
+
+
+def test_truncated_safetensors_and_pickles_are_refused(tmp_path):
+    Llama(small_config()).save_pretrained(tmp_path)
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        Llama.from_pretrained(tmp_path)
+    f.unlink()
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04not loaded")
+    with pytest.raises(FileNotFoundError, match="pickle files are not loaded"):
+        Llama.from_pretrained(tmp_path)
+
+
+def test_non_llama_config_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(ValueError, match="only Llama checkpoints"):
+        Llama.from_pretrained(tmp_path)
