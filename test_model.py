@@ -317,3 +317,185 @@ def test_non_llama_config_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
     with pytest.raises(ValueError, match="only Llama checkpoints"):
         Llama.from_pretrained(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: tokenizer, cleaning, shards, the mixture loader
+
+import gzip  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+import data  # noqa: E402
+
+TOKENIZER_SAMPLES = [
+    "", "Hello world", " leading space", "trailing space ", "The quick brown fox. " * 20,
+    "def f(x):\n    if x:\n\t\treturn 1\n        return 2\n", "CRLF line\r\nnext\r\n",
+    "digits 1234567890 3.14159 1e-9 0x1F", "naïve café Ünïcödé 日本語テキスト 한국어 العربية Ελληνικά",
+    "emoji 😀🎉👩‍👩‍👧 🤖", " " * 37 + "x", "\n\n\n\n", "x" + " " * 17 + "y" + "\t" * 9 + "z",
+    "Mixed   whitespace \t \n  runs   everywhere    ", "\u200b zero width \ufeff bom \x00 nul",
+    "<s> literal [INST] tokens </s> stay text", "abc" * 4000 + " " + "word " * 3000,
+] + [" " * n + "w" + "\t" * (n % 5) + " " * n for n in range(1, 40)]
+
+
+def test_tokenizer_matches_sentencepiece():
+    spm = pytest.importorskip("sentencepiece")
+    sp = spm.SentencePieceProcessor(
+        model_file=str(Path(__file__).parent / "reference" / "mistral_instruct_tokenizer_240323.model.v3"))
+    tok = data.load_tokenizer()
+    assert tok.get_vocab_size() == 32768 and tok.get_added_tokens_decoder() == {}
+    assert [tok.id_to_token(i) for i in (0, 1, 2, 771, 1026)] == ["<unk>", "<s>", "</s>", "<0x00>", "<0xFF>"]
+    rng = np.random.default_rng(0)
+    chars = list(" \t\nab漢😀é1.") + ["  "]
+    samples = TOKENIZER_SAMPLES + ["".join(rng.choice(chars, size=int(rng.integers(0, 60))))
+                                   for _ in range(100)]
+    samples.append(Path(data.__file__).read_text())  # real Python source
+    with gzip.open(Path(__file__).parent / "corpus" / "shakespeare" / "sonnets_gut.txt.gz", "rt") as f:
+        samples.append(f.read())
+    for s in samples:
+        ids = tok.encode(s, add_special_tokens=False).ids
+        assert ids == sp.encode(s), repr(s[:80])
+        assert tok.decode(ids, skip_special_tokens=False) == s, repr(s[:80])
+
+
+def test_clean_web_and_code():
+    assert data.clean("ﬁne\u00a0text\r\n\r\nnext\tline  ", "web") == "fine text next line"
+    code = "def f():\r\n    return 1   \r\n\r\n\tpass\t\n"
+    assert data.clean(code, "code") == "def f():\n    return 1\n\n\tpass"
+
+
+def _write_corpus(root: Path):
+    (root / "web").mkdir()
+    for i in range(30):
+        (root / "web" / f"doc{i:02d}.txt").write_text(f"Web document number {i}. " * (40 + i))
+    with gzip.open(root / "code.jsonl.gz", "wt") as f:
+        for i in range(40):
+            f.write(json.dumps({"content": f"def fn_{i}(x):\n    return x * {i}   \n"}) + "\n")
+    with open(root / "math.jsonl", "w") as f:
+        for i in range(25):
+            f.write(json.dumps({"text": f"Let x = {i}. Then x^2 = {i * i} and  x+1 = {i + 1}."}) + "\n")
+
+
+def _prepare(root: Path, out: Path, **kw):
+    sources = {"web": data.expand(str(root / "web" / "*.txt")), "code": [root / "code.jsonl.gz"],
+               "math": [root / "math.jsonl"]}
+    return data.prepare(sources, out, val_frac=kw.pop("val_frac", 0.2), shard_tokens=kw.pop("shard_tokens", 2000), **kw)
+
+
+def test_prepare_writes_checked_shards_with_a_disjoint_val_split(tmp_path):
+    _write_corpus(tmp_path)
+    out = tmp_path / "out"
+    summary = _prepare(tmp_path, out)
+    tok = data.load_tokenizer()
+    for name in ("web", "code", "math"):
+        meta = json.loads((out / name / "meta.json").read_text())
+        assert meta["tokenizer_sha256"] == data.file_sha256(data.TOKENIZER_FILE)
+        docs = {"train": [], "val": []}
+        for split in ("train", "val"):
+            for shard in meta[split]:
+                toks = data.open_shard(out / name / shard["file"], 32768)
+                assert toks.dtype == np.uint16 and len(toks) == shard["tokens"]
+                assert toks[0] == data.BOS_ID and toks[-1] == data.EOS_ID
+                assert (toks == data.BOS_ID).sum() == shard["documents"]
+                bounds = np.flatnonzero(toks == data.BOS_ID).tolist() + [len(toks)]
+                docs[split] += [tok.decode(toks[a + 1:b - 1].tolist()) for a, b in zip(bounds, bounds[1:])]
+            assert summary["sources"][name][split] == sum(s["tokens"] for s in meta[split])
+        assert docs["train"] and docs["val"], name  # 20% held out of 25-40 documents
+        assert not set(docs["train"]) & set(docs["val"])
+        assert len(meta["train"]) > 1 or name != "web"  # shard_tokens=2000 rolls shards
+    code = json.loads((out / "code" / "meta.json").read_text())
+    first = data.open_shard(out / "code" / code["train"][0]["file"])
+    assert "\n    return x *" in tok.decode(first[:40].tolist())  # code keeps its indentation
+
+
+def test_prepare_is_deterministic_and_a_rerun_recovers(tmp_path, capsys):
+    _write_corpus(tmp_path)
+    a = _prepare(tmp_path, tmp_path / "a")
+    b = _prepare(tmp_path, tmp_path / "b")
+    assert a == b
+    for f in (tmp_path / "a").rglob("*.bin"):
+        assert f.read_bytes() == (tmp_path / "b" / f.relative_to(tmp_path / "a")).read_bytes()
+    # An interrupted run: the source's meta.json never written, a shard left half-written.
+    (tmp_path / "a" / "web" / "meta.json").unlink()
+    (tmp_path / "a" / "web" / "train_000099.bin.tmp").write_bytes(b"partial")
+    capsys.readouterr()
+    assert _prepare(tmp_path, tmp_path / "a") == a
+    err = capsys.readouterr().err
+    assert "[code] already prepared" in err and "[web] already prepared" not in err
+    assert not list((tmp_path / "a").rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda p: p.write_bytes(b"NOTASHRD" + p.read_bytes()[8:]), "bad magic"),
+    (lambda p: p.write_bytes(p.read_bytes()[:-6]), "truncated"),
+    (lambda p: p.write_bytes(data.HEADER.pack(data.MAGIC, 1, 50000, 2, 0, 3) + b"\0" * 6), "50000-token vocabulary"),
+])
+def test_bad_shards_are_named(tmp_path, damage, match):
+    _write_corpus(tmp_path)
+    _prepare(tmp_path, tmp_path / "out")
+    shard = tmp_path / "out" / "web" / "train_000000.bin"
+    damage(shard)
+    with pytest.raises(ValueError, match=match) as e:
+        data.MixtureLoader(tmp_path / "out", 2, 16, data.Mixture({}, {}, 0), vocab_size=32768)
+    assert str(shard) in str(e.value)
+
+
+def test_empty_or_missing_data_dir(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no train_\\*.bin shards"):
+        data.MixtureLoader(tmp_path, 2, 16, data.Mixture({}, {}, 0))
+    with pytest.raises(FileNotFoundError, match="python data.py"):
+        data.MixtureLoader(tmp_path / "nope", 2, 16, data.Mixture({}, {}, 0))
+
+
+def _loader(out, **kw):
+    mix = data.Mixture({"web": 0.75, "code": 0.15, "math": 0.10},
+                       {"web": 0.2, "code": 0.4, "math": 0.4}, anneal_step=kw.pop("anneal_step", 10**9))
+    return data.MixtureLoader(out, batch_size=2, seq_len=8, mixture=mix, seed=3, **kw)
+
+
+def test_loader_is_deterministic_resumable_and_disjoint_across_ranks(tmp_path):
+    _write_corpus(tmp_path)
+    _prepare(tmp_path, tmp_path / "out")
+    out = tmp_path / "out"
+    run = _loader(out, grad_accum=2)
+    batches = [run.get_batch(s) for s in range(12)]
+    for (x, y) in batches[0]:
+        assert x.shape == y.shape == (2, 8) and x.dtype == np.int64
+        assert np.array_equal(x[:, 1:], y[:, :-1])
+    resumed = _loader(out, grad_accum=2)
+    for s in range(7, 12):  # a fresh process resuming at step 7
+        for (x1, y1), (x2, y2) in zip(resumed.get_batch(s), batches[s]):
+            assert np.array_equal(x1, x2) and np.array_equal(y1, y2)
+    # Two ranks see different windows, and together the same ones as world_size 1 with 2x batch.
+    r0, r1 = _loader(out, rank=0, world_size=2), _loader(out, rank=1, world_size=2)
+    for s in range(5):
+        (x0, _), = r0.get_batch(s)
+        (x1, _), = r1.get_batch(s)
+        rows0, rows1 = {r.tobytes() for r in x0}, {r.tobytes() for r in x1}
+        assert not rows0 & rows1
+
+
+def test_mixture_weights_and_anneal(tmp_path):
+    _write_corpus(tmp_path)
+    _prepare(tmp_path, tmp_path / "out")
+    ld = _loader(tmp_path / "out", anneal_step=2000)
+    before = sum(ld._counts(s)[0] for s in range(2000))  # 4000 windows each side
+    after = sum(ld._counts(s)[0] for s in range(2000, 4000))
+    names = ld.names
+    share = lambda c, n: c[names.index(n)] / c.sum()  # noqa: E731
+    assert abs(share(before, "web") - 0.75) < 0.03 and abs(share(before, "math") - 0.10) < 0.02
+    assert abs(share(after, "code") - 0.4) < 0.03 and abs(share(after, "web") - 0.2) < 0.03
+    only_web = data.Mixture({"web": 1.0}, {"web": 1.0}, 0)
+    assert only_web.at(0, ["code", "web"]).tolist() == [0.0, 1.0]
+
+
+def test_val_windows_are_fixed_and_split_across_ranks(tmp_path):
+    _write_corpus(tmp_path)
+    _prepare(tmp_path, tmp_path / "out")
+    full = data.val_windows(tmp_path / "out", 8, max_samples=9)
+    assert len(full) == 9 and all(w.shape == (9,) for w in full)
+    r0 = data.val_windows(tmp_path / "out", 8, max_samples=9, rank=0, world_size=2)
+    r1 = data.val_windows(tmp_path / "out", 8, max_samples=9, rank=1, world_size=2)
+    assert len(r0) + len(r1) == 9
+    assert [w.tolist() for w in full] == [w.tolist() for pair in zip(r0, r1 + [None]) for w in pair if w is not None]
