@@ -118,6 +118,7 @@ class TrainConfig:
     eval_interval: int = 1000
     max_eval_samples: int = 5000
     log_interval: int = 10
+    ckpt_interval: int = 1000  # OUT_DIR/latest is also written at the end and on SIGINT/SIGTERM
     resume: bool = False
 
 

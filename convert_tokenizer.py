@@ -15,7 +15,8 @@ test_model.py::test_tokenizer_matches_sentencepiece):
   pieces never span a word boundary, so encoding the whole text at once is equivalent);
 - byte fallback stays on: a character outside the vocab becomes its UTF-8 bytes <0x..>;
 - no special tokens are registered, so `<s>` or `[INST]` typed in a document stays text, as with
-  sentencepiece (BOS/EOS are added by id where documents are packed). One known difference:
+  sentencepiece (BOS/EOS are added by id where documents are packed; a post-processor adds <s>
+  by id when a caller asks for special tokens, as HF's AutoTokenizer does by default). One known difference:
   sentencepiece also matches its 20 user-defined pieces ([REFERENCE_DOC_n], ids 751-770) in raw
   text; here that text stays ordinary text. Registering them as added tokens would split the
   input around them and put a second dummy prefix after each one (measured), which is worse.
@@ -33,7 +34,7 @@ SP_MODEL = Path(__file__).parent / "reference" / "mistral_instruct_tokenizer_240
 
 def convert(model_path: Path):
     from sentencepiece import sentencepiece_model_pb2 as pb
-    from tokenizers import Tokenizer, decoders, models, normalizers
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors
 
     proto = pb.ModelProto()
     proto.ParseFromString(model_path.read_bytes())
@@ -53,6 +54,11 @@ def convert(model_path: Path):
                      byte_fallback=True, fuse_unk=True)
     tok = Tokenizer(bpe)
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    # Encoding with add_special_tokens=True (HF's default, as AutoTokenizer does) prepends <s>
+    # by id, like Llama tokenizers; this repo's own code encodes with add_special_tokens=False
+    # and adds <s>/</s> itself.
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 1)])
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
                                      decoders.Fuse(), decoders.Strip(" ", 1, 0)])
     return tok

@@ -448,7 +448,7 @@ class MixtureLoader:
                 slot = (a * self.B + b) * self.world + self.rank
                 rows.append(self._window(*slot_window[slot]))
             arr = np.stack(rows).astype(np.int64)
-            micro.append((arr[:, :-1], arr[:, 1:]))
+            micro.append((np.ascontiguousarray(arr[:, :-1]), np.ascontiguousarray(arr[:, 1:])))
         self.consumed += counts
         self.step = step + 1
         return micro

@@ -212,7 +212,7 @@ class Llama(nn.Module):
         logits = self.lm_head(x)  # (B, T, vocab)
         if targets is None:
             return logits
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1),
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
                                ignore_index=-100)
 
     def setup_cache(self, batch_size: int, max_len: int, dtype=None, device=None):

@@ -499,3 +499,356 @@ def test_val_windows_are_fixed_and_split_across_ranks(tmp_path):
     r1 = data.val_windows(tmp_path / "out", 8, max_samples=9, rank=1, world_size=2)
     assert len(r0) + len(r1) == 9
     assert [w.tolist() for w in full] == [w.tolist() for pair in zip(r0, r1 + [None]) for w in pair if w is not None]
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+import os  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import train  # noqa: E402
+
+REPO = Path(__file__).parent
+# A model small enough for a CPU test run; the vocab stays 32768 (the shipped tokenizer).
+MICRO = ["--preset", "tiny", "--hidden_size", "64", "--intermediate_size", "128",
+         "--num_hidden_layers", "2", "--num_attention_heads", "2", "--num_key_value_heads", "1",
+         "--seq_len", "32", "--batch_size", "4", "--max_eval_samples", "16"]
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    _write_corpus(root)
+    _prepare(root, root / "out", shard_tokens=10**6)
+    return root / "out"
+
+
+def run_train(args, out, data_dir, env_extra=None, check=True):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
+    cmd = [sys.executable, str(REPO / "train.py"), *MICRO, "--data_dir", str(data_dir),
+           "--out_dir", str(out), *args]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    if check:
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+def losses(out):
+    rows = [json.loads(line) for line in open(Path(out) / "metrics.jsonl")]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_overfits_a_repeated_batch():
+    torch.manual_seed(0)
+    model = Llama(model_config("tiny"))
+    opt = torch.optim.AdamW(train.param_groups(model, 0.01), lr=3e-3, betas=(0.9, 0.95), fused=True)
+    x = torch.randint(0, 32768, (4, 33))
+    first = None
+    for _ in range(30):
+        loss = model(x[:, :-1], targets=x[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        first = first or loss.item()
+    assert first > 10 and loss.item() < 0.3 * first
+
+
+def test_adamw_step_matches_hand_computation_and_skips_on_found_inf():
+    rt = train.Runtime("cpu")
+    w = torch.nn.Parameter(torch.tensor([[0.5, -1.0], [2.0, 0.25]]))
+    b = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = rt.optimizer([{"params": [w], "weight_decay": 0.1}, {"params": [b], "weight_decay": 0.0}],
+                       lr=0.01, betas=(0.9, 0.95), eps=1e-8)
+    gw, gb = torch.tensor([[0.1, -0.2], [0.3, 0.0]]), torch.tensor([-0.5, 0.05])
+    w0, b0 = w.detach().clone(), b.detach().clone()
+
+    def hand(p, g, wd, lr=0.01, b1=0.9, b2=0.95, eps=1e-8):  # AdamW step 1, Loshchilov & Hutter
+        m, v = (1 - b1) * g, (1 - b2) * g * g
+        return p * (1 - lr * wd) - lr * (m / (1 - b1)) / ((v / (1 - b2)).sqrt() + eps)
+
+    w.grad, b.grad = gw.clone(), gb.clone()
+    rt.optimizer_step(opt, torch.tensor(1.0))  # found_inf: the update is skipped
+    assert torch.equal(w, w0) and torch.equal(b, b0)
+    assert opt.state[w]["step"].item() == 0
+    rt.optimizer_step(opt, torch.tensor(0.0))
+    torch.testing.assert_close(w.detach(), hand(w0, gw, 0.1), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(b.detach(), hand(b0, gb, 0.0), rtol=1e-6, atol=1e-7)
+
+
+def test_weight_decay_groups():
+    model = Llama(small_config())
+    decay, no_decay = train.param_groups(model, 0.01)
+    names = {id(p): n for n, p in model.named_parameters()}
+    dn = sorted(names[id(p)].rsplit(".", 2)[-2] for p in decay["params"])
+    assert set(dn) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert len(dn) == 7 * 3
+    ndn = {names[id(p)] for p in no_decay["params"]}
+    assert "model.embed_tokens.weight" in ndn and "model.norm.weight" in ndn
+    assert all("norm" in n or "embed" in n for n in ndn)
+    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
+
+
+def test_lr_schedule():
+    c = TrainConfig(lr=1.0, min_lr=0.0, warmup_frac=0.1)  # 102 steps: warmup 10, cosine 92
+    assert train.lr_at(0, c, 102) == pytest.approx(0.1)
+    assert train.lr_at(9, c, 102) == pytest.approx(1.0)  # warmup end: the peak
+    assert train.lr_at(10, c, 102) == pytest.approx(1.0)
+    assert train.lr_at(56, c, 102) == pytest.approx(0.5)  # halfway through the cosine
+    last = train.lr_at(101, c, 102)  # reaches min_lr one step past the end, never exactly 0
+    assert 0 < last < 1e-3 and last == pytest.approx(0.5 * (1 + math.cos(math.pi * 91 / 92)))
+    w = dataclasses.replace(c, schedule="wsd", decay_frac=0.2, min_lr=0.1)
+    # 101 steps: decay over the last int(0.2 * 101) = 20 (81 .. 100), linear from 1.0 to 0.1.
+    assert train.lr_at(50, w, 101) == 1.0 and train.lr_at(80, w, 101) == 1.0
+    assert train.lr_at(91, w, 101) == pytest.approx(0.55)
+    assert train.lr_at(100, w, 101) == pytest.approx(1.0 - 0.9 * 19 / 20)
+
+
+def test_train_kill_and_resume_gives_identical_losses(tmp_path, demo_data):
+    args = ["--max_steps", "8", "--log_interval", "1", "--ckpt_interval", "1", "--eval_interval", "4",
+            "--lr", "3e-3", "--precision", "fp32"]
+    ref = tmp_path / "ref"
+    run_train(args, ref, demo_data)
+    want = losses(ref)
+    assert sorted(want) == list(range(1, 9)) and want[8] < want[1]
+    # Kill -9 after step 4 is logged, then --resume.
+    out = tmp_path / "killed"
+    cmd = [sys.executable, str(REPO / "train.py"), *MICRO, "--data_dir", str(demo_data),
+           "--out_dir", str(out), *args]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in p.stdout:
+        if line.startswith("step       4/"):
+            p.send_signal(signal.SIGKILL)
+            break
+    p.wait(timeout=60)
+    assert p.returncode == -signal.SIGKILL
+    saved = json.loads((out / "latest" / "trainer_state.json").read_text())["step"]
+    assert 3 <= saved < 8
+    res = run_train([*args, "--resume"], out, demo_data)
+    assert f"resumed from {out}/latest at step {saved}" in res.stdout
+    got = losses(out)
+    for s in range(saved + 1, 9):
+        assert got[s] == want[s], (s, got[s], want[s])
+    # The checkpoints are HF folders: transformers loads model and tokenizer as they are.
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    hf = LlamaForCausalLM.from_pretrained(out / "best")
+    ours = Llama.from_pretrained(out / "best")
+    idx = torch.randint(0, 32768, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, ours(idx), rtol=0, atol=1e-4)
+    hft = AutoTokenizer.from_pretrained(out / "latest")
+    text = "Hello world, this is Portimbria."
+    ids = data.load_tokenizer().encode(text, add_special_tokens=False).ids
+    assert hft(text)["input_ids"] == [1] + ids and len(ids) > 5
+
+
+def test_resume_errors(tmp_path, demo_data):
+    p = run_train(["--max_steps", "2", "--resume"], tmp_path / "none", demo_data, check=False)
+    assert p.returncode != 0 and "no checkpoint to resume from" in p.stderr
+    run_train(["--max_steps", "2", "--eval_interval", "2"], tmp_path / "o", demo_data)
+    f = tmp_path / "o" / "latest" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:1000])
+    p = run_train(["--max_steps", "4", "--resume"], tmp_path / "o", demo_data, check=False)
+    assert p.returncode != 0 and "is unreadable" in p.stderr and "truncated" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_xla_path_trains_and_compiles_once(tmp_path, demo_data):
+    pytest.importorskip("torch_xla")
+    out = tmp_path / "xla"
+    run_train(["--device", "tpu", "--max_steps", "6", "--log_interval", "1", "--eval_interval", "100",
+               "--lr", "3e-3"], out, demo_data, env_extra={"PJRT_DEVICE": "CPU"})
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl") if '"loss"' in line]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    compiles = [r["xla_compiles"] for r in rows]
+    assert compiles[2] == compiles[-1], compiles  # no new graph after the first steps
+    assert (out / "latest" / "model.safetensors").is_file()
+    Llama.from_pretrained(out / "latest")
+
+
+def test_torchrun_two_cpu_ranks(tmp_path, demo_data):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+           str(REPO / "test_model.py"), "ddp-check", str(out), str(demo_data)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    r0, r1 = (json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["world"] == r1["world"] == 2
+    assert r0["weights"] == r1["weights"]  # identical after training
+    assert not set(r0["windows"]) & set(r1["windows"])  # disjoint data
+    assert len(r0["windows"]) == len(r1["windows"]) == 3 * 4
+
+
+def _ddp_check(out, data_dir):
+    """Run under torchrun: a short DDP training, then record this rank's weights and windows."""
+    import hashlib
+
+    seen = []
+    orig = data.MixtureLoader.get_batch
+
+    def spy(self, step):
+        micro = orig(self, step)
+        seen.extend(hashlib.md5(x.tobytes()).hexdigest() for x_b, _ in micro for x in x_b)
+        return micro
+
+    data.MixtureLoader.get_batch = spy
+    tcfg, mcfg = train.parse([*MICRO, "--device", "cpu", "--data_dir", data_dir, "--out_dir", out,
+                              "--max_steps", "3", "--eval_interval", "3", "--log_interval", "1"])
+    rt = train.Runtime("cpu")
+    model, _ = train.train(tcfg, mcfg, rt)
+    digest = hashlib.md5(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest()
+    (Path(out) / f"rank{rt.rank}.json").write_text(json.dumps({"world": rt.world, "windows": seen,
+                                                               "weights": digest}))
+    rt.close()
+
+
+if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "ddp-check":
+    _ddp_check(sys.argv[2], sys.argv[3])
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling and perplexity
+
+import eval_ppl  # noqa: E402
+import sample  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    """A small random Llama saved by transformers, with the full vocab and our tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("hf")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**{**SMALL, "vocab_size": 32768, "hidden_size": 32, "intermediate_size": 64,
+                         "max_position_embeddings": 64}, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():  # spread the logits so greedy decoding has clear winners
+        model.model.embed_tokens.weight.normal_(0, 1.0)
+        model.lm_head.weight.normal_(0, 1.0)
+    model.save_pretrained(path)
+    import shutil
+
+    shutil.copy(data.TOKENIZER_FILE, path / "tokenizer.json")
+    return path
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.1])
+def test_greedy_equals_hf_generate(hf_folder, penalty):
+    from transformers import LlamaForCausalLM
+
+    hf = LlamaForCausalLM.from_pretrained(hf_folder, torch_dtype=torch.float32).eval()
+    ours, _ = sample.load(hf_folder, "cpu", torch.float32)
+    prompt = [1, 415, 2936, 9060, 285, 1142]
+    want = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=40,
+                       repetition_penalty=penalty, eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    got = sample.Generator(ours).generate(prompt, 1, 40, temperature=0, repetition_penalty=penalty,
+                                          eos_id=-1)[0]
+    assert got == want
+    assert len(set(got)) > 3  # a real continuation, not one repeated token
+
+
+def test_logits_processing_equals_hf_warpers():
+    from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor,
+                                                        TemperatureLogitsWarper, TopKLogitsWarper,
+                                                        TopPLogitsWarper)
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 500) * 3
+    context = torch.randint(0, 500, (3, 20))
+    seen = torch.zeros(3, 500, dtype=torch.bool).scatter(1, context, True)
+    for temp, k, p in [(0.8, 0, 0.9), (1.0, 50, 1.0), (0.7, 20, 0.5)]:
+        want = RepetitionPenaltyLogitsProcessor(1.1)(context, logits.clone())
+        want = TemperatureLogitsWarper(temp)(context, want)
+        if k:
+            want = TopKLogitsWarper(k)(context, want)
+        if p < 1:
+            want = TopPLogitsWarper(p)(context, want)
+        got = sample.process_logits(logits.clone(), seen, temp, k, p, 1.1)
+        assert torch.equal(torch.isinf(got), torch.isinf(want))
+        torch.testing.assert_close(got[~torch.isinf(got)], want[~torch.isinf(want)])
+
+
+def run_script(script, *args):
+    return subprocess.run([sys.executable, str(REPO / script), *args], capture_output=True, text=True,
+                          timeout=300, cwd=REPO)
+
+
+def test_sample_cli_inputs(hf_folder, tmp_path):
+    p = run_script("sample.py", "--ckpt", str(hf_folder), "--prompt", "", "--max_new_tokens", "5", "--seed", "1")
+    assert p.returncode == 0, p.stderr
+    assert "5 tokens" in p.stderr or "tokens in" in p.stderr
+    long_prompt = "word " * 100  # more than the 64-token context
+    p = run_script("sample.py", "--ckpt", str(hf_folder), "--prompt", long_prompt, "--max_new_tokens", "8",
+                   "--temperature", "0")
+    assert p.returncode == 0 and "only the last 56 fit the 64-token context" in p.stderr
+    p = run_script("sample.py", "--ckpt", str(hf_folder), "--prompt", "x", "--max_new_tokens", "4",
+                   "--num_samples", "3", "--seed", "0")
+    assert p.returncode == 0 and p.stdout.count("--- sample") == 3
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    p = run_script("sample.py", "--ckpt", str(tmp_path), "--prompt", "x")
+    assert p.returncode != 0 and "only Llama checkpoints" in p.stderr and "Traceback" not in p.stderr
+    small = tmp_path / "small_vocab"
+    Llama(small_config()).save_pretrained(small)  # vocab 256: the repo tokenizer has 32768
+    p = run_script("sample.py", "--ckpt", str(small), "--prompt", "x")
+    assert p.returncode != 0 and "do not belong together" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_text_windows_score_every_token_once():
+    ids = list(range(1000))
+    for ctx, stride in [(64, 32), (64, 64), (100, 7), (2000, 10)]:
+        ws = eval_ppl.text_windows(ids, ctx, stride)
+        scored = []
+        for w, n in ws:
+            assert len(w) <= ctx and n <= len(w) - 1
+            scored += w[len(w) - n:]
+            first = len(w) - n  # the first scored token's context within its window
+            assert first >= min(ctx - stride, w[0] + first)
+        assert scored == ids[1:]
+
+
+def test_eval_ppl_matches_hf_loss(hf_folder, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    hf = LlamaForCausalLM.from_pretrained(hf_folder, torch_dtype=torch.float32).eval()
+    tok = data.load_tokenizer()
+    text = "To be, or not to be, that is the question. " * 12
+    (tmp_path / "t.txt").write_text(text)
+    ids = tok.encode(text).ids  # add_special_tokens (the default) prepends <s>
+    assert ids[0] == 1 and ids[1:] == tok.encode(text, add_special_tokens=False).ids
+    assert 64 < len(ids) < 200
+    p = run_script("eval_ppl.py", "--ckpt", str(hf_folder), "--text", str(tmp_path / "t.txt"),
+                   "--stride", "16", "--batch_size", "3")
+    assert p.returncode == 0, p.stderr
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    # HF's reference, window by window as in its perplexity guide (labels -100 outside the scored part).
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for w, n in eval_ppl.text_windows(ids, 64, 16):
+            labels = torch.tensor([w])
+            labels[0, :len(w) - n] = -100
+            nll += hf(torch.tensor([w]), labels=labels).loss.item() * n
+            count += n
+    assert got["tokens"] == count == len(ids) - 1
+    assert abs(got["loss"] - nll / count) < 1e-4
+    assert got["ppl"] == pytest.approx(math.exp(got["loss"]), rel=1e-4)
+
+
+def test_eval_ppl_on_val_shards(hf_folder, demo_data):
+    from transformers import LlamaForCausalLM
+
+    p = run_script("eval_ppl.py", "--ckpt", str(hf_folder), "--data_dir", str(demo_data),
+                   "--seq_len", "33", "--max_samples", "6")
+    assert p.returncode == 0, p.stderr
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    hf = LlamaForCausalLM.from_pretrained(hf_folder, torch_dtype=torch.float32).eval()
+    windows = torch.tensor(np.stack(data.val_windows(demo_data, 32, 6)))
+    with torch.no_grad():
+        want = hf(windows, labels=windows).loss.item()
+    assert got["tokens"] == 6 * 32 and abs(got["loss"] - want) < 1e-4

@@ -1,0 +1,125 @@
+"""Perplexity of a checkpoint on held-out shards or on any text file.
+
+    python eval_ppl.py --ckpt out/best                         # data/demo's val shards
+    python eval_ppl.py --ckpt out/best --data_dir data/mix --seq_len 4096
+    python eval_ppl.py --ckpt path/to/Portimbria-150M --text book.txt --stride 2048
+
+Progress goes to stderr; the last line on stdout is a JSON object
+{"loss": mean next-token cross-entropy in nats over the predicted tokens, "ppl": exp(loss),
+ "tokens": how many tokens were predicted}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import data
+from sample import find_checkpoint, load
+
+
+def text_windows(ids: list[int], ctx: int, stride: int) -> list[tuple[list[int], int]]:
+    """Sliding windows over a long sequence: (window ids, how many of its last targets to score).
+    Each token after the first is predicted exactly once, with up to ctx-1 tokens of context;
+    consecutive windows start `stride` tokens apart, so a scored token sees at least
+    ctx - stride tokens of context (as in HF's perplexity guide)."""
+    # A window's first token has no context inside it, so windows overlap by at least one.
+    stride = min(stride, ctx - 1)
+    out, prev_end = [], 1  # position 0 (BOS) is never a target
+    for begin in range(0, max(1, len(ids) - 1), stride):
+        end = min(begin + ctx, len(ids))
+        out.append((ids[begin:end], end - prev_end))
+        prev_end = end
+        if end == len(ids):
+            break
+    return out
+
+
+@torch.no_grad()
+def score(model, windows: list[tuple[list[int], int]], batch_size: int, device, progress=True):
+    """Sum of next-token NLL and the count of scored tokens."""
+    nll, count, t0, last = 0.0, 0, time.time(), 0.0
+    order = sorted(range(len(windows)), key=lambda i: -len(windows[i][0]))  # batch equal lengths
+    for k in range(0, len(order), batch_size):
+        group = [windows[i] for i in order[k:k + batch_size]]
+        T = max(len(w) for w, _ in group)
+        x = torch.zeros(len(group), T, dtype=torch.long)
+        y = torch.full((len(group), T), -100, dtype=torch.long)
+        for r, (w, n_target) in enumerate(group):
+            x[r, :len(w)] = torch.tensor(w)
+            tgt = torch.tensor(w[1:])
+            y[r, len(w) - 1 - n_target:len(w) - 1] = tgt[len(tgt) - n_target:]
+        x, y = x.to(device), y.to(device)
+        logits = model(x[:, :-1] if T > 1 else x)
+        yy = y[:, :-1] if T > 1 else y
+        nll += F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), yy.reshape(-1),
+                               ignore_index=-100, reduction="sum").item()
+        count += int((yy != -100).sum())
+        now = time.time()
+        if progress and (now - last > 2 or k + batch_size >= len(order)):
+            last = now
+            print(f"  {min(k + batch_size, len(order))}/{len(order)} windows | {count:,} tokens | "
+                  f"loss {nll / max(count, 1):.4f} | {count / (now - t0):,.0f} tokens/s",
+                  file=sys.stderr, flush=True)
+    return nll, count
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Perplexity of a checkpoint.")
+    ap.add_argument("--ckpt", default=None, help="HF model folder (default out/best, then out/latest)")
+    ap.add_argument("--data_dir", default="data/demo", help="data directory with val shards")
+    ap.add_argument("--text", default=None, help="evaluate this text file instead of the val shards")
+    ap.add_argument("--seq_len", type=int, default=0, help="window length (default: the model's context)")
+    ap.add_argument("--stride", type=int, default=0, help="--text: window step (default seq_len/2)")
+    ap.add_argument("--max_samples", type=int, default=5000, help="val windows at most")
+    ap.add_argument("--batch_size", type=int, default=8)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32")
+    args = ap.parse_args(argv)
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    dtype = {"auto": torch.bfloat16 if device != "cpu" else torch.float32, "bf16": torch.bfloat16,
+             "fp32": torch.float32}[args.dtype]
+    ckpt = find_checkpoint(args.ckpt)
+    model, tok = load(ckpt, device, dtype)
+    ctx = args.seq_len or model.config.max_position_embeddings
+    if ctx > model.config.max_position_embeddings:
+        raise SystemExit(f"eval_ppl.py: --seq_len {ctx} exceeds the model's context "
+                         f"{model.config.max_position_embeddings}")
+    if args.text:
+        path = Path(args.text)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise SystemExit(f"eval_ppl.py: --text {path}: {e}") from None
+        ids = [model.config.bos_token_id] + tok.encode(text, add_special_tokens=False).ids
+        if len(ids) < 2:
+            raise SystemExit(f"eval_ppl.py: --text {path} is empty")
+        stride = args.stride or max(1, ctx // 2)
+        if not 0 < stride < ctx:
+            raise SystemExit(f"eval_ppl.py: --stride must be in 1..{ctx - 1} (windows must overlap)")
+        windows = text_windows(ids, ctx, stride)
+        what = f"{path} ({len(ids):,} tokens, window {ctx}, stride {stride})"
+    else:
+        try:
+            vals = data.val_windows(args.data_dir, ctx - 1, args.max_samples, vocab_size=model.config.vocab_size)
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"eval_ppl.py: {e}") from None
+        windows = [(w.tolist(), len(w) - 1) for w in vals]
+        what = f"{len(windows)} val windows of {ctx} tokens from {args.data_dir}"
+    print(f"evaluating {ckpt} on {what}", file=sys.stderr, flush=True)
+    nll, count = score(model, windows, args.batch_size, device)
+    loss = nll / count
+    print(json.dumps({"loss": round(loss, 6), "ppl": round(math.exp(loss), 4), "tokens": count}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,223 @@
+"""Generate text from a checkpoint: ours (out/best, out/latest) or any Hugging Face Llama folder.
+
+    python sample.py --prompt "Once upon a time"
+    python sample.py --ckpt path/to/Portimbria-150M --prompt "def fib(n):" --temperature 0
+    python sample.py --prompt_file prompts.txt --num_samples 3 --max_new_tokens 100
+
+The continuation streams to stdout; diagnostics go to stderr. Defaults are the seed card's:
+temperature 0.8, top-p 0.9, repetition penalty 1.1 (Hugging Face semantics). --temperature 0 is
+greedy decoding, which reproduces HF `generate(do_sample=False)` token for token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from model import Llama
+
+ROOT = Path(__file__).resolve().parent
+
+
+def warn(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def find_checkpoint(ckpt: str | None) -> Path:
+    if ckpt:
+        return Path(ckpt)
+    for cand in (ROOT / "out" / "best", ROOT / "out" / "latest", Path("out/best"), Path("out/latest")):
+        if (cand / "config.json").is_file():
+            return cand
+    raise SystemExit("sample.py: no checkpoint in out/best or out/latest; train one with "
+                     "`python train.py` or pass --ckpt DIR (any Hugging Face Llama folder)")
+
+
+def load(ckpt: Path, device: str, dtype: torch.dtype):
+    """The model and its tokenizer (the folder's tokenizer.json, else the repo's)."""
+    from tokenizers import Tokenizer
+
+    try:
+        model = Llama.from_pretrained(ckpt, dtype=dtype, device=device, fp32_edge_blocks=False)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"sample.py: --ckpt {ckpt}: {e}") from None
+    tok_file = ckpt / "tokenizer.json" if (ckpt / "tokenizer.json").is_file() else ROOT / "tokenizer.json"
+    tok = Tokenizer.from_file(str(tok_file))
+    n_tok, n_model = tok.get_vocab_size(), model.config.vocab_size
+    if n_tok > n_model:
+        raise SystemExit(f"sample.py: {tok_file} has {n_tok} tokens but the model in {ckpt} only "
+                         f"{n_model}: they do not belong together")
+    if n_tok < n_model:
+        warn(f"warning: {tok_file} has {n_tok} tokens, the model {n_model} (padded vocab?); "
+             f"ids >= {n_tok} will never be decoded")
+    return model.eval(), tok
+
+
+# ---------------------------------------------------------------------------------------------
+# Logits processing, in HF's order: repetition penalty, then temperature, top-k, top-p.
+
+
+def apply_repetition_penalty(logits, seen, penalty: float):
+    """CTRL's penalty as HF applies it: a seen token's logit is divided by the penalty if
+    positive, multiplied if negative. seen (B, V) bool marks every token of the context."""
+    if penalty == 1.0:
+        return logits
+    penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def process_logits(logits, seen, temperature: float, top_k: int, top_p: float, penalty: float):
+    """logits (B, V) float32 -> the logits sampling draws from (filtered ones at -inf)."""
+    logits = apply_repetition_penalty(logits, seen, penalty)
+    logits = logits / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        # HF: drop the tokens whose cumulative probability (ascending) is <= 1 - top_p,
+        # always keeping the most likely one.
+        sorted_logits, order = torch.sort(logits, descending=False)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum <= 1 - top_p
+        drop[:, -1] = False
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return logits
+
+
+def sample_next(logits, seen, temperature: float, top_k: int, top_p: float, penalty: float,
+                generator=None):
+    """logits (B, V) float32 -> next ids (B,); temperature 0 is greedy."""
+    if temperature <= 0:
+        return apply_repetition_penalty(logits, seen, penalty).argmax(-1)
+    probs = process_logits(logits, seen, temperature, top_k, top_p, penalty).softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class Generator:
+    """Batched decoding with the model's static KV cache. The one-token step has fixed shapes, so
+    on CUDA it can be compiled once into a CUDA graph (compile=True)."""
+
+    def __init__(self, model: Llama, compile: bool = False):
+        self.model = model
+        self.step = self._step
+        if compile:
+            self.step = torch.compile(self._step, mode="reduce-overhead", fullgraph=True)
+
+    def _step(self, tok, pos):
+        # tok (B, 1), pos 0-d tensor -> float32 logits (B, V)
+        return self.model(tok, start_pos=pos)[:, -1].float()
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[int], num_samples: int, max_new_tokens: int,
+                 temperature=0.8, top_k=0, top_p=0.9, repetition_penalty=1.1, eos_id=2,
+                 seed=None, on_token=None) -> list[list[int]]:
+        m, dev = self.model, self.model.lm_head.weight.device
+        B, P = num_samples, len(prompt_ids)
+        m.setup_cache(B, P + max_new_tokens)
+        gen = torch.Generator(device=dev)
+        gen.manual_seed(seed if seed is not None else int(time.time_ns() % 2**31))
+        ids = torch.tensor([prompt_ids] * B, device=dev)
+        seen = torch.zeros(B, m.config.vocab_size, dtype=torch.bool, device=dev)
+        seen[:, ids[0]] = True
+        logits = m(ids, start_pos=0)[:, -1].float()  # prefill the prompt in one pass
+        out = [[] for _ in range(B)]
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        for t in range(max_new_tokens):
+            nxt = sample_next(logits, seen, temperature, top_k, top_p, repetition_penalty, gen)
+            nxt = torch.where(done, eos_id, nxt)
+            seen[torch.arange(B, device=dev), nxt] = True
+            host = nxt.tolist()
+            for b in range(B):
+                if not done[b]:
+                    out[b].append(host[b])
+            done |= nxt == eos_id
+            if on_token:
+                on_token(out)
+            if bool(done.all()) or t == max_new_tokens - 1:
+                break
+            logits = self.step(nxt[:, None].clone(), torch.tensor(P + t, device=dev))
+        m.clear_cache()
+        return [o[:-1] if o and o[-1] == eos_id else o for o in out]
+
+
+def fit_prompt(ids: list[int], ctx: int, max_new: int) -> tuple[list[int], int]:
+    """Keep the last tokens of a prompt too long for the context (warn), and cap max_new."""
+    max_new = min(max_new, ctx - 1)
+    room = ctx - max_new
+    if len(ids) > room:
+        warn(f"warning: the prompt has {len(ids)} tokens; with --max_new_tokens {max_new} only the "
+             f"last {room} fit the {ctx}-token context, the rest is dropped")
+        ids = ids[-room:]
+    return ids, max_new
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Sample text from a Llama checkpoint.")
+    ap.add_argument("--prompt", default=None, help="text to continue (empty: start from <s>)")
+    ap.add_argument("--prompt_file", default=None, help="one prompt per line")
+    ap.add_argument("--ckpt", default=None, help="HF model folder (default out/best, then out/latest)")
+    ap.add_argument("--max_new_tokens", type=int, default=200)
+    ap.add_argument("--temperature", type=float, default=0.8)
+    ap.add_argument("--top_k", type=int, default=0, help="0: off")
+    ap.add_argument("--top_p", type=float, default=0.9)
+    ap.add_argument("--repetition_penalty", type=float, default=1.1)
+    ap.add_argument("--num_samples", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--device", default="auto", help="auto | cuda | cpu")
+    ap.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32")
+    ap.add_argument("--compile", action="store_true", help="CUDA: compile the decode step (CUDA graphs)")
+    args = ap.parse_args(argv)
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    dtype = {"auto": torch.bfloat16 if device != "cpu" else torch.float32, "bf16": torch.bfloat16,
+             "fp32": torch.float32, "fp16": torch.float16}[args.dtype]
+    ckpt = find_checkpoint(args.ckpt)
+    model, tok = load(ckpt, device, dtype)
+    warn(f"loaded {ckpt} ({model.num_params():,} parameters) on {device} in {str(dtype)[6:]}")
+    if args.prompt_file:
+        try:
+            prompts = [line.rstrip("\n") for line in open(args.prompt_file, encoding="utf-8") if line.strip()]
+        except OSError as e:
+            raise SystemExit(f"sample.py: --prompt_file: {e}") from None
+    else:
+        prompts = [args.prompt or ""]
+    gen = Generator(model, compile=args.compile and device == "cuda")
+    bos = model.config.bos_token_id
+    for prompt in prompts:
+        ids, max_new = fit_prompt([bos] + tok.encode(prompt, add_special_tokens=False).ids,
+                                  model.config.max_position_embeddings, args.max_new_tokens)
+        shown = {"n": 0}
+        stream = args.num_samples == 1
+
+        eos = model.config.eos_token_id
+
+        def on_token(out):
+            text = tok.decode(out[0][:-1] if out[0][-1:] == [eos] else out[0])
+            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                sys.stdout.write(text[shown["n"]:])
+                sys.stdout.flush()
+                shown["n"] = len(text)
+
+        t0 = time.time()
+        if stream:
+            sys.stdout.write(prompt)
+            sys.stdout.flush()
+        outs = gen.generate(ids, args.num_samples, max_new, args.temperature, args.top_k, args.top_p,
+                            args.repetition_penalty, model.config.eos_token_id, args.seed,
+                            on_token if stream else None)
+        dt = time.time() - t0
+        if stream:
+            sys.stdout.write(tok.decode(outs[0])[shown["n"]:] + "\n")
+        else:
+            for i, o in enumerate(outs):
+                print(f"--- sample {i + 1}\n{prompt}{tok.decode(o)}")
+        n = sum(len(o) for o in outs)
+        warn(f"[{n} tokens in {dt:.2f}s, {n / max(dt, 1e-9):.1f} tokens/s]")
+
+
+if __name__ == "__main__":
+    main()
