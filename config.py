@@ -30,6 +30,7 @@ class ModelConfig:
     # The seed's bf16 precision recipe. These two are ours; HF ignores unknown config keys.
     norm_fp32: bool = True  # RMSNorm statistics and scaling computed in fp32
     fp32_edge_blocks: bool = True  # first and last transformer block run in fp32 under autocast
+    fp32_edge_attention: bool = False  # also their attention core (no flash kernel: slow)
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",

@@ -88,7 +88,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_head * self.hd, d, bias=False)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, pos=None, mask=None):
+    def forward(self, x, cos, sin, pos=None, mask=None, bf16_scores=False):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, KV, T, hd)
@@ -103,7 +103,15 @@ class Attention(nn.Module):
             # Expanding here, rather than SDPA's enable_gqa, keeps the fused flash kernel usable.
             k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        if bf16_scores:
+            # An fp32 edge block's attention core still goes through the bf16 flash kernel
+            # (softmax and accumulation are fp32 inside it): fp32 SDPA has no tensor-core
+            # kernel and at T=4096 cost a third of the step (bench.py train, H100).
+            with torch.autocast(q.device.type, dtype=torch.bfloat16):
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+            y = y.to(q.dtype)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
 
 
@@ -128,8 +136,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_fp32)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, pos=None, mask=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, pos, mask)
+    def forward(self, x, cos, sin, pos=None, mask=None, bf16_scores=False):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, pos, mask, bf16_scores)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -205,7 +213,7 @@ class Llama(nn.Module):
             if self.config.fp32_edge_blocks and i in (0, n - 1) and torch.is_autocast_enabled(dev):
                 # The seed's recipe: the first and last blocks stay in fp32 under bf16 autocast.
                 with torch.autocast(dev, enabled=False):
-                    x = block(x.float(), cos, sin, pos, mask)
+                    x = block(x.float(), cos, sin, pos, mask, not self.config.fp32_edge_attention)
             else:
                 x = block(x, cos, sin, pos, mask)
         x = self.model.norm(x)

@@ -88,58 +88,69 @@ def process_logits(logits, seen, temperature: float, top_k: int, top_p: float, p
     return logits
 
 
-def sample_next(logits, seen, temperature: float, top_k: int, top_p: float, penalty: float,
-                generator=None):
-    """logits (B, V) float32 -> next ids (B,); temperature 0 is greedy."""
+def choose(logits, seen, temperature: float, top_k: int, top_p: float, penalty: float):
+    """logits (B, V) float32 -> next ids (B,); temperature 0 is greedy. Sampling draws with the
+    exponential-race trick (argmax of p / Exp(1) noise is a draw from p): no host sync, and it
+    can live inside a CUDA graph."""
     if temperature <= 0:
         return apply_repetition_penalty(logits, seen, penalty).argmax(-1)
     probs = process_logits(logits, seen, temperature, top_k, top_p, penalty).softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return (probs / torch.empty_like(probs).exponential_(1)).argmax(-1)
 
 
 class Generator:
-    """Batched decoding with the model's static KV cache. The one-token step has fixed shapes, so
-    on CUDA it can be compiled once into a CUDA graph (compile=True)."""
+    """Batched decoding with the model's static KV cache. One decode step (model, repetition
+    penalty, sampling, bookkeeping) has fixed shapes and stays on the device, so with
+    compile=True (CUDA) it becomes one CUDA graph replay; the host reads tokens back every
+    `sync_every` steps, to stream them and to stop at EOS."""
 
     def __init__(self, model: Llama, compile: bool = False):
         self.model = model
-        self.step = self._step
+        self.decode = self._decode
         if compile:
-            self.step = torch.compile(self._step, mode="reduce-overhead", fullgraph=True)
+            self.decode = torch.compile(self._decode, mode="reduce-overhead", fullgraph=True)
 
-    def _step(self, tok, pos):
-        # tok (B, 1), pos 0-d tensor -> float32 logits (B, V)
-        return self.model(tok, start_pos=pos)[:, -1].float()
+    def _decode(self, tok, pos, seen, temperature: float, top_k: int, top_p: float, penalty: float):
+        # tok (B, 1), pos 0-d tensor, seen (B, V) bool -> the same, one position later
+        logits = self.model(tok, start_pos=pos)[:, -1].float()
+        nxt = choose(logits, seen, temperature, top_k, top_p, penalty)
+        return nxt[:, None], pos + 1, seen.scatter(1, nxt[:, None], True)
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[int], num_samples: int, max_new_tokens: int,
                  temperature=0.8, top_k=0, top_p=0.9, repetition_penalty=1.1, eos_id=2,
-                 seed=None, on_token=None) -> list[list[int]]:
+                 seed=None, on_token=None, sync_every: int | None = None) -> list[list[int]]:
         m, dev = self.model, self.model.lm_head.weight.device
         B, P = num_samples, len(prompt_ids)
+        sync_every = sync_every or (8 if dev.type == "cuda" else 1)
+        if seed is not None:
+            torch.manual_seed(seed)
         m.setup_cache(B, P + max_new_tokens)
-        gen = torch.Generator(device=dev)
-        gen.manual_seed(seed if seed is not None else int(time.time_ns() % 2**31))
         ids = torch.tensor([prompt_ids] * B, device=dev)
         seen = torch.zeros(B, m.config.vocab_size, dtype=torch.bool, device=dev)
         seen[:, ids[0]] = True
+        settings = (temperature, top_k, top_p, repetition_penalty)
         logits = m(ids, start_pos=0)[:, -1].float()  # prefill the prompt in one pass
-        out = [[] for _ in range(B)]
-        done = torch.zeros(B, dtype=torch.bool, device=dev)
-        for t in range(max_new_tokens):
-            nxt = sample_next(logits, seen, temperature, top_k, top_p, repetition_penalty, gen)
-            nxt = torch.where(done, eos_id, nxt)
-            seen[torch.arange(B, device=dev), nxt] = True
-            host = nxt.tolist()
-            for b in range(B):
-                if not done[b]:
-                    out[b].append(host[b])
-            done |= nxt == eos_id
-            if on_token:
-                on_token(out)
-            if bool(done.all()) or t == max_new_tokens - 1:
-                break
-            logits = self.step(nxt[:, None].clone(), torch.tensor(P + t, device=dev))
+        tok = choose(logits, seen, *settings)[:, None]
+        seen = seen.scatter(1, tok, True)
+        pos = torch.tensor(P, device=dev)
+        out, done, pending = [[] for _ in range(B)], [False] * B, [tok]
+        for t in range(1, max_new_tokens + 1):
+            if len(pending) == sync_every or t == max_new_tokens:
+                for b, row in enumerate(torch.cat(pending, 1).tolist()):
+                    for x in row:
+                        if not done[b]:
+                            out[b].append(x)
+                            done[b] = x == eos_id
+                pending = []
+                if on_token:
+                    on_token(out)
+                if all(done) or t == max_new_tokens:
+                    break
+            tok, pos, seen = self.decode(tok, pos, seen, *settings)
+            # CUDA-graph outputs are overwritten by the next replay: keep copies.
+            tok, pos, seen = tok.clone(), pos.clone(), seen.clone()
+            pending.append(tok)
         m.clear_cache()
         return [o[:-1] if o and o[-1] == eos_id else o for o in out]
 

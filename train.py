@@ -93,17 +93,15 @@ class Runtime:
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     def wrap(self, model):
-        """The module the loop calls: compiled on CUDA, DDP across processes."""
-        if self.compile:
-            model = torch.compile(model)
+        """The module the loop calls: DDP across processes, compiled on CUDA."""
         if self.ddp:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            model = DDP(model, device_ids=[self.device.index] if self.kind == "cuda" else None)
-        return model
+            model = self.ddp_model = DDP(model, device_ids=[self.device.index] if self.kind == "cuda" else None)
+        return torch.compile(model) if self.compile else model
 
     def no_sync(self, model, last_micro: bool):
-        return model.no_sync() if self.ddp and not last_micro else contextlib.nullcontext()
+        return self.ddp_model.no_sync() if self.ddp and not last_micro else contextlib.nullcontext()
 
     def optimizer(self, groups, lr, betas, eps):
         if self.kind == "xla":
@@ -340,6 +338,10 @@ def evaluate(model, windows, rt: Runtime, cfg: TrainConfig) -> float:
 
 def train(tcfg: TrainConfig, mcfg: ModelConfig, rt: Runtime):
     out = Path(tcfg.out_dir)
+    if tcfg.seq_len > mcfg.max_position_embeddings:
+        raise SystemExit(f"--seq_len {tcfg.seq_len} exceeds the model's context (max_position_embeddings="
+                         f"{mcfg.max_position_embeddings}); pass a shorter --seq_len or "
+                         f"--max_position_embeddings {tcfg.seq_len}")
     torch.manual_seed(tcfg.seed)
     model = Llama(mcfg)  # initialised on the CPU: the same weights on every device and rank
     n_params = model.num_params()

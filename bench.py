@@ -1,0 +1,336 @@
+"""Benchmarks: this project side by side with its reference, in one run, reported as ratios.
+
+    python bench.py train      # training step vs HF LlamaForCausalLM (eager and compiled); GPU
+    python bench.py decode     # batch-1 greedy decoding vs HF generate; GPU or CPU
+    python bench.py data       # tokenize + pack throughput vs bare Tokenizer.encode_batch; CPU
+
+Each configuration runs in its own subprocess (clean peak-memory figures); the parent prints a
+table and writes JSON with --json FILE. transformers is needed here as the reference only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+
+
+def child(args: list[str], timeout=900) -> dict:
+    p = subprocess.run([sys.executable, str(ROOT / "bench.py"), *args], capture_output=True, text=True,
+                       timeout=timeout, cwd=ROOT)
+    lines = [x for x in p.stdout.splitlines() if x.startswith("{")]
+    if p.returncode or not lines:
+        return {"error": (p.stderr or p.stdout)[-1500:]}
+    return json.loads(lines[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Training step
+
+
+def train_one(impl: str, compile_: bool, batch: int, seq: int, steps: int, warmup: int, recipe: bool):
+    import torch
+
+    from config import model_config
+    from train import flops_per_token
+
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    dev = "cuda"
+    cfg = model_config("portimbria-150m")
+    torch.manual_seed(0)
+    if impl == "ours":
+        from model import Llama
+
+        cfg.fp32_edge_blocks = recipe
+        cfg.norm_fp32 = True
+        model = Llama(cfg).to(dev)
+
+        def loss_fn(m, x, y):
+            return m(x, targets=y)
+    else:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        hcfg = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                           intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
+                           num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
+                           max_position_embeddings=cfg.max_position_embeddings, rope_theta=cfg.rope_theta,
+                           rms_norm_eps=cfg.rms_norm_eps, tie_word_embeddings=True)
+        model = LlamaForCausalLM._from_config(hcfg, attn_implementation="sdpa").to(dev)
+
+        def loss_fn(m, x, y):
+            return m(input_ids=x, labels=y).loss
+    n_params = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=True)
+    step_model = torch.compile(model) if compile_ else model
+    x = torch.randint(0, cfg.vocab_size, (batch, seq), device=dev)
+    y = torch.randint(0, cfg.vocab_size, (batch, seq), device=dev)
+    if impl == "hf":
+        y = x  # HF shifts labels inside
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = loss_fn(step_model, x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    t0 = time.time()
+    step()
+    torch.cuda.synchronize()
+    first = time.time() - t0
+    for _ in range(warmup - 1):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        loss = step()
+    end.record()
+    torch.cuda.synchronize()
+    ms = start.elapsed_time(end) / steps
+    tok_s = batch * seq / (ms / 1e3)
+    fpt = flops_per_token(cfg, n_params, seq)
+    return {"impl": impl, "compile": compile_, "recipe_fp32_edges": recipe if impl == "ours" else None,
+            "params": n_params, "step_ms": round(ms, 1), "tok_s": round(tok_s), "tflops": round(fpt * tok_s / 1e12, 1),
+            "mfu_989": round(fpt * tok_s / 989e12, 3), "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 1),
+            "first_step_s": round(first, 1), "loss": round(loss.item(), 3),
+            "device": torch.cuda.get_device_name(), "torch": torch.__version__}
+
+
+def attention_table(batch: int, seq: int):
+    """Forward+backward time of the attention core at the model's shape, per SDPA backend, with
+    the KV heads expanded (what model.py does) or shared through enable_gqa."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from config import model_config
+
+    c = model_config("portimbria-150m")
+    H, KV, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    q = torch.randn(batch, H, seq, hd, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(batch, KV, seq, hd, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn_like(k, requires_grad=True)
+    rows = []
+    for backend in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
+        for gqa in (False, True):
+            def run():
+                kk, vv = (k, v) if gqa else (k.repeat_interleave(H // KV, 1), v.repeat_interleave(H // KV, 1))
+                with sdpa_kernel(getattr(SDPBackend, backend)):
+                    y = F.scaled_dot_product_attention(q, kk, vv, is_causal=True, enable_gqa=gqa)
+                y.sum().backward()
+            try:
+                for _ in range(3):
+                    run()
+                torch.cuda.synchronize()
+                t0 = time.time()
+                for _ in range(10):
+                    run()
+                torch.cuda.synchronize()
+                rows.append({"backend": backend, "enable_gqa": gqa, "ms": round((time.time() - t0) * 100, 2)})
+            except Exception as e:  # a backend that does not support this case
+                rows.append({"backend": backend, "enable_gqa": gqa, "error": str(e)[:120]})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding
+
+
+def decode_one(impl: str, device: str, compile_: bool, new_tokens: int, prompt_len: int, runs: int):
+    import torch
+
+    from config import model_config
+
+    cfg = model_config("portimbria-150m")
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    torch.manual_seed(0)
+    prompt = torch.randint(3, cfg.vocab_size, (1, prompt_len))
+    times = []
+    if impl == "ours":
+        from model import Llama
+        from sample import Generator
+
+        cfg.fp32_edge_blocks = False
+        model = Llama(cfg).to(device=device, dtype=dtype).eval()
+        gen = Generator(model, compile=compile_)
+        for _ in range(runs):
+            t0 = time.time()
+            out = gen.generate(prompt[0].tolist(), 1, new_tokens, temperature=0, repetition_penalty=1.0, eos_id=-1)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.time() - t0)
+        n = len(out[0])
+    else:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        hcfg = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                           intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
+                           num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
+                           max_position_embeddings=cfg.max_position_embeddings, rope_theta=cfg.rope_theta,
+                           rms_norm_eps=cfg.rms_norm_eps, tie_word_embeddings=True)
+        model = LlamaForCausalLM._from_config(hcfg, attn_implementation="sdpa").to(device=device, dtype=dtype).eval()
+        x = prompt.to(device)
+        with torch.no_grad():
+            for _ in range(runs):
+                t0 = time.time()
+                out = model.generate(x, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                     eos_token_id=None, pad_token_id=0)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.time() - t0)
+        n = out.shape[1] - prompt_len
+    best = min(times[1:] if len(times) > 1 else times)
+    return {"impl": impl, "device": device, "compile": compile_, "new_tokens": n,
+            "tok_s": round(n / best, 1), "first_run_tok_s": round(n / times[0], 1),
+            "runs_s": [round(t, 3) for t in times]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Data preparation
+
+
+def make_corpus(path: Path, mb: int):
+    """A jsonl corpus of about `mb` MB built from the demo texts (repeated, varied per document)."""
+    import gzip
+
+    texts = []
+    for f in sorted((ROOT / "corpus" / "shakespeare").glob("*.txt.gz")):
+        with gzip.open(f, "rt", encoding="utf-8") as fh:
+            t = fh.read()
+        texts += [t[i:i + 4000] for i in range(0, len(t), 4000)]
+    with open(path, "w") as out:
+        written, k = 0, 0
+        while written < mb * 1e6:
+            line = json.dumps({"text": f"{k} " + texts[k % len(texts)]}) + "\n"
+            out.write(line)
+            written += len(line)
+            k += 1
+
+
+def data_one(mode: str, corpus: Path, out: Path):
+    import resource
+
+    import data
+
+    t0 = time.time()
+    if mode == "bare":
+        # The ceiling: encode_batch on the same texts, already cleaned and in memory, nothing written.
+        tok = data.load_tokenizer()
+        texts = [data.clean(json.loads(line)["text"], "web") for line in open(corpus)]
+        t0 = time.time()
+        n = 0
+        for i in range(0, len(texts), 512):
+            n += sum(len(e.ids) for e in tok.encode_batch(texts[i:i + 512], add_special_tokens=False))
+        tokens = n
+    else:
+        summary = data.prepare({"web": [corpus]}, out, val_frac=0.005, shard_tokens=100_000_000, force=True)
+        tokens = sum(summary["sources"]["web"].values())
+    dt = time.time() - t0
+    mb = corpus.stat().st_size / 1e6
+    return {"mode": mode, "seconds": round(dt, 2), "mb_s": round(mb / dt, 2), "tokens": tokens,
+            "tok_s": round(tokens / dt), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("what", choices=["train", "decode", "data", "attention"])
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a child's configuration
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=4096)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--configs", default="ours-compile,ours-compile-norecipe,hf-eager,hf-compile",
+                    help="ours|hf, -compile, -norecipe (no fp32 edge blocks)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--new_tokens", type=int, default=256)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--mb", type=int, default=200)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    if args.one:  # child process: one configuration, one JSON line
+        c = json.loads(args.one)
+        fn = {"train": train_one, "decode": decode_one, "data": data_one}[args.what]
+        if args.what == "data":
+            c = {**c, "corpus": Path(c["corpus"]), "out": Path(c["out"])}
+        print(json.dumps(fn(**c)))
+        return
+
+    rows = []
+    if args.what == "attention":
+        rows = attention_table(args.batch, args.seq)
+        for r in rows:
+            print(r)
+    elif args.what == "train":
+        for name in args.configs.split(","):
+            impl = name.split("-")[0]
+            c = dict(impl=impl, compile_="compile" in name, batch=args.batch, seq=args.seq, steps=args.steps,
+                     warmup=args.warmup, recipe="norecipe" not in name)
+            r = child(["train", "--one", json.dumps(c)])
+            r["config"] = name
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+        ref = next((r for r in rows if r.get("config") == "hf-compile" and "tok_s" in r), None)
+        print(f"\n{'config':<26}{'tok/s':>10}{'MFU':>8}{'peak GB':>9}{'vs HF+compile':>15}")
+        for r in rows:
+            if "tok_s" in r:
+                ratio = f"{r['tok_s'] / ref['tok_s']:.2f}x" if ref else "-"
+                print(f"{r['config']:<26}{r['tok_s']:>10,}{r['mfu_989']:>8.1%}{r['peak_mem_gb']:>9}{ratio:>15}")
+            else:
+                print(f"{r['config']:<26} failed: {r['error'][-300:]}")
+    elif args.what == "decode":
+        import torch
+
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+        configs = [("hf", False), ("ours", False)] + ([("ours", True)] if device == "cuda" else [])
+        for impl, comp in configs:
+            c = dict(impl=impl, device=device, compile_=comp, new_tokens=args.new_tokens, prompt_len=16, runs=args.runs)
+            r = child(["decode", "--one", json.dumps(c)])
+            r["config"] = f"{impl}{'-compile' if comp else ''}"
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+        ref = next((r for r in rows if r.get("config") == "hf" and "tok_s" in r), None)
+        print(f"\n{'config':<16}{'tok/s':>10}{'vs HF generate':>16}")
+        for r in rows:
+            if "tok_s" in r:
+                print(f"{r['config']:<16}{r['tok_s']:>10,}{(r['tok_s'] / ref['tok_s'] if ref else 0):>15.2f}x")
+            else:
+                print(f"{r['config']:<16} failed: {r['error'][-300:]}")
+    else:
+        import tempfile
+
+        tmp = Path(tempfile.mkdtemp(prefix="bench_data_"))
+        corpus = tmp / "corpus.jsonl"
+        make_corpus(corpus, args.mb)
+        for mode in ("bare", "prepare"):
+            r = child(["data", "--one", json.dumps(dict(mode=mode, corpus=str(corpus), out=str(tmp / "out")))],
+                      timeout=3600)
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+        if all("tok_s" in r for r in rows):
+            print(f"\ncorpus {corpus.stat().st_size / 1e6:.0f} MB on {os.cpu_count()} cores: bare encode_batch "
+                  f"{rows[0]['tok_s']:,} tok/s, data.py prepare {rows[1]['tok_s']:,} tok/s = "
+                  f"{rows[1]['tok_s'] / rows[0]['tok_s']:.0%} of bare; prepare peak RSS {rows[1]['peak_rss_mb']} MB")
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
