@@ -30,6 +30,17 @@ def child(args: list[str], timeout=900) -> dict:
     return json.loads(lines[-1])
 
 
+def hf_llama(cfg):
+    """The reference: HF LlamaForCausalLM of the same shape, with PyTorch SDPA attention."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shape = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "max_position_embeddings", "rope_theta", "rms_norm_eps",
+             "tie_word_embeddings")
+    hcfg = LlamaConfig(**{k: getattr(cfg, k) for k in shape})
+    return LlamaForCausalLM._from_config(hcfg, attn_implementation="sdpa")
+
+
 # ---------------------------------------------------------------------------------------------
 # Training step
 
@@ -55,14 +66,7 @@ def train_one(impl: str, compile_: bool, batch: int, seq: int, steps: int, warmu
         def loss_fn(m, x, y):
             return m(x, targets=y)
     else:
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        hcfg = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-                           intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
-                           num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
-                           max_position_embeddings=cfg.max_position_embeddings, rope_theta=cfg.rope_theta,
-                           rms_norm_eps=cfg.rms_norm_eps, tie_word_embeddings=True)
-        model = LlamaForCausalLM._from_config(hcfg, attn_implementation="sdpa").to(dev)
+        model = hf_llama(cfg).to(dev)
 
         def loss_fn(m, x, y):
             return m(input_ids=x, labels=y).loss
@@ -147,13 +151,14 @@ def attention_table(batch: int, seq: int):
 # Decoding
 
 
-def decode_one(impl: str, device: str, compile_: bool, new_tokens: int, prompt_len: int, runs: int):
+def decode_one(impl: str, device: str, compile_: bool, new_tokens: int, prompt_len: int, runs: int,
+               dtype: str):
     import torch
 
     from config import model_config
 
     cfg = model_config("portimbria-150m")
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     torch.manual_seed(0)
     prompt = torch.randint(3, cfg.vocab_size, (1, prompt_len))
     times = []
@@ -172,14 +177,7 @@ def decode_one(impl: str, device: str, compile_: bool, new_tokens: int, prompt_l
             times.append(time.time() - t0)
         n = len(out[0])
     else:
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        hcfg = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-                           intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
-                           num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
-                           max_position_embeddings=cfg.max_position_embeddings, rope_theta=cfg.rope_theta,
-                           rms_norm_eps=cfg.rms_norm_eps, tie_word_embeddings=True)
-        model = LlamaForCausalLM._from_config(hcfg, attn_implementation="sdpa").to(device=device, dtype=dtype).eval()
+        model = hf_llama(cfg).to(device=device, dtype=dtype).eval()
         x = prompt.to(device)
         with torch.no_grad():
             for _ in range(runs):
@@ -191,7 +189,7 @@ def decode_one(impl: str, device: str, compile_: bool, new_tokens: int, prompt_l
                 times.append(time.time() - t0)
         n = out.shape[1] - prompt_len
     best = min(times[1:] if len(times) > 1 else times)
-    return {"impl": impl, "device": device, "compile": compile_, "new_tokens": n,
+    return {"impl": impl, "device": device, "dtype": str(dtype)[6:], "compile": compile_, "new_tokens": n,
             "tok_s": round(n / best, 1), "first_run_tok_s": round(n / times[0], 1),
             "runs_s": [round(t, 3) for t in times]}
 
@@ -258,6 +256,7 @@ def main():
     ap.add_argument("--device", default="auto")
     ap.add_argument("--new_tokens", type=int, default=256)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--dtypes", default=None, help="decode: e.g. fp32,bf16 (default bf16 on GPU, fp32 on CPU)")
     ap.add_argument("--mb", type=int, default=200)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -296,20 +295,24 @@ def main():
         import torch
 
         device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+        dtypes = args.dtypes.split(",") if args.dtypes else ["bf16" if device == "cuda" else "fp32"]
         configs = [("hf", False), ("ours", False)] + ([("ours", True)] if device == "cuda" else [])
-        for impl, comp in configs:
-            c = dict(impl=impl, device=device, compile_=comp, new_tokens=args.new_tokens, prompt_len=16, runs=args.runs)
-            r = child(["decode", "--one", json.dumps(c)])
-            r["config"] = f"{impl}{'-compile' if comp else ''}"
-            rows.append(r)
-            print(json.dumps(r), flush=True)
-        ref = next((r for r in rows if r.get("config") == "hf" and "tok_s" in r), None)
-        print(f"\n{'config':<16}{'tok/s':>10}{'vs HF generate':>16}")
+        for dt in dtypes:
+            for impl, comp in configs:
+                c = dict(impl=impl, device=device, compile_=comp, new_tokens=args.new_tokens, prompt_len=16,
+                         runs=args.runs, dtype=dt)
+                r = child(["decode", "--one", json.dumps(c)])
+                r["config"] = f"{impl}{'-compile' if comp else ''}-{dt}"
+                rows.append(r)
+                print(json.dumps(r), flush=True)
+        print(f"\n{'config':<20}{'tok/s':>10}{'vs HF generate, same dtype':>28}")
         for r in rows:
+            ref = next((q for q in rows if q.get("config") == "hf-" + r["config"].rsplit("-", 1)[-1]
+                        and "tok_s" in q), None)
             if "tok_s" in r:
-                print(f"{r['config']:<16}{r['tok_s']:>10,}{(r['tok_s'] / ref['tok_s'] if ref else 0):>15.2f}x")
+                print(f"{r['config']:<20}{r['tok_s']:>10,}{(r['tok_s'] / ref['tok_s'] if ref else 0):>27.2f}x")
             else:
-                print(f"{r['config']:<16} failed: {r['error'][-300:]}")
+                print(f"{r['config']:<20} failed: {r['error'][-300:]}")
     else:
         import tempfile
 

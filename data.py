@@ -236,7 +236,9 @@ def prepare_source(name: str, kind: str, files: list[Path], out: Path, tok, tok_
             return
 
         def work():
-            encs = tok.encode_batch(texts, add_special_tokens=False)
+            # encode_batch_fast: the same ids as encode_batch without computing character
+            # offsets, which packing never needs (about 20% faster here).
+            encs = tok.encode_batch_fast(texts, add_special_tokens=False)
             for split in ("train", "val"):
                 writers[split].add([e.ids for e, s in zip(encs, splits) if s == split])
             state["tokens"] += sum(len(e.ids) + 2 for e in encs)
