@@ -105,7 +105,7 @@ class Generator:
     `sync_every` steps, to stream them and to stop at EOS."""
 
     def __init__(self, model: Llama, compile: bool = False):
-        self.model = model
+        self.model, self.compiled = model, compile
         self.decode = self._decode
         if compile:
             self.decode = torch.compile(self._decode, mode="reduce-overhead", fullgraph=True)
@@ -148,8 +148,8 @@ class Generator:
                 if all(done) or t == max_new_tokens:
                     break
             tok, pos, seen = self.decode(tok, pos, seen, *settings)
-            # CUDA-graph outputs are overwritten by the next replay: keep copies.
-            tok, pos, seen = tok.clone(), pos.clone(), seen.clone()
+            if self.compiled:  # CUDA-graph outputs are overwritten by the next replay: keep copies
+                tok, pos, seen = tok.clone(), pos.clone(), seen.clone()
             pending.append(tok)
         m.clear_cache()
         return [o[:-1] if o and o[-1] == eos_id else o for o in out]
