@@ -2,6 +2,7 @@
 
     python bench.py train      # training step vs HF LlamaForCausalLM (eager and compiled); GPU
     python bench.py decode     # batch-1 greedy decoding vs HF generate; GPU or CPU
+    python bench.py eval       # perplexity-evaluation throughput vs HF forward with labels
     python bench.py data       # tokenize + pack throughput vs bare Tokenizer.encode_batch; CPU
 
 Each configuration runs in its own subprocess (clean peak-memory figures); the parent prints a
@@ -194,6 +195,43 @@ def decode_one(impl: str, device: str, compile_: bool, new_tokens: int, prompt_l
             "runs_s": [round(t, 3) for t in times]}
 
 
+def eval_one(impl: str, device: str, batch: int, seq: int, batches: int, dtype: str):
+    """Perplexity-evaluation throughput: ours through eval_ppl.score, HF through model(labels=)."""
+    import torch
+
+    from config import model_config
+
+    cfg = model_config("portimbria-150m")
+    dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    torch.manual_seed(0)
+    windows = torch.randint(3, cfg.vocab_size, (batch * batches, seq))
+    if impl == "ours":
+        from eval_ppl import score
+        from model import Llama
+
+        cfg.fp32_edge_blocks = False
+        model = Llama(cfg).to(device=device, dtype=dt).eval()
+        ws = [(w.numpy(), seq - 1) for w in windows]
+
+        def run():
+            return score(model, ws, batch, device, progress=False)[1]
+    else:
+        model = hf_llama(cfg).to(device=device, dtype=dt).eval()
+
+        @torch.no_grad()
+        def run():
+            n = 0
+            for x in windows.split(batch):
+                x = x.to(device)
+                model(input_ids=x, labels=x).loss.item()
+                n += x.numel() - x.shape[0]
+            return n
+    run()  # warm-up
+    t0 = time.time()
+    n = run()
+    return {"impl": impl, "device": device, "dtype": dtype, "tokens": n, "tok_s": round(n / (time.time() - t0))}
+
+
 # ---------------------------------------------------------------------------------------------
 # Data preparation
 
@@ -245,7 +283,7 @@ def data_one(mode: str, corpus: Path, out: Path):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("what", choices=["train", "decode", "data", "attention"])
+    ap.add_argument("what", choices=["train", "decode", "eval", "data", "attention"])
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a child's configuration
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=4096)
@@ -263,7 +301,7 @@ def main():
 
     if args.one:  # child process: one configuration, one JSON line
         c = json.loads(args.one)
-        fn = {"train": train_one, "decode": decode_one, "data": data_one}[args.what]
+        fn = {"train": train_one, "decode": decode_one, "eval": eval_one, "data": data_one}[args.what]
         if args.what == "data":
             c = {**c, "corpus": Path(c["corpus"]), "out": Path(c["out"])}
         print(json.dumps(fn(**c)))
@@ -313,6 +351,19 @@ def main():
                 print(f"{r['config']:<20}{r['tok_s']:>10,}{(r['tok_s'] / ref['tok_s'] if ref else 0):>27.2f}x")
             else:
                 print(f"{r['config']:<20} failed: {r['error'][-300:]}")
+    elif args.what == "eval":
+        import torch
+
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+        shape = dict(batch=8, seq=4096, batches=8, dtype="bf16") if device == "cuda" else \
+            dict(batch=1, seq=1024, batches=4, dtype="fp32")
+        for impl in ("hf", "ours"):
+            r = child(["eval", "--one", json.dumps(dict(impl=impl, device=device, **shape))])
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+        if all("tok_s" in r for r in rows):
+            print(f"\neval throughput ({shape}): HF {rows[0]['tok_s']:,} tokens/s, ours {rows[1]['tok_s']:,} "
+                  f"tokens/s ({rows[1]['tok_s'] / rows[0]['tok_s']:.2f}x)")
     else:
         import tempfile
 

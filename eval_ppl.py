@@ -45,7 +45,8 @@ def text_windows(ids: list[int], ctx: int, stride: int) -> list[tuple[list[int],
 
 @torch.no_grad()
 def score(model, windows: list[tuple[list[int], int]], batch_size: int, device, progress=True):
-    """Sum of next-token NLL and the count of scored tokens."""
+    """Sum of next-token NLL and the count of scored tokens. windows: (token ids, how many of
+    the last targets to score), ids as a list or a numpy array."""
     nll, count, t0, last = 0.0, 0, time.time(), 0.0
     order = sorted(range(len(windows)), key=lambda i: -len(windows[i][0]))  # batch equal lengths
     for k in range(0, len(order), batch_size):
@@ -54,10 +55,10 @@ def score(model, windows: list[tuple[list[int], int]], batch_size: int, device, 
         x = torch.zeros(len(group), T, dtype=torch.long)
         y = torch.full((len(group), T), -100, dtype=torch.long)
         for r, (w, n_target) in enumerate(group):
-            x[r, :len(w)] = torch.tensor(w)
-            tgt = torch.tensor(w[1:])
-            y[r, len(w) - 1 - n_target:len(w) - 1] = tgt[len(tgt) - n_target:]
-        x, y = x.to(device), y.to(device)
+            w = torch.as_tensor(np.asarray(w, dtype=np.int64))
+            x[r, :len(w)] = w
+            y[r, len(w) - 1 - n_target:len(w) - 1] = w[len(w) - n_target:]
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         logits = model(x[:, :-1] if T > 1 else x)
         yy = y[:, :-1] if T > 1 else y
         nll += F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), yy.reshape(-1),
@@ -113,7 +114,7 @@ def main(argv=None):
             vals = data.val_windows(args.data_dir, ctx - 1, args.max_samples, vocab_size=model.config.vocab_size)
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"eval_ppl.py: {e}") from None
-        windows = [(w.tolist(), len(w) - 1) for w in vals]
+        windows = [(w, len(w) - 1) for w in vals]
         what = f"{len(windows)} val windows of {ctx} tokens from {args.data_dir}"
     print(f"evaluating {ckpt} on {what}", file=sys.stderr, flush=True)
     nll, count = score(model, windows, args.batch_size, device)

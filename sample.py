@@ -81,7 +81,9 @@ def process_logits(logits, seen, temperature: float, top_k: int, top_p: float, p
         # HF: drop the tokens whose cumulative probability (ascending) is <= 1 - top_p,
         # always keeping the most likely one.
         sorted_logits, order = torch.sort(logits, descending=False)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
+        # Row by row: torch.compile (inductor, torch 2.11 on CUDA) fails to generate the
+        # cumsum of a (B>1, 32768) tensor, and the decode step is compiled whole.
+        cum = torch.cat([row.softmax(-1).cumsum(-1) for row in sorted_logits.split(1)])
         drop = cum <= 1 - top_p
         drop[:, -1] = False
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
@@ -227,7 +229,9 @@ def main(argv=None):
             for i, o in enumerate(outs):
                 print(f"--- sample {i + 1}\n{prompt}{tok.decode(o)}")
         n = sum(len(o) for o in outs)
-        warn(f"[{n} tokens in {dt:.2f}s, {n / max(dt, 1e-9):.1f} tokens/s]")
+        first_compiled = gen.compiled and prompt is prompts[0]
+        warn(f"[{n} tokens in {dt:.2f}s, {n / max(dt, 1e-9):.1f} tokens/s"
+             + (", including the one-time compilation]" if first_compiled else "]"))
 
 
 if __name__ == "__main__":
