@@ -116,14 +116,13 @@ def iter_documents(path: Path, progress, key_root: Path | None = None):
         col = "text" if "text" in cols else "content" if "content" in cols else None
         if col is None:
             raise ValueError(f"{path}: no column 'text' or 'content' (columns: {', '.join(cols[:10])})")
-        size, done, i = path.stat().st_size, 0, 0
-        for g in range(pf.num_row_groups):
+        size, i = path.stat().st_size, 0
+        for g in range(pf.num_row_groups):  # one row group in memory at a time
             for text in pf.read_row_group(g, columns=[col]).column(0).to_pylist():
                 if text:
                     yield f"{path_key}:{i}", text
                 i += 1
-            done += pf.metadata.row_group(g).total_byte_size
-            progress(min(size, size * (g + 1) // pf.num_row_groups))
+            progress(size * (g + 1) // pf.num_row_groups)
     else:
         raise ValueError(f"{path}: unsupported file type; use .txt, .jsonl, .jsonl.gz or .parquet")
 
@@ -496,7 +495,10 @@ def main(argv=None):
     else:
         sources, out = demo_sources(), Path(args.out or "data/demo")
         val_frac = 0.1 if args.val_frac is None else args.val_frac
-    prepare(sources, out, val_frac, args.shard_tokens, args.force)
+    try:
+        prepare(sources, out, val_frac, args.shard_tokens, args.force)
+    except (ValueError, OSError) as e:  # a bad input file: say which, without a traceback
+        raise SystemExit(f"data.py: {e}") from None
 
 
 if __name__ == "__main__":

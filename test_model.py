@@ -852,3 +852,23 @@ def test_eval_ppl_on_val_shards(hf_folder, demo_data):
     with torch.no_grad():
         want = hf(windows, labels=windows).loss.item()
     assert got["tokens"] == 6 * 32 and abs(got["loss"] - want) < 1e-4
+
+
+def test_parquet_source_and_bad_input_messages(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    texts = [f"Parquet document {i} with some words." * 5 for i in range(50)]
+    pq.write_table(pa.table({"text": texts}), tmp_path / "web.parquet", row_group_size=16)
+    out = tmp_path / "out"
+    p = run_script("data.py", "--source", f"web={tmp_path / 'web.parquet'}", "--out", str(out), "--val_frac", "0.2")
+    assert p.returncode == 0, p.stderr
+    meta = json.loads((out / "web" / "meta.json").read_text())
+    docs = sum(s["documents"] for s in meta["train"] + meta["val"])
+    assert docs == 50 and meta["val"]
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"body": "no text field"}\n')
+    p = run_script("data.py", "--source", f"web={tmp_path / 'bad.jsonl'}", "--out", str(tmp_path / "o2"))
+    assert p.returncode != 0 and "bad.jsonl:2: no string field 'text' or 'content'" in p.stderr
+    assert "Traceback" not in p.stderr
+    p = run_script("data.py", "--source", f"web={tmp_path / 'nothing*.txt'}", "--out", str(tmp_path / "o3"))
+    assert p.returncode != 0 and "no files matched" in p.stderr

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import data
 from config import ModelConfig, TrainConfig, apply_overrides, model_config
