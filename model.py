@@ -106,9 +106,8 @@ class Attention(nn.Module):
             # An fp32 edge block's attention core still goes through the bf16 flash kernel
             # (softmax and accumulation are fp32 inside it): fp32 SDPA has no tensor-core
             # kernel and at T=4096 cost a third of the step (bench.py train, H100).
-            with torch.autocast(q.device.type, dtype=torch.bfloat16):
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
-            y = y.to(q.dtype)
+            y = F.scaled_dot_product_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), attn_mask=mask,
+                                               is_causal=mask is None).to(q.dtype)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))

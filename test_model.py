@@ -251,6 +251,26 @@ def test_bf16_autocast_runs_edge_blocks_in_fp32():
     loss.backward()
     assert seen == {0: torch.float32, 1: torch.bfloat16, 2: torch.bfloat16, 3: torch.float32}
     assert torch.isfinite(loss) and model.model.layers[1].mlp.up_proj.weight.grad is not None
+    # Inside the fp32 edge blocks the attention core still runs in bf16 (flash), unless asked.
+    import model as model_module
+
+    sdpa, dtypes = model_module.F.scaled_dot_product_attention, []
+
+    def spy(q, *a, **k):
+        dtypes.append(q.dtype)
+        return sdpa(q, *a, **k)
+
+    model_module.F.scaled_dot_product_attention = spy
+    try:
+        for exact in (False, True):
+            dtypes.clear()
+            m = Llama(small_config(num_hidden_layers=4, fp32_edge_attention=exact))
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                m(idx)
+            edge = torch.float32 if exact else torch.bfloat16
+            assert dtypes == [edge, torch.bfloat16, torch.bfloat16, edge]
+    finally:
+        model_module.F.scaled_dot_product_attention = sdpa
     off = Llama(small_config(num_hidden_layers=4, fp32_edge_blocks=False))
     off.model.layers[0].mlp.down_proj.register_forward_hook(
         lambda m, a, out: seen.__setitem__("off", out.dtype))
@@ -644,6 +664,26 @@ def test_train_kill_and_resume_gives_identical_losses(tmp_path, demo_data):
     text = "Hello world, this is Portimbria."
     ids = data.load_tokenizer().encode(text, add_special_tokens=False).ids
     assert hft(text)["input_ids"] == [1] + ids and len(ids) > 5
+
+
+def test_non_finite_steps_are_skipped_then_stop(tmp_path, demo_data, monkeypatch, capsys):
+    forward = Llama.forward
+
+    def nan_loss(self, idx, targets=None, start_pos=None):
+        out = forward(self, idx, targets, start_pos)
+        return out * float("nan") if targets is not None and self.training else out
+
+    monkeypatch.setattr(Llama, "forward", nan_loss)
+    tcfg, mcfg = train.parse([*MICRO, "--device", "cpu", "--data_dir", str(demo_data), "--out_dir",
+                              str(tmp_path / "nan"), "--max_steps", "10", "--log_interval", "1",
+                              "--eval_interval", "100"])
+    with pytest.raises(SystemExit, match="3 optimizer steps in a row had a non-finite loss"):
+        train.train(tcfg, mcfg, train.Runtime("cpu"))
+    out = capsys.readouterr().out
+    assert out.count("skipped 1 update(s) with a non-finite loss") == 3
+    rows = [json.loads(line) for line in open(tmp_path / "nan" / "metrics.jsonl")]
+    assert [r["skipped"] for r in rows if "skipped" in r] == [1, 1, 1]
+    assert all(math.isnan(r["loss"]) for r in rows if "loss" in r)  # no step had a finite loss
 
 
 def test_resume_errors(tmp_path, demo_data):
