@@ -99,13 +99,14 @@ class Attention(nn.Module):
             k, v = k.to(q.dtype), v.to(q.dtype)
         if self.n_kv != self.n_head:
             # Each KV head serves n_head/n_kv consecutive query heads (HF's repeat_kv order).
-            # Expanding here, rather than SDPA's enable_gqa, keeps the fused flash kernel usable.
+            # Expanded here rather than through SDPA's enable_gqa, which the memory-efficient
+            # kernel (SDPA's choice for masked decoding calls on CUDA) refuses (bench.py attention).
             k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)
         if bf16_scores:
             # An fp32 edge block's attention core still goes through the bf16 flash kernel
             # (softmax and accumulation are fp32 inside it): fp32 SDPA has no tensor-core
-            # kernel and at T=4096 cost a third of the step (bench.py train, H100).
+            # kernel and at T=4096 made the whole step 1.34x slower (bench.py train, H100).
             y = F.scaled_dot_product_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), attn_mask=mask,
                                                is_causal=mask is None).to(q.dtype)
         else:
