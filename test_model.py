@@ -689,6 +689,8 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, demo_data, monkeypatch
 def test_resume_errors(tmp_path, demo_data):
     p = run_train(["--max_steps", "2", "--resume"], tmp_path / "none", demo_data, check=False)
     assert p.returncode != 0 and "no checkpoint to resume from" in p.stderr
+    p = run_train(["--max_steps", "2"], tmp_path / "x", tmp_path / "no_data", check=False)
+    assert p.returncode != 0 and "no such data directory" in p.stderr and "Traceback" not in p.stderr
     run_train(["--max_steps", "2", "--eval_interval", "2"], tmp_path / "o", demo_data)
     f = tmp_path / "o" / "latest" / "model.safetensors"
     f.write_bytes(f.read_bytes()[:1000])

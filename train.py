@@ -359,10 +359,13 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig, rt: Runtime):
                        {"web": tcfg.anneal_web_weight, "code": tcfg.anneal_code_weight,
                         "math": tcfg.anneal_math_weight},
                        anneal_step=int(max_steps * (1 - tcfg.anneal_frac)))
-    loader = data.MixtureLoader(tcfg.data_dir, tcfg.batch_size, tcfg.seq_len, mix, tcfg.seed,
-                                rt.rank, rt.world, tcfg.grad_accum, mcfg.vocab_size)
-    val = data.val_windows(tcfg.data_dir, tcfg.seq_len, tcfg.max_eval_samples, rt.rank, rt.world,
-                           mcfg.vocab_size)
+    try:
+        loader = data.MixtureLoader(tcfg.data_dir, tcfg.batch_size, tcfg.seq_len, mix, tcfg.seed,
+                                    rt.rank, rt.world, tcfg.grad_accum, mcfg.vocab_size)
+        val = data.val_windows(tcfg.data_dir, tcfg.seq_len, tcfg.max_eval_samples, rt.rank, rt.world,
+                               mcfg.vocab_size)
+    except (FileNotFoundError, ValueError) as e:  # missing or damaged shards: the message names them
+        raise SystemExit(f"train.py: {e}") from None
     step_model = rt.wrap(model)
     fpt = flops_per_token(mcfg, n_params, tcfg.seq_len)
     if rt.master:
