@@ -2,6 +2,7 @@
 
     python bench.py train      # training step vs HF LlamaForCausalLM (eager and compiled); GPU
     python bench.py decode     # batch-1 greedy decoding vs HF generate; GPU or CPU
+                               #   (BENCH_PROFILE=1: a profile of our decode, to stderr)
     python bench.py eval       # perplexity-evaluation throughput vs HF forward with labels
     python bench.py data       # tokenize + pack throughput vs bare Tokenizer.encode_batch; CPU
 
@@ -153,7 +154,7 @@ def attention_table(batch: int, seq: int):
 
 
 def decode_one(impl: str, device: str, compile_: bool, new_tokens: int, prompt_len: int, runs: int,
-               dtype: str):
+               dtype: str, unroll: int = 1):
     import torch
 
     from config import model_config
@@ -169,14 +170,25 @@ def decode_one(impl: str, device: str, compile_: bool, new_tokens: int, prompt_l
 
         cfg.fp32_edge_blocks = False
         model = Llama(cfg).to(device=device, dtype=dtype).eval()
-        gen = Generator(model, compile=compile_)
+        gen = Generator(model, compile=compile_, unroll=unroll)
+
+        def run():
+            return gen.generate(prompt[0].tolist(), 1, new_tokens, temperature=0, repetition_penalty=1.0, eos_id=-1)
         for _ in range(runs):
             t0 = time.time()
-            out = gen.generate(prompt[0].tolist(), 1, new_tokens, temperature=0, repetition_penalty=1.0, eos_id=-1)
+            out = run()
             if device == "cuda":
                 torch.cuda.synchronize()
             times.append(time.time() - t0)
         n = len(out[0])
+        if os.environ.get("BENCH_PROFILE"):  # where a decode step's time goes, to stderr
+            from torch.profiler import ProfilerActivity, profile
+
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+            with profile(activities=acts) as prof:
+                run()
+            key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+            print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60), file=sys.stderr)
     else:
         model = hf_llama(cfg).to(device=device, dtype=dtype).eval()
         x = prompt.to(device)
@@ -294,6 +306,7 @@ def main():
     ap.add_argument("--device", default="auto")
     ap.add_argument("--new_tokens", type=int, default=256)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--unroll", type=int, default=1, help="decode: our decode steps per compiled call")
     ap.add_argument("--dtypes", default=None, help="decode: e.g. fp32,bf16 (default bf16 on GPU, fp32 on CPU)")
     ap.add_argument("--mb", type=int, default=200)
     ap.add_argument("--json", default=None)
@@ -338,7 +351,7 @@ def main():
         for dt in dtypes:
             for impl, comp in configs:
                 c = dict(impl=impl, device=device, compile_=comp, new_tokens=args.new_tokens, prompt_len=16,
-                         runs=args.runs, dtype=dt)
+                         runs=args.runs, dtype=dt, unroll=args.unroll if impl == "ours" else 1)
                 r = child(["decode", "--one", json.dumps(c)])
                 r["config"] = f"{impl}{'-compile' if comp else ''}-{dt}"
                 rows.append(r)

@@ -781,8 +781,8 @@ def hf_folder(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("penalty", [1.0, 1.1])
-def test_greedy_equals_hf_generate(hf_folder, penalty):
+@pytest.mark.parametrize("penalty, unroll", [(1.0, 1), (1.1, 1), (1.1, 3)])
+def test_greedy_equals_hf_generate(hf_folder, penalty, unroll):
     from transformers import LlamaForCausalLM
 
     hf = LlamaForCausalLM.from_pretrained(hf_folder, torch_dtype=torch.float32).eval()
@@ -790,10 +790,14 @@ def test_greedy_equals_hf_generate(hf_folder, penalty):
     prompt = [1, 415, 2936, 9060, 285, 1142]
     want = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=40,
                        repetition_penalty=penalty, eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
-    got = sample.Generator(ours).generate(prompt, 1, 40, temperature=0, repetition_penalty=penalty,
-                                          eos_id=-1)[0]
+    got = sample.Generator(ours, unroll=unroll).generate(prompt, 1, 40, temperature=0,
+                                                         repetition_penalty=penalty, eos_id=-1)[0]
     assert got == want
     assert len(set(got)) > 3  # a real continuation, not one repeated token
+    eos = want[10]  # stop at the first occurrence of a token that does occur
+    stopped = sample.Generator(ours, unroll=unroll).generate(prompt, 1, 40, temperature=0,
+                                                             repetition_penalty=penalty, eos_id=eos)[0]
+    assert stopped == want[:want.index(eos)]
 
 
 def test_logits_processing_equals_hf_warpers():
