@@ -837,6 +837,11 @@ def test_sample_cli_inputs(hf_folder, tmp_path):
     p = run_script("sample.py", "--ckpt", str(hf_folder), "--prompt", "x", "--max_new_tokens", "4",
                    "--num_samples", "3", "--seed", "0")
     assert p.returncode == 0 and p.stdout.count("--- sample") == 3
+    (tmp_path / "prompts.txt").write_text("First prompt\n\nSecond prompt\n")
+    p = run_script("sample.py", "--ckpt", str(hf_folder), "--prompt_file", str(tmp_path / "prompts.txt"),
+                   "--max_new_tokens", "3", "--temperature", "0")
+    assert p.returncode == 0 and p.stdout.startswith("First prompt") and "\nSecond prompt" in p.stdout
+    assert p.stderr.count("tokens in") == 2  # blank lines are skipped
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     p = run_script("sample.py", "--ckpt", str(tmp_path), "--prompt", "x")
     assert p.returncode != 0 and "only Llama checkpoints" in p.stderr and "Traceback" not in p.stderr
