@@ -160,7 +160,9 @@ def decode_one(impl: str, device: str, compile_: bool, new_tokens: int, prompt_l
     from config import model_config
 
     cfg = model_config("portimbria-150m")
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    from sample import DTYPES
+
+    dtype = DTYPES[dtype]
     torch.manual_seed(0)
     prompt = torch.randint(3, cfg.vocab_size, (1, prompt_len))
     times = []
@@ -214,7 +216,9 @@ def eval_one(impl: str, device: str, batch: int, seq: int, batches: int, dtype: 
     from config import model_config
 
     cfg = model_config("portimbria-150m")
-    dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    from sample import DTYPES
+
+    dt = DTYPES[dtype]
     torch.manual_seed(0)
     windows = torch.randint(3, cfg.vocab_size, (batch * batches, seq))
     if impl == "ours":
@@ -343,9 +347,9 @@ def main():
             else:
                 print(f"{r['config']:<26} failed: {r['error'][-300:]}")
     elif args.what == "decode":
-        import torch
+        from sample import device_and_dtype
 
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+        device = device_and_dtype(args.device)[0]
         dtypes = args.dtypes.split(",") if args.dtypes else ["bf16" if device == "cuda" else "fp32"]
         configs = [("hf", False), ("ours", False)] + ([("ours", True)] if device == "cuda" else [])
         for dt in dtypes:
@@ -365,9 +369,9 @@ def main():
             else:
                 print(f"{r['config']:<20} failed: {r['error'][-300:]}")
     elif args.what == "eval":
-        import torch
+        from sample import device_and_dtype
 
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+        device = device_and_dtype(args.device)[0]
         shape = dict(batch=8, seq=4096, batches=8, dtype="bf16") if device == "cuda" else \
             dict(batch=1, seq=1024, batches=4, dtype="fp32")
         for impl in ("hf", "ours"):

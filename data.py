@@ -23,9 +23,9 @@ import os
 import struct
 import sys
 import sysconfig
-import threading
 import time
 import unicodedata
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -225,49 +225,47 @@ def prepare_source(name: str, kind: str, files: list[Path], out: Path, tok, tok_
               f"{state['tokens'] / 1e6:,.1f}M  {read / el / 1e6:.1f} MB/s  "
               f"{'done in' if final else 'ETA'} {el if final else eta:.0f}s", file=sys.stderr, flush=True)
 
-    pending: list[threading.Thread] = []
+    def work(texts, splits):
+        # encode_batch_fast: the same ids as encode_batch without computing character
+        # offsets, which packing never needs (about 20% faster here).
+        encs = tok.encode_batch_fast(texts, add_special_tokens=False)
+        for split in ("train", "val"):
+            writers[split].add([e.ids for e, s in zip(encs, splits) if s == split])
+        state["tokens"] += sum(len(e.ids) + 2 for e in encs)
 
-    def flush(texts, splits):
-        # One batch in flight: wait for the previous one, then hand this one to a worker.
-        if pending:
-            pending.pop().join()
-        if not texts:
-            return
-
-        def work():
-            # encode_batch_fast: the same ids as encode_batch without computing character
-            # offsets, which packing never needs (about 20% faster here).
-            encs = tok.encode_batch_fast(texts, add_special_tokens=False)
-            for split in ("train", "val"):
-                writers[split].add([e.ids for e, s in zip(encs, splits) if s == split])
-            state["tokens"] += sum(len(e.ids) + 2 for e in encs)
-
-        t = threading.Thread(target=work)
-        t.start()
-        pending.append(t)
-
-    texts, splits = [], []
     key_root = Path(os.path.commonpath([f.resolve() for f in files]))
     key_root = key_root.parent if key_root.is_file() else key_root
-    for path in files:
-        def progress(n):
-            state["cur"] = n
-            report()
+    texts, splits, pending = [], [], None
+    with ThreadPoolExecutor(max_workers=1) as worker:
+        def submit():
+            # One batch in flight: wait for the previous one (re-raising its error), then hand
+            # this one over and go back to reading.
+            nonlocal pending
+            if pending is not None:
+                pending.result()
+            pending = worker.submit(work, texts, splits)
 
-        for key, text in iter_documents(path.resolve(), progress, key_root):
-            text = clean(text, kind)
-            if not text:
-                continue
-            texts.append(text)
-            splits.append("val" if is_val(key, val_frac) else "train")
-            state["docs"] += 1
-            if len(texts) >= batch_docs:
-                flush(texts, splits)
-                texts, splits = [], []
-        state["done_bytes"] += path.stat().st_size
-        state["cur"] = 0
-    flush(texts, splits)
-    flush([], [])
+        for path in files:
+            def progress(n):
+                state["cur"] = n
+                report()
+
+            for key, text in iter_documents(path.resolve(), progress, key_root):
+                text = clean(text, kind)
+                if not text:
+                    continue
+                texts.append(text)
+                splits.append("val" if is_val(key, val_frac) else "train")
+                state["docs"] += 1
+                if len(texts) >= batch_docs:
+                    submit()
+                    texts, splits = [], []
+            state["done_bytes"] += path.stat().st_size
+            state["cur"] = 0
+        if texts:
+            submit()
+        if pending is not None:
+            pending.result()
     report(final=True)
     meta = {"kind": kind, "files": [str(f) for f in files], "tokenizer_sha256": tok_hash,
             "vocab_size": vocab, "train": writers["train"].finish(), "val": writers["val"].finish()}

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import data
-from sample import find_checkpoint, load
+from sample import device_and_dtype, find_checkpoint, load
 
 
 def text_windows(ids: list[int], ctx: int, stride: int) -> list[tuple[list[int], int]]:
@@ -83,12 +83,11 @@ def main(argv=None):
     ap.add_argument("--max_samples", type=int, default=5000, help="val windows at most")
     ap.add_argument("--batch_size", type=int, default=8)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
+                    help="auto: bf16 on a GPU, fp32 on the CPU")
     args = ap.parse_args(argv)
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    dtype = {"auto": torch.bfloat16 if device != "cpu" else torch.float32, "bf16": torch.bfloat16,
-             "fp32": torch.float32}[args.dtype]
+    device, dtype = device_and_dtype(args.device, args.dtype)
     ckpt = find_checkpoint(args.ckpt)
     model, tok = load(ckpt, device, dtype)
     ctx = args.seq_len or model.config.max_position_embeddings

@@ -103,14 +103,13 @@ class Attention(nn.Module):
             # kernel (SDPA's choice for masked decoding calls on CUDA) refuses (bench.py attention).
             k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)
+        dtype = q.dtype
         if bf16_scores:
             # An fp32 edge block's attention core still goes through the bf16 flash kernel
             # (softmax and accumulation are fp32 inside it): fp32 SDPA has no tensor-core
             # kernel and at T=4096 made the whole step 1.34x slower (bench.py train, H100).
-            y = F.scaled_dot_product_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), attn_mask=mask,
-                                               is_causal=mask is None).to(q.dtype)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+            q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None).to(dtype)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
 
 

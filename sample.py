@@ -23,6 +23,18 @@ from model import Llama
 ROOT = Path(__file__).resolve().parent
 
 
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+
+
+def device_and_dtype(device: str = "auto", dtype: str = "auto") -> tuple[str, torch.dtype]:
+    """'auto' picks CUDA when it is there; dtype 'auto' is bf16 on a GPU and fp32 on the CPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "bf16" if device != "cpu" else "fp32"
+    return device, DTYPES[dtype]
+
+
 def warn(msg):
     print(msg, file=sys.stderr, flush=True)
 
@@ -197,13 +209,12 @@ def main(argv=None):
     ap.add_argument("--num_samples", type=int, default=1)
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--device", default="auto", help="auto | cuda | cpu")
-    ap.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32")
+    ap.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                    help="auto: bf16 on a GPU, fp32 on the CPU")
     ap.add_argument("--compile", action="store_true", help="CUDA: compile the decode step (CUDA graphs)")
     args = ap.parse_args(argv)
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    dtype = {"auto": torch.bfloat16 if device != "cpu" else torch.float32, "bf16": torch.bfloat16,
-             "fp32": torch.float32, "fp16": torch.float16}[args.dtype]
+    device, dtype = device_and_dtype(args.device, args.dtype)
     ckpt = find_checkpoint(args.ckpt)
     model, tok = load(ckpt, device, dtype)
     warn(f"loaded {ckpt} ({model.num_params():,} parameters) on {device} in {str(dtype)[6:]}")

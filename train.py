@@ -99,7 +99,7 @@ class Runtime:
             model = self.ddp_model = DDP(model, device_ids=[self.device.index] if self.kind == "cuda" else None)
         return torch.compile(model) if self.compile else model
 
-    def no_sync(self, model, last_micro: bool):
+    def no_sync(self, last_micro: bool):
         return self.ddp_model.no_sync() if self.ddp and not last_micro else contextlib.nullcontext()
 
     def optimizer(self, groups, lr, betas, eps):
@@ -299,7 +299,7 @@ def load_checkpoint(out_dir: Path, model: Llama, opt, device) -> dict:
                 if getattr(loaded.config, f.name) != getattr(model.config, f.name)}
         raise SystemExit(f"--resume: {path} holds a different model (checkpoint vs now: {diff})")
     with torch.no_grad():
-        for (n, p), (_, q) in zip(model.named_parameters(), loaded.named_parameters()):
+        for p, q in zip(model.parameters(), loaded.parameters()):
             p.copy_(q.to(p.dtype))
     params = dict(model.named_parameters())
     for key, t in opt_sd.items():
@@ -418,7 +418,6 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig, rt: Runtime):
     gn_hist: list[float] = []
     t0 = t_log = time.time()
     steps_since_log = 0
-    step = start
     for step in range(start, max_steps):
         lr = lr_at(step, tcfg, max_steps)
         for g in opt.param_groups:
@@ -427,7 +426,7 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig, rt: Runtime):
         step_loss = torch.zeros((), device=dev)
         for i, (x, y) in enumerate(micro):
             x, y = torch.from_numpy(x).to(dev), torch.from_numpy(y).to(dev)
-            with rt.no_sync(step_model, i == len(micro) - 1), rt.autocast(tcfg.precision):
+            with rt.no_sync(i == len(micro) - 1), rt.autocast(tcfg.precision):
                 loss = step_model(x, targets=y) / len(micro)
             loss.backward()
             step_loss += loss.detach()
