@@ -923,3 +923,15 @@ def test_parquet_source_and_bad_input_messages(tmp_path):
     assert "Traceback" not in p.stderr
     p = run_script("data.py", "--source", f"web={tmp_path / 'nothing*.txt'}", "--out", str(tmp_path / "o3"))
     assert p.returncode != 0 and "no files matched" in p.stderr
+
+
+def test_a_tokenizer_worker_error_reaches_the_caller(tmp_path, monkeypatch):
+    _write_corpus(tmp_path)
+
+    def fail(self, docs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(data.ShardWriter, "add", fail)
+    with pytest.raises(OSError, match="disk full"):
+        _prepare(tmp_path, tmp_path / "out")
+    assert not (tmp_path / "out" / "web" / "meta.json").exists()  # not marked complete
