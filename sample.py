@@ -113,31 +113,23 @@ def choose(logits, seen, temperature: float, top_k: int, top_p: float, penalty: 
 
 
 class Generator:
-    """Batched decoding with the model's static KV cache. A decode call runs `unroll` steps
-    (model, repetition penalty, sampling, bookkeeping) with fixed shapes, all on the device, so
-    with compile=True (CUDA) it is one CUDA graph replay. The host reads tokens back every
-    `sync_every` tokens, to stream them and to stop at EOS.
+    """Batched decoding with the model's static KV cache. A decode step (model, repetition
+    penalty, sampling, bookkeeping) has fixed shapes and runs all on the device, so with
+    compile=True it is one CUDA graph replay on a GPU (one compiled C++ call on the CPU). The host
+    reads tokens back every `sync_every` tokens, to stream them and to stop at EOS."""
 
-    unroll > 1 spreads the host's cost of a call (guards, graph launch, input copies) over
-    several tokens: at batch 1 on an H100 the GPU was busy 0.96 ms of the 1.3 ms per token
-    (BENCH_PROFILE=1 python bench.py decode). Its speed-up is not measured yet, so it is off by
-    default; the tests check that it decodes the same tokens."""
-
-    def __init__(self, model: Llama, compile: bool = False, unroll: int = 1):
-        self.model, self.compiled, self.unroll = model, compile, unroll
+    def __init__(self, model: Llama, compile: bool = False):
+        self.model, self.compiled = model, compile
         self.decode = self._decode
         if compile:
-            self.decode = torch.compile(self._decode, mode="reduce-overhead", fullgraph=True)
+            cuda = model.lm_head.weight.is_cuda
+            self.decode = torch.compile(self._decode, fullgraph=True, mode="reduce-overhead" if cuda else None)
 
     def _decode(self, tok, pos, seen, temperature: float, top_k: int, top_p: float, penalty: float):
-        # tok (B, 1), pos 0-d tensor, seen (B, V) bool -> (B, unroll) new tokens, pos, seen
-        new = []
-        for _ in range(self.unroll):
-            logits = self.model(tok, start_pos=pos)[:, -1].float()
-            tok = choose(logits, seen, temperature, top_k, top_p, penalty)[:, None]
-            pos, seen = pos + 1, seen.scatter(1, tok, True)
-            new.append(tok)
-        return torch.cat(new, 1), pos, seen
+        # tok (B, 1), pos 0-d tensor, seen (B, V) bool -> next tok (B, 1), pos, seen
+        logits = self.model(tok, start_pos=pos)[:, -1].float()
+        tok = choose(logits, seen, temperature, top_k, top_p, penalty)[:, None]
+        return tok, pos + 1, seen.scatter(1, tok, True)
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[int], num_samples: int, max_new_tokens: int,
@@ -145,15 +137,13 @@ class Generator:
                  seed=None, on_token=None, sync_every: int | None = None) -> list[list[int]]:
         m, dev = self.model, self.model.lm_head.weight.device
         B, P = num_samples, len(prompt_ids)
-        k = self.unroll
         sync_every = sync_every or (8 if dev.type == "cuda" else 1)
         if seed is not None:
             torch.manual_seed(seed)
-        # The last call may run up to k-1 steps past max_new_tokens (those tokens are dropped).
-        if P + max_new_tokens + k - 1 > m.config.max_position_embeddings:
-            raise ValueError(f"prompt {P} + {max_new_tokens} new tokens + unroll {k} - 1 exceed the "
+        if P + max_new_tokens > m.config.max_position_embeddings:
+            raise ValueError(f"prompt {P} + {max_new_tokens} new tokens exceed the "
                              f"{m.config.max_position_embeddings}-token context")
-        m.setup_cache(B, P + max_new_tokens + k - 1)
+        m.setup_cache(B, P + max_new_tokens)
         ids = torch.tensor([prompt_ids] * B, device=dev)
         seen = torch.zeros(B, m.config.vocab_size, dtype=torch.bool, device=dev)
         seen[:, ids[0]] = True
@@ -164,7 +154,7 @@ class Generator:
         pos = torch.tensor(P, device=dev)
         out, done, pending, made = [[] for _ in range(B)], [False] * B, [tok], 1
         while True:
-            if sum(p.shape[1] for p in pending) >= sync_every or made >= max_new_tokens:
+            if len(pending) >= sync_every or made >= max_new_tokens:
                 for b, row in enumerate(torch.cat(pending, 1).tolist()):
                     for x in row:
                         if not done[b] and len(out[b]) < max_new_tokens:
@@ -175,12 +165,11 @@ class Generator:
                     on_token(out)
                 if all(done) or made >= max_new_tokens:
                     break
-            toks, pos, seen = self.decode(tok, pos, seen, *settings)
+            tok, pos, seen = self.decode(tok, pos, seen, *settings)
             if self.compiled:  # CUDA-graph outputs are overwritten by the next replay: keep copies
-                toks, pos, seen = toks.clone(), pos.clone(), seen.clone()
-            tok = toks[:, -1:]
-            pending.append(toks)
-            made += k
+                tok, pos, seen = tok.clone(), pos.clone(), seen.clone()
+            pending.append(tok)
+            made += 1
         m.clear_cache()
         return [o[:-1] if o and o[-1] == eos_id else o for o in out]
 
@@ -211,7 +200,8 @@ def main(argv=None):
     ap.add_argument("--device", default="auto", help="auto | cuda | cpu")
     ap.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                     help="auto: bf16 on a GPU, fp32 on the CPU")
-    ap.add_argument("--compile", action="store_true", help="CUDA: compile the decode step (CUDA graphs)")
+    ap.add_argument("--compile", action="store_true", help="compile the decode step: CUDA graphs on a GPU; "
+                    "on the CPU about 2.5x the tokens/s after a one-time compile of ~20 s")
     args = ap.parse_args(argv)
 
     device, dtype = device_and_dtype(args.device, args.dtype)
@@ -225,11 +215,11 @@ def main(argv=None):
             raise SystemExit(f"sample.py: --prompt_file: {e}") from None
     else:
         prompts = [args.prompt or ""]
-    gen = Generator(model, compile=args.compile and device == "cuda")
+    gen = Generator(model, compile=args.compile)
     bos = model.config.bos_token_id
     for prompt in prompts:
         ids, max_new = fit_prompt([bos] + tok.encode(prompt, add_special_tokens=False).ids,
-                                  model.config.max_position_embeddings - (gen.unroll - 1),
+                                  model.config.max_position_embeddings,
                                   args.max_new_tokens)
         shown = {"n": 0}
         stream = args.num_samples == 1
