@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parent
 def child(args: list[str], timeout=900) -> dict:
     import tempfile
 
-    # A fresh inductor cache per configuration: compile times are cold ones, and no graph compiled
-    # under another SDPA backend is reused (the cache does not key on it, pytorch#185449).
+    # A fresh inductor cache per configuration: compile times are cold ones, and no configuration
+    # reuses a graph compiled for another (the cache does not key on every setting, pytorch#185449).
     with tempfile.TemporaryDirectory(prefix="bench_inductor_") as cache:
         p = subprocess.run([sys.executable, str(ROOT / "bench.py"), *args], capture_output=True, text=True,
                            timeout=timeout, cwd=ROOT, env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache})
@@ -52,12 +52,11 @@ def hf_llama(cfg):
 # Training step
 
 
-def train_one(impl: str, compile_: bool, batch: int, seq: int, steps: int, warmup: int, recipe: bool,
-              cudnn: bool):
+def train_one(impl: str, compile_: bool, batch: int, seq: int, steps: int, warmup: int, recipe: bool):
     import torch
 
     from config import model_config
-    from train import Runtime, flops_per_token
+    from train import flops_per_token
 
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -95,26 +94,24 @@ def train_one(impl: str, compile_: bool, batch: int, seq: int, steps: int, warmu
         opt.zero_grad(set_to_none=True)
         return loss
 
-    with Runtime("cuda").attention_backends(cudnn and impl == "ours"):  # HF keeps PyTorch's default
-        t0 = time.time()
+    t0 = time.time()
+    step()
+    torch.cuda.synchronize()
+    first = time.time() - t0
+    for _ in range(warmup - 1):
         step()
-        torch.cuda.synchronize()
-        first = time.time() - t0
-        for _ in range(warmup - 1):
-            step()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(steps):
-            loss = step()
-        end.record()
-        torch.cuda.synchronize()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        loss = step()
+    end.record()
+    torch.cuda.synchronize()
     ms = start.elapsed_time(end) / steps
     tok_s = batch * seq / (ms / 1e3)
     fpt = flops_per_token(cfg, n_params, seq)
     return {"impl": impl, "compile": compile_, "recipe_fp32_edges": recipe if impl == "ours" else None,
-            "cudnn_attention_first": cudnn if impl == "ours" else None,
             "params": n_params, "step_ms": round(ms, 1), "tok_s": round(tok_s), "tflops": round(fpt * tok_s / 1e12, 1),
             "mfu_989": round(fpt * tok_s / 989e12, 3), "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 1),
             "first_step_s": round(first, 1), "loss": round(loss.item(), 3),
@@ -314,8 +311,7 @@ def main():
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--configs", default="ours-compile,ours-compile-norecipe,hf-eager,hf-compile",
-                    help="ours|hf, -compile, -norecipe (no fp32 edge blocks), -flash (ours: "
-                         "PyTorch's default SDPA order, not cuDNN first)")
+                    help="ours|hf, -compile, -norecipe (no fp32 edge blocks)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--new_tokens", type=int, default=256)
     ap.add_argument("--runs", type=int, default=3)
@@ -341,7 +337,7 @@ def main():
         for name in args.configs.split(","):
             impl = name.split("-")[0]
             c = dict(impl=impl, compile_="compile" in name, batch=args.batch, seq=args.seq, steps=args.steps,
-                     warmup=args.warmup, recipe="norecipe" not in name, cudnn="flash" not in name)
+                     warmup=args.warmup, recipe="norecipe" not in name)
             r = child(["train", "--one", json.dumps(c)])
             r["config"] = name
             rows.append(r)

@@ -107,7 +107,6 @@ class TrainConfig:
     # Precision: "bf16" (autocast with the model's fp32 recipe) or "fp32".
     precision: str = "bf16"
     compile: bool = True  # CUDA only
-    cudnn_attention: bool = True  # CUDA: SDPA tries cuDNN's fused attention before flash
     # Data mixture (renormalised over the sources present) and the late curriculum anneal.
     web_weight: float = 0.75
     code_weight: float = 0.15

@@ -91,20 +91,6 @@ class Runtime:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
-    def attention_backends(self, cudnn_first: bool = True):
-        """CUDA: let SDPA try cuDNN's fused attention before flash. At this model's shape (causal,
-        T=4096, head dim 128, bf16) its forward+backward took 1.8 ms per layer against flash's
-        3.1 ms (`python bench.py attention`, H100); PyTorch ranks flash first by default.
-        The backend is fixed when torch.compile traces, and inductor's on-disk cache (torch <= 2.11)
-        does not key on it: a graph cached under another choice is reused silently (pytorch#185449)."""
-        if self.kind != "cuda" or not cudnn_first:
-            return contextlib.nullcontext()
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                 SDPBackend.MATH]
-        return sdpa_kernel(order, set_priority=True)
-
     def wrap(self, model):
         """The module the loop calls: DDP across processes, compiled on CUDA."""
         if self.ddp:
@@ -569,8 +555,7 @@ def main(argv=None):
         return
     rt = Runtime(kind, tcfg.compile)
     try:
-        with rt.attention_backends(tcfg.cudnn_attention):
-            train(tcfg, mcfg, rt)
+        train(tcfg, mcfg, rt)
     finally:
         rt.close()
 
