@@ -137,7 +137,9 @@ class Generator:
                  seed=None, on_token=None, sync_every: int | None = None) -> list[list[int]]:
         m, dev = self.model, self.model.lm_head.weight.device
         B, P = num_samples, len(prompt_ids)
-        sync_every = sync_every or (8 if dev.type == "cuda" else 1)
+        # Each read-back drains the GPU's queue. On an H100 (Portimbria-150M, bf16, --compile)
+        # reading every 32 tokens gave 1,099-1,129 tokens/s against 945-1,025 every 8.
+        sync_every = sync_every or (32 if dev.type == "cuda" else 1)
         if seed is not None:
             torch.manual_seed(seed)
         if P + max_new_tokens > m.config.max_position_embeddings:
