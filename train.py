@@ -96,7 +96,11 @@ class Runtime:
         if self.ddp:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            model = self.ddp_model = DDP(model, device_ids=[self.device.index] if self.kind == "cuda" else None)
+            # Gradients live in DDP's all-reduce buckets (no copy in and out of them), and 100 MB
+            # buckets (default 25) mean fewer, larger all-reduces for 0.6 GB of fp32 grads: two H200
+            # went from 1.88x to 1.90x one GPU (584,124 -> 590,610 tokens/s, train.py on the demo data).
+            model = self.ddp_model = DDP(model, device_ids=[self.device.index] if self.kind == "cuda" else None,
+                                         gradient_as_bucket_view=True, bucket_cap_mb=100)
         return torch.compile(model) if self.compile else model
 
     def no_sync(self, last_micro: bool):
