@@ -814,7 +814,7 @@ def test_compiled_cpu_decode_equals_hf_generate(hf_folder):
     got = sample.Generator(ours, compile=True).generate(prompt, 1, 24, temperature=0, repetition_penalty=1.1,
                                                         eos_id=-1)[0]
     assert got == want
-    lin = Linear(64, 96, bias=False)
+    lin = Linear(64, 96)
     x = torch.randn(2, 1, 64)
     y = torch.compile(lin)(x)
     assert y.shape == (2, 1, 96) and torch.allclose(y, x @ lin.weight.T, atol=1e-5)
