@@ -120,10 +120,11 @@ class Generator:
 
     def __init__(self, model: Llama, compile: bool = False):
         self.model, self.compiled = model, compile
+        self.cuda_graphs = compile and model.lm_head.weight.is_cuda
         self.decode = self._decode
         if compile:
-            cuda = model.lm_head.weight.is_cuda
-            self.decode = torch.compile(self._decode, fullgraph=True, mode="reduce-overhead" if cuda else None)
+            self.decode = torch.compile(self._decode, fullgraph=True,
+                                        mode="reduce-overhead" if self.cuda_graphs else None)
 
     def _decode(self, tok, pos, seen, temperature: float, top_k: int, top_p: float, penalty: float):
         # tok (B, 1), pos 0-d tensor, seen (B, V) bool -> next tok (B, 1), pos, seen
@@ -168,7 +169,7 @@ class Generator:
                 if all(done) or made >= max_new_tokens:
                     break
             tok, pos, seen = self.decode(tok, pos, seen, *settings)
-            if self.compiled:  # CUDA-graph outputs are overwritten by the next replay: keep copies
+            if self.cuda_graphs:  # CUDA-graph outputs are overwritten by the next replay: keep copies
                 tok, pos, seen = tok.clone(), pos.clone(), seen.clone()
             pending.append(tok)
             made += 1
