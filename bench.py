@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,8 +25,6 @@ ROOT = Path(__file__).resolve().parent
 
 
 def child(args: list[str], timeout=900) -> dict:
-    import tempfile
-
     # A fresh inductor cache per configuration: compile times are cold ones, and no configuration
     # reuses a graph compiled for another (the cache does not key on every setting, pytorch#185449).
     with tempfile.TemporaryDirectory(prefix="bench_inductor_") as cache:
@@ -386,8 +385,6 @@ def main():
             print(f"\neval throughput ({shape}): HF {rows[0]['tok_s']:,} tokens/s, ours {rows[1]['tok_s']:,} "
                   f"tokens/s ({rows[1]['tok_s'] / rows[0]['tok_s']:.2f}x)")
     else:
-        import tempfile
-
         tmp = Path(tempfile.mkdtemp(prefix="bench_data_"))
         corpus = tmp / "corpus.jsonl"
         make_corpus(corpus, args.mb)

@@ -781,8 +781,10 @@ def hf_folder(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("penalty", [1.0, 1.1])
-def test_greedy_equals_hf_generate(hf_folder, penalty):
+@pytest.mark.parametrize("penalty, compile", [(1.0, False), (1.1, False), (1.1, True)])
+def test_greedy_equals_hf_generate(hf_folder, penalty, compile):
+    """compile=True is sample.py --compile on the CPU: inductor compiles the decode step, in which
+    every projection of the single new token is a multiply-and-sum (model.Linear)."""
     from transformers import LlamaForCausalLM
 
     hf = LlamaForCausalLM.from_pretrained(hf_folder, torch_dtype=torch.float32).eval()
@@ -790,30 +792,16 @@ def test_greedy_equals_hf_generate(hf_folder, penalty):
     prompt = [1, 415, 2936, 9060, 285, 1142]
     want = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=40,
                        repetition_penalty=penalty, eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
-    got = sample.Generator(ours).generate(prompt, 1, 40, temperature=0, repetition_penalty=penalty,
-                                          eos_id=-1)[0]
+    gen = sample.Generator(ours, compile=compile)
+    got = gen.generate(prompt, 1, 40, temperature=0, repetition_penalty=penalty, eos_id=-1)[0]
     assert got == want
     assert len(set(got)) > 3  # a real continuation, not one repeated token
     eos = want[10]  # stop at the first occurrence of a token that does occur
-    stopped = sample.Generator(ours).generate(prompt, 1, 40, temperature=0, repetition_penalty=penalty,
-                                              eos_id=eos)[0]
+    stopped = gen.generate(prompt, 1, 40, temperature=0, repetition_penalty=penalty, eos_id=eos)[0]
     assert stopped == want[:want.index(eos)]
 
 
-def test_compiled_cpu_decode_equals_hf_generate(hf_folder):
-    """sample.py --compile on the CPU: inductor compiles the decode step, in which every projection
-    of the single new token is a multiply-and-sum (model.Linear). Greedy tokens still equal HF's."""
-    from transformers import LlamaForCausalLM
-
-    hf = LlamaForCausalLM.from_pretrained(hf_folder, torch_dtype=torch.float32).eval()
-    ours, _ = sample.load(hf_folder, "cpu", torch.float32)
-    prompt = [1, 415, 2936, 9060, 285, 1142]
-    want = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=24, repetition_penalty=1.1,
-                       eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
-    torch._dynamo.reset()
-    got = sample.Generator(ours, compile=True).generate(prompt, 1, 24, temperature=0, repetition_penalty=1.1,
-                                                        eos_id=-1)[0]
-    assert got == want
+def test_linear_single_token_compiled_equals_matmul():
     lin = Linear(64, 96)
     x = torch.randn(2, 1, 64)
     y = torch.compile(lin)(x)
