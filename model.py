@@ -76,6 +76,68 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight)
 
 
+def sdpa_attention(q, k, v):
+    """Causal attention over whole sequences: PyTorch's fused kernels on CUDA and CPU."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+class BlockwiseAttention(torch.autograd.Function):
+    """Causal attention one block of queries at a time, in plain torch: the (T, T) score matrix
+    never exists, only (block, T) slices of it. As in FlashAttention (Dao et al. 2022), backward
+    keeps just q, k, v, the output and the log-sum-exp of each row, and recomputes the
+    probabilities block by block. It is the stand-in for the Pallas kernel wherever XLA compiles
+    the step but Pallas cannot run (XLA:CPU, in the tests): torch_xla 2.9's own SDPA builds the
+    full (B, H, T, T) scores, 3.2 GB per layer in fp32 at 8 x 4096 tokens."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, block: int):
+        # q, k, v (B, H, T, hd); scores and softmax in fp32, matmuls in the input dtype
+        T, scale = q.shape[2], q.shape[-1] ** -0.5
+        out, lse = [], []
+        for i in range(0, T, block):
+            e = min(i + block, T)  # causal: queries i..e-1 see keys 0..e-1
+            p, row_lse = _block_probs(q[:, :, i:e], k[:, :, :e], i, scale)
+            out.append((p.to(v.dtype) @ v[:, :, :e]))
+            lse.append(row_lse)
+        o, lse = torch.cat(out, 2), torch.cat(lse, 2)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.block = block
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        T, scale, block = q.shape[2], q.shape[-1] ** -0.5, ctx.block
+        delta = (do.float() * o.float()).sum(-1, keepdim=True)  # (B, H, T, 1): rowsum(dO * O)
+        dq = []
+        dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+        dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+        for i in range(0, T, block):
+            e = min(i + block, T)
+            qi, doi = q[:, :, i:e], do[:, :, i:e].float()
+            p, _ = _block_probs(qi, k[:, :, :e], i, scale, lse[:, :, i:e])
+            dv[:, :, :e] += p.transpose(-1, -2) @ doi
+            ds = p * (doi @ v[:, :, :e].float().transpose(-1, -2) - delta[:, :, i:e]) * scale
+            dq.append(ds @ k[:, :, :e].float())
+            dk[:, :, :e] += ds.transpose(-1, -2) @ qi.float()
+        return torch.cat(dq, 2).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+
+
+def _block_probs(qi, k, start, scale, lse=None):
+    """Softmax probabilities (fp32) of the queries at start.. against keys 0..k.shape[2]-1, and the
+    rows' log-sum-exp (given in backward, where only the exponent is recomputed)."""
+    s = (qi @ k.transpose(-1, -2)).float() * scale  # (B, H, bq, e)
+    causal = torch.ones(qi.shape[2], k.shape[2], dtype=torch.bool, device=qi.device).tril(start)
+    s = s.masked_fill(~causal, float("-inf"))
+    if lse is None:
+        lse = torch.logsumexp(s, -1, keepdim=True)
+    return torch.exp(s - lse), lse
+
+
+def blockwise_attention(q, k, v, block: int = 512):
+    return BlockwiseAttention.apply(q, k, v, block)
+
+
 class KVCache(nn.Module):
     """Preallocated keys/values (B, n_kv, max_len, hd). Writes go through index_copy_ at the
     given positions, so every decode step has the same shapes: one compiled graph under XLA,
@@ -104,8 +166,9 @@ class Attention(nn.Module):
         self.v_proj = Linear(d, self.n_kv * self.hd)
         self.o_proj = Linear(self.n_head * self.hd, d)
         self.kv_cache: KVCache | None = None
+        self.kernel = sdpa_attention  # causal attention over whole sequences (Llama.set_attention)
 
-    def forward(self, x, cos, sin, pos=None, mask=None, bf16_scores=False):
+    def forward(self, x, cos, sin, pos=None, mask=None, core_dtype=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, KV, T, hd)
@@ -122,12 +185,12 @@ class Attention(nn.Module):
             k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)
         dtype = q.dtype
-        if bf16_scores:
-            # An fp32 edge block's attention core still goes through a bf16 fused kernel
-            # (softmax and accumulation are fp32 inside it): fp32 SDPA has no tensor-core
-            # kernel and at T=4096 made the whole step 1.34x slower (bench.py train, H100).
-            q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None).to(dtype)
+        if core_dtype is not None:
+            q, k, v = q.to(core_dtype), k.to(core_dtype), v.to(core_dtype)
+        if mask is None:
+            y = self.kernel(q, k, v).to(dtype)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).to(dtype)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
 
 
@@ -145,32 +208,100 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """Pre-norm transformer block. With fp32=True (the seed's first and last blocks) it runs in
+    fp32 under bf16 autocast, all but the attention core: that still goes through a bf16 fused
+    kernel (softmax and accumulation are fp32 inside it), because fp32 SDPA has no tensor-core
+    kernel and at T=4096 made the whole step 1.34x slower (bench.py train, H100)."""
+
+    def __init__(self, cfg: ModelConfig, fp32: bool = False):
         super().__init__()
+        self.fp32, self.exact_core = fp32, cfg.fp32_edge_attention
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_fp32)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_fp32)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, pos=None, mask=None, bf16_scores=False):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, pos, mask, bf16_scores)
+    def forward(self, x, cos, sin, pos=None, mask=None):
+        dev = x.device.type
+        if not (self.fp32 and torch.is_autocast_enabled(dev)):
+            return self._forward(x, cos, sin, pos, mask)
+        core_dtype = None if self.exact_core else torch.get_autocast_dtype(dev)
+        with torch.autocast(dev, enabled=False):
+            return self._forward(x.float(), cos, sin, pos, mask, core_dtype)
+
+    def _forward(self, x, cos, sin, pos, mask, core_dtype=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, pos, mask, core_dtype)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of the logits x @ w.T against targets (-100: ignored), computed `chunk`
+    rows at a time so the full logits never exist: at 8 x 4096 tokens they are 1.07G values, 2.1 GB
+    in bf16 and 4.3 GB once cast to fp32. The gradients of x and w are computed chunk by chunk
+    in forward and only scaled in backward, the trick of fused linear cross-entropy kernels
+    (Liger-Kernel): a loss is always the last op, so its incoming gradient is a scalar.
+    Softmax in fp32; the matmuls in the ambient dtype (bf16 under autocast), as nn.Linear."""
+
+    @staticmethod
+    def forward(ctx, x, w, targets, chunk: int, with_grad: bool):
+        # x (N, d), w (V, d), targets (N,)
+        count = (targets != -100).sum().clamp(min=1)
+        loss = torch.zeros((), dtype=torch.float32, device=x.device)
+        dx, dw = [], torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+        for i in range(0, x.shape[0], chunk):
+            xi, ti = x[i:i + chunk], targets[i:i + chunk]
+            raw = xi @ w.T  # (n, V), bf16 under autocast
+            logits = raw.float()
+            lse = torch.logsumexp(logits, -1)
+            valid = ti != -100
+            tgt = ti.clamp(min=0)
+            loss = loss + ((lse - logits.gather(1, tgt[:, None])[:, 0]) * valid).sum()
+            if with_grad:  # d loss / d logits = softmax - onehot(target), on the counted rows
+                g = torch.exp(logits - lse[:, None]) - F.one_hot(tgt, logits.shape[1])
+                g = (g * valid[:, None]).to(raw.dtype)  # as the .float() cast's backward rounds it
+                dx.append(g @ w)
+                dw += g.T @ xi
+        if with_grad:
+            ctx.save_for_backward(torch.cat(dx) / count, dw / count)
+            ctx.x_dtype = x.dtype
+        return loss / count
+
+    @staticmethod
+    def backward(ctx, grad):
+        dx, dw = ctx.saved_tensors
+        return (dx * grad).to(ctx.x_dtype), dw * grad, None, None, None
+
+
+def chunked_cross_entropy(x, w, targets, chunk: int = 4096):
+    """Equal to F.cross_entropy(F.linear(x, w).float(), targets, ignore_index=-100), loss and
+    gradients (test_model.py), without materialising the logits."""
+    return ChunkedCrossEntropy.apply(x, w, targets, chunk, torch.is_grad_enabled() and
+                                     (x.requires_grad or w.requires_grad))
 
 
 class Llama(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
+        n = cfg.num_hidden_layers
         self.model = nn.ModuleDict(dict(
             embed_tokens=nn.Embedding(cfg.vocab_size, cfg.hidden_size),
-            layers=nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers)),
+            layers=nn.ModuleList(Block(cfg, fp32=cfg.fp32_edge_blocks and i in (0, n - 1))
+                                 for i in range(n)),
             norm=RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_fp32),
         ))
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.checkpoint = None  # e.g. torch.utils.checkpoint.checkpoint: recompute blocks in backward
         self._build_rope()
         self.reset_parameters()
+
+    def set_attention(self, kernel):
+        """Use kernel(q, k, v) -> y (B, H, T, hd) for causal attention over whole sequences, e.g.
+        the Pallas flash-attention kernel on a TPU. Cached decoding keeps SDPA with its mask."""
+        for block in self.model.layers:
+            block.self_attn.kernel = kernel
 
     def _build_rope(self, device=None):
         device = device or self.model.embed_tokens.weight.device
@@ -223,21 +354,15 @@ class Llama(nn.Module):
             cos, sin = self.rope_cos[pos], self.rope_sin[pos]
 
         x = self.model.embed_tokens(idx)  # (B, T, d)
-        n = len(self.model.layers)
-        dev = x.device.type
-        for i, block in enumerate(self.model.layers):
-            if self.config.fp32_edge_blocks and i in (0, n - 1) and torch.is_autocast_enabled(dev):
-                # The seed's recipe: the first and last blocks stay in fp32 under bf16 autocast.
-                with torch.autocast(dev, enabled=False):
-                    x = block(x.float(), cos, sin, pos, mask, not self.config.fp32_edge_attention)
+        for block in self.model.layers:
+            if self.checkpoint is not None and self.training:
+                x = self.checkpoint(block, x, cos, sin)
             else:
                 x = block(x, cos, sin, pos, mask)
         x = self.model.norm(x)
-        logits = self.lm_head(x)  # (B, T, vocab)
         if targets is None:
-            return logits
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
-                               ignore_index=-100)
+            return self.lm_head(x)  # (B, T, vocab)
+        return chunked_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1))
 
     def setup_cache(self, batch_size: int, max_len: int, dtype=None, device=None):
         """Preallocate a KV cache for batch_size sequences of up to max_len positions."""
