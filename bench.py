@@ -5,6 +5,7 @@
                                #   (BENCH_PROFILE=1: a profile of our decode, to stderr)
     python bench.py eval       # perplexity-evaluation throughput vs HF forward with labels
     python bench.py data       # tokenize + pack throughput vs bare Tokenizer.encode_batch; CPU
+    python bench.py tpu        # the TPU step's memory plan: XLA's buffer assignment on XLA:CPU
 
 Each configuration runs in its own subprocess (clean peak-memory figures); the parent prints a
 table and writes JSON with --json FILE. transformers is needed here as the reference only.
@@ -301,9 +302,98 @@ def data_one(mode: str, corpus: Path, out: Path):
 # ---------------------------------------------------------------------------------------------
 
 
+class PallasFootprint:
+    """The HBM that torch_xla's Pallas flash attention holds, without its arithmetic, for the memory
+    plan on XLA:CPU (where Pallas cannot run): its wrapper saves copies of q, k and v, the output
+    and two f32 row statistics, produced as (B, H, T, 128) buffers (custom_kernel.py,
+    MIN_BLOCK_SIZE). The score tiles live in the TPU core's VMEM, not in HBM."""
+
+    @staticmethod
+    def attention(q, k, v):
+        import torch
+
+        class Footprint(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, q, k, v):
+                o = q * k + v  # same shape and dtype as the kernel's output
+                stats = (q.float() * v.float()).sum(-1, keepdim=True).expand(*q.shape[:3], 128) + 0
+                ctx.save_for_backward(q.clone(), k.clone(), v.clone(), o, stats[..., 0], stats[..., 1])
+                return o
+
+            @staticmethod
+            def backward(ctx, do):
+                q, k, v, o, l, m = ctx.saved_tensors
+                s = (l + m)[..., None].to(q.dtype)
+                return do * k + s, do * q + s, do + o * s
+
+        return Footprint.apply(q, k, v)
+
+
+def tpu_plan_one(batch: int, seq: int, grad_accum: int, checkpointing: bool, attention: str):
+    """Compile (never run) one training step of Portimbria-150M on XLA:CPU, with the TPU settings
+    of train.py, and read XLA's buffer assignment: the step's device memory."""
+    import glob
+    import re
+    import shutil
+
+    dump = tempfile.mkdtemp(prefix="bench_xla_dump_")
+    os.environ["XLA_FLAGS"] = f"--xla_dump_to={dump} --xla_dump_hlo_module_re=SyncTensorsGraph"
+    os.environ.setdefault("PJRT_DEVICE", "CPU")
+    os.environ["XLA_NO_SPECIAL_SCALARS"] = "1"
+    import torch
+    import torch_xla
+
+    import train
+    from config import TrainConfig, model_config
+    from model import Llama
+
+    rt = train.Runtime("xla")
+    tcfg = TrainConfig(batch_size=batch, seq_len=seq, grad_accum=grad_accum,
+                       activation_checkpointing=checkpointing)
+    torch.manual_seed(0)
+    model = Llama(model_config("portimbria-150m"))
+    rt.prepare(model, tcfg)
+    if attention == "pallas-footprint":
+        model.set_attention(PallasFootprint.attention)
+    opt = rt.optimizer(train.param_groups(model, 0.01), 8e-4, (0.9, 0.95), 1e-8)
+    for p in model.parameters():  # as after the first step: gradients and AdamW state exist
+        p.grad = torch.zeros(p.shape).to(rt.device)
+    rt.optimizer_step(opt, torch.zeros(()).to(rt.device))
+    torch_xla.sync()
+    t0 = time.time()
+    # The two graphs of a step (train.py): one micro-batch's forward and backward ...
+    step_loss = torch.zeros(()).to(rt.device)
+    x = torch.randint(0, 32768, (batch, seq + 1)).to(rt.device)
+    with rt.autocast("bf16"):
+        loss = model(x[:, :-1], targets=x[:, 1:]) / grad_accum
+    loss.backward()
+    step_loss += loss.detach()
+    torch_xla._XLAC._xla_warm_up_cache([p.grad for p in model.parameters()] + [step_loss], [])  # compile only
+    # ... and the update: clip, AdamW, zero the gradients.
+    for p in model.parameters():
+        p.grad = torch.zeros(p.shape).to(rt.device)
+    gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    rt.optimizer_step(opt, (~torch.isfinite(gn) | ~torch.isfinite(step_loss)).float())
+    rt.zero_grad(opt)
+    torch_xla._XLAC._xla_warm_up_cache(
+        [p for p in model.parameters()] + [p.grad for p in model.parameters()]
+        + [t for st in opt.state.values() for t in st.values() if torch.is_tensor(t)], [])
+    compile_s = time.time() - t0
+    plans = {}
+    for f in glob.glob(f"{dump}/*buffer-assignment.txt"):
+        m = re.search(r"Total bytes used: (\d+)", open(f).read())
+        if m:
+            plans[os.path.basename(f)] = int(m.group(1))
+    if not os.environ.get("BENCH_KEEP_DUMP"):
+        shutil.rmtree(dump, ignore_errors=True)
+    return {"batch": batch, "seq": seq, "grad_accum": grad_accum, "checkpointing": checkpointing,
+            "attention": attention, "plan_gib": round(max(plans.values()) / 2**30, 2),
+            "graphs_gib": sorted(round(v / 2**30, 2) for v in plans.values()), "compile_s": round(compile_s, 1)}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("what", choices=["train", "decode", "eval", "data", "attention"])
+    ap.add_argument("what", choices=["train", "decode", "eval", "data", "attention", "tpu"])
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a child's configuration
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=4096)
@@ -321,7 +411,8 @@ def main():
 
     if args.one:  # child process: one configuration, one JSON line
         c = json.loads(args.one)
-        fn = {"train": train_one, "decode": decode_one, "eval": eval_one, "data": data_one}[args.what]
+        fn = {"train": train_one, "decode": decode_one, "eval": eval_one, "data": data_one,
+              "tpu": tpu_plan_one}[args.what]
         if args.what == "data":
             c = {**c, "corpus": Path(c["corpus"]), "out": Path(c["out"])}
         print(json.dumps(fn(**c)))
@@ -384,6 +475,20 @@ def main():
         if all("tok_s" in r for r in rows):
             print(f"\neval throughput ({shape}): HF {rows[0]['tok_s']:,} tokens/s, ours {rows[1]['tok_s']:,} "
                   f"tokens/s ({rows[1]['tok_s'] / rows[0]['tok_s']:.2f}x)")
+    elif args.what == "tpu":
+        # Portimbria-150M at 8 x 4096 tokens per chip, as whole batches or micro-batches.
+        for batch, accum, ckpt in ((8, 1, False), (8, 1, True), (2, 4, False), (2, 4, True), (1, 8, False)):
+            c = dict(batch=batch, seq=args.seq, grad_accum=accum, checkpointing=ckpt, attention="pallas-footprint")
+            r = child(["tpu", "--one", json.dumps(c)], timeout=3600)
+            rows.append({**c, **r})
+            print(json.dumps(rows[-1]), flush=True)
+        print(f"\nXLA:CPU memory plan of the step's largest graph (an upper bound for a TPU: XLA:CPU keeps "
+              f"bf16 values in f32, does not rematerialise, and drops the barriers that make block "
+              f"checkpointing work); target <= 14 GiB of a v5e chip's 16")
+        print(f"{'micro-batch x grad_accum':<26}{'checkpointing':>14}{'plan GiB':>10}")
+        for r in rows:
+            plan = f"{r['plan_gib']:>10}" if "plan_gib" in r else f"  failed: {r.get('error', '')[-200:]}"
+            print(f"{r['batch']} x {r['seq']} x {r['grad_accum']:<15}{str(r['checkpointing']):>14}{plan}")
     else:
         tmp = Path(tempfile.mkdtemp(prefix="bench_data_"))
         corpus = tmp / "corpus.jsonl"

@@ -257,8 +257,9 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             tgt = ti.clamp(min=0)
             loss = loss + ((lse - logits.gather(1, tgt[:, None])[:, 0]) * valid).sum()
             if with_grad:  # d loss / d logits = softmax - onehot(target), on the counted rows
-                g = torch.exp(logits - lse[:, None]) - F.one_hot(tgt, logits.shape[1])
-                g = (g * valid[:, None]).to(raw.dtype)  # as the .float() cast's backward rounds it
+                g = torch.exp(logits - lse[:, None]) * valid[:, None]
+                g = g.scatter_add(1, tgt[:, None], -valid[:, None].to(g.dtype))
+                g = g.to(raw.dtype)  # as the .float() cast's backward rounds it
                 dx.append(g @ w)
                 dw += g.T @ xi
         if with_grad:
@@ -272,7 +273,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         return (dx * grad).to(ctx.x_dtype), dw * grad, None, None, None
 
 
-def chunked_cross_entropy(x, w, targets, chunk: int = 4096):
+def chunked_cross_entropy(x, w, targets, chunk: int = 1024):
     """Equal to F.cross_entropy(F.linear(x, w).float(), targets, ignore_index=-100), loss and
     gradients (test_model.py), without materialising the logits."""
     return ChunkedCrossEntropy.apply(x, w, targets, chunk, torch.is_grad_enabled() and

@@ -15,8 +15,10 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import functools
 import json
 import math
+import multiprocessing
 import os
 import shutil
 import signal
@@ -30,7 +32,7 @@ import torch
 
 import data
 from config import ModelConfig, TrainConfig, apply_overrides, model_config
-from model import Llama
+from model import Llama, blockwise_attention
 
 # Dense bf16 peak FLOP/s per device, for MFU. Unknown devices report no MFU.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "TPU v5e": 197e12,
@@ -54,15 +56,14 @@ class Runtime:
             import torch_xla
             import torch_xla.runtime as xr
 
-            self.xla = torch_xla
+            import torch_xla.core.xla_model as xm
+
+            self.xla, self.xm = torch_xla, xm
             self.device = torch_xla.device()
             self.rank, self.world = xr.global_ordinal(), xr.world_size()
-            self.name = f"XLA {xr.device_type()}"
-            if xr.device_type() == "TPU":
-                try:  # e.g. "TPU v5 lite" on a v5e, which PEAK_FLOPS knows
-                    self.name = torch_xla._XLAC._xla_get_default_device_kind()  # noqa: SLF001
-                except Exception:
-                    self.name = "TPU"
+            self.tpu = xr.device_type() == "TPU"
+            # e.g. "TPU v5 lite" on a v5e, which PEAK_FLOPS knows
+            self.name = xm.xla_device_kind() if self.tpu else f"XLA {xr.device_type()}"
         else:
             self.world = int(os.environ.get("WORLD_SIZE", 1))
             self.rank = int(os.environ.get("RANK", 0))
@@ -81,6 +82,42 @@ class Runtime:
                 dist.init_process_group("nccl" if kind == "cuda" else "gloo")
                 self.ddp = True
         self.master = self.rank == 0
+        # Sums over many batches (the validation loss) in float64, but a TPU has no float64.
+        self.sum_dtype = torch.float32 if kind == "xla" else torch.float64
+
+    def prepare(self, model: Llama, tcfg: TrainConfig):
+        """Move the model to the device and give it this device's attention kernel, block
+        checkpointing and matmul precision."""
+        model.to(self.device)
+        if model.config.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight  # .to() on XLA can untie
+        if self.kind == "xla":
+            model.set_attention(pallas_attention if self.tpu else blockwise_attention)
+            if model.config.fp32_edge_blocks and tcfg.precision == "bf16":
+                # A TPU multiplies fp32 matrices in one bf16 pass by default
+                # (torch_xla/backends); "highest" makes the edge blocks' matmuls really fp32.
+                import torch_xla.backends
+
+                torch_xla.backends.set_mat_mul_precision("highest")
+        if tcfg.activation_checkpointing:
+            if self.kind == "xla":
+                # torch_xla's version puts an optimization barrier before the recomputation, or
+                # XLA's common-subexpression pass would merge it with the forward pass.
+                from torch_xla.utils.checkpoint import checkpoint
+            else:
+                from torch.utils.checkpoint import checkpoint
+            model.checkpoint = functools.partial(checkpoint, use_reentrant=self.kind == "xla")
+
+    def peak_memory(self) -> str | None:
+        """The device's peak memory so far, where the runtime reports it (TPU, CUDA)."""
+        if self.kind == "cuda":
+            used, limit = torch.cuda.max_memory_allocated(), torch.cuda.get_device_properties(0).total_memory
+        elif self.kind == "xla" and self.tpu:
+            info = self.xm.get_memory_info(self.device)
+            used, limit = info.get("peak_bytes_used", info["bytes_used"]), info["bytes_limit"]
+        else:
+            return None
+        return f"{int(used) / 2**30:.2f} of {int(limit) / 2**30:.2f} GiB"
 
     @property
     def peak_flops(self):
@@ -119,9 +156,7 @@ class Runtime:
         # DDP all-reduces during backward; on XLA the gradients are all-reduced here, before
         # clipping, so the clip sees the global gradient norm.
         if self.kind == "xla" and self.world > 1:
-            import torch_xla.core.xla_model as xm
-
-            xm.reduce_gradients(opt)
+            self.xm.reduce_gradients(opt)
 
     def optimizer_step(self, opt, found_inf):
         """One AdamW update, skipped on the device when found_inf is 1: no host round-trip."""
@@ -130,6 +165,18 @@ class Runtime:
         else:
             opt.found_inf = found_inf
             opt.step()
+
+    def micro_step_boundary(self):
+        """After each micro-batch's backward, on XLA: run it as its own graph, so its activations
+        are freed before the next micro-batch, and the step is two graphs whatever grad_accum is
+        (a micro-batch's forward and backward; the update)."""
+        if self.kind == "xla":
+            self.xla.sync()
+
+    def zero_grad(self, opt):
+        # On XLA the gradients stay allocated (zeroed inside the update's graph), so every
+        # micro-batch graph finds them as inputs: one graph, not a first-micro-batch variant.
+        opt.zero_grad(set_to_none=self.kind != "xla")
 
     def step_boundary(self):
         """End of an optimizer step: on XLA, cut and run the graph (exactly once per step)."""
@@ -140,39 +187,44 @@ class Runtime:
         if self.world == 1:
             return t
         if self.kind == "xla":
-            import torch_xla.core.xla_model as xm
-
-            return xm.all_reduce(xm.REDUCE_SUM, t)
+            return self.xm.all_reduce(self.xm.REDUCE_SUM, t)
         import torch.distributed as dist
 
         dist.all_reduce(t)
         return t
 
-    def compiles(self) -> int | None:
-        """XLA graph compilations so far: it stops growing once every step shape is compiled."""
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank if flag is true on any: a collective, so all ranks must call it."""
+        if self.world == 1:
+            return flag
+        return self.all_reduce_sum(torch.tensor([float(flag)]).to(self.device)).item() > 0
+
+    def compile_stats(self) -> dict:
+        """XLA graphs compiled so far (the count stops growing once every step shape is compiled),
+        and how many of them the persistent cache did not have."""
         if self.kind != "xla":
-            return None
+            return {}
         import torch_xla.debug.metrics as met
 
-        return met.counter_value("UncachedCompile") or 0
-
-    def barrier(self, tag: str):
-        if self.world == 1:
-            return
-        if self.kind == "xla":
-            import torch_xla.core.xla_model as xm
-
-            xm.rendezvous(tag)
-        else:
-            import torch.distributed as dist
-
-            dist.barrier()
+        return {"xla_compiles": met.counter_value("UncachedCompile") or 0,
+                "xla_cache_misses": met.counter_value("PersistentCacheMiss") or 0}
 
     def close(self):
         if self.ddp:
             import torch.distributed as dist
 
             dist.destroy_process_group()
+
+
+def pallas_attention(q, k, v):
+    """torch_xla's Pallas flash-attention kernel (TPU only): O(T) memory in forward and backward.
+    k and v come with as many heads as q (Attention repeats the KV heads for GQA). Its sm_scale
+    defaults to 1.0, not 1/sqrt(head_dim)."""
+    try:
+        from torch_xla.experimental.custom_kernel import flash_attention
+    except ImportError as e:
+        raise SystemExit(f"the TPU attention kernel needs jax: pip install 'torch_xla[pallas]==2.9.0' ({e})")
+    return flash_attention(q, k, v, causal=True, sm_scale=q.shape[-1] ** -0.5)
 
 
 def pick_device(requested: str) -> str:
@@ -320,23 +372,61 @@ def load_checkpoint(out_dir: Path, model: Llama, opt, device) -> dict:
 
 @torch.no_grad()
 def evaluate(model, windows, rt: Runtime, cfg: TrainConfig) -> float:
+    """Mean loss over this rank's validation windows, summed across ranks. Every batch has the
+    same shapes and inputs made on the host (a short last batch is padded with rows whose targets
+    are ignored), so under XLA the whole evaluation is two graphs and one host read."""
     model.eval()
-    total = torch.zeros(2, device=rt.device, dtype=torch.float64 if rt.kind != "xla" else torch.float32)
+    total = torch.zeros(2, dtype=rt.sum_dtype).to(rt.device)  # (sum of losses x tokens, tokens)
     for i in range(0, len(windows), cfg.batch_size):
         chunk = windows[i:i + cfg.batch_size]
         n = len(chunk)
-        if n < cfg.batch_size:  # keep one shape (one compiled graph); padded rows don't count
-            chunk = chunk + [chunk[-1]] * (cfg.batch_size - n)
-        arr = torch.from_numpy(np.stack(chunk)).to(rt.device)
-        x, y = arr[:, :-1], arr[:, 1:].clone()
+        arr = np.stack(chunk + [chunk[-1]] * (cfg.batch_size - n))
+        y = arr[:, 1:].copy()
         y[n:] = -100
+        x, y = torch.from_numpy(arr[:, :-1]).to(rt.device), torch.from_numpy(y).to(rt.device)
+        tokens = torch.tensor(float(n * cfg.seq_len), dtype=rt.sum_dtype).to(rt.device)
         with rt.autocast(cfg.precision):
             loss = model(x, targets=y)
-        total += torch.stack([loss.to(total.dtype) * n * cfg.seq_len, total.new_tensor(n * cfg.seq_len)])
+        total += torch.stack([loss.to(total.dtype) * tokens, tokens])
         rt.step_boundary()
-    total = rt.all_reduce_sum(total)
+    total = rt.all_reduce_sum(total).cpu()
     model.train()
     return (total[0] / total[1]).item()
+
+
+# Stopping. SIGTERM (a preempted VM, a scheduler) and SIGINT (Ctrl-C) set STOP; the ranks agree
+# on it at the next log step, save OUT_DIR/latest and exit 0.
+STOP = threading.Event()
+
+
+def install_stop_handlers():
+    signal.signal(signal.SIGTERM, lambda signum, frame: STOP.set())
+    signal.signal(signal.SIGINT, lambda signum, frame: STOP.set())
+
+
+def forward_stop_signals_to_children():
+    """For the xmp.spawn parent, which only waits: a signal sent to it reaches the workers."""
+    def forward(signum, frame):
+        for child in multiprocessing.active_children():
+            os.kill(child.pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+
+
+def save_on_master(rt: Runtime, what: Path, write):
+    """Run write() on rank 0, and tell every rank whether it worked: if it failed (a full disk),
+    all ranks stop with a message rather than wait forever in the next collective."""
+    error = None
+    if rt.master:
+        try:
+            write()
+        except OSError as e:
+            error = e
+    if rt.any_rank(error is not None):
+        raise SystemExit(f"train.py: could not write {what}: {error}. Free space or fix permissions, "
+                         f"then continue with --resume" if rt.master else
+                         f"train.py rank {rt.rank}: stopping, rank 0 could not write {what}")
 
 
 def train(tcfg: TrainConfig, mcfg: ModelConfig, rt: Runtime):
@@ -348,9 +438,7 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig, rt: Runtime):
     torch.manual_seed(tcfg.seed)
     model = Llama(mcfg)  # initialised on the CPU: the same weights on every device and rank
     n_params = model.num_params()
-    model.to(rt.device)
-    if model.lm_head.weight is not model.model.embed_tokens.weight and mcfg.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight  # .to() on XLA can untie
+    rt.prepare(model, tcfg)
     tokens_per_step = tcfg.batch_size * tcfg.seq_len * rt.world * tcfg.grad_accum
     max_steps = tcfg.max_steps or max(1, int(tcfg.token_budget // tokens_per_step))
     opt = rt.optimizer(param_groups(model, tcfg.weight_decay), tcfg.lr, (tcfg.beta1, tcfg.beta2), tcfg.eps)
@@ -372,125 +460,116 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig, rt: Runtime):
         raise SystemExit(f"train.py: {e}") from None
     step_model = rt.wrap(model)
     fpt = flops_per_token(mcfg, n_params, tcfg.seq_len)
+    metrics = None
     if rt.master:
         out.mkdir(parents=True, exist_ok=True)
+        metrics = open(out / "metrics.jsonl", "a")
         log(f"model {tcfg.preset}: {n_params:,} parameters | device {rt.name} x{rt.world} | "
             f"{tokens_per_step:,} tokens/step | {max_steps:,} steps ({max_steps * tokens_per_step / 1e9:.3g}B tokens) "
             f"| sources {', '.join(loader.names)} | {len(val) * rt.world} val windows")
 
-    stop = {"signal": None}
-
-    def on_signal(signum, frame):
-        stop["signal"] = signum
-
-    if threading.current_thread() is threading.main_thread():  # xmp.spawn may run us in a thread
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
-
-    def checkpoint(step):
+    def write_metrics(row):
         if rt.master:
-            st = dict(state, step=step, torch_rng=base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
-                      train_config=dataclasses.asdict(tcfg), max_steps=max_steps)
-            save_checkpoint(out / "latest", model, opt, st)
-        rt.barrier("checkpoint")
-
-    start = state["step"]
-    metrics = open(out / "metrics.jsonl", "a") if rt.master else None
-
-    def run_eval(done):
-        vl = evaluate(step_model, val, rt, tcfg)
-        better = vl < state["best_val_loss"]
-        if better and done > 0:
-            state["best_val_loss"] = vl
-            if rt.master:
-                save_checkpoint(out / "best", model)
-            rt.barrier("best")
-        if rt.master:
-            log(f"eval step {done:,} | val loss {vl:.4f} | ppl {math.exp(min(vl, 50)):.2f}"
-                + (f" | new best, saved {out}/best" if better and done > 0 else ""))
-            metrics.write(json.dumps({"step": done, "val_loss": vl, "val_ppl": math.exp(min(vl, 50)),
-                                      "tokens": state["tokens"]}) + "\n")
+            metrics.write(json.dumps(row) + "\n")
             metrics.flush()
 
+    def save_latest(done):
+        state["saved_step"] = done
+        st = dict(state, step=done, torch_rng=base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+                  train_config=dataclasses.asdict(tcfg), max_steps=max_steps)
+        save_on_master(rt, out / "latest", lambda: save_checkpoint(out / "latest", model, opt, st))
+
+    def run_eval(done):
+        val_loss = evaluate(step_model, val, rt, tcfg)
+        better = val_loss < state["best_val_loss"] and done > 0
+        if better:
+            state["best_val_loss"] = val_loss
+            save_on_master(rt, out / "best", lambda: save_checkpoint(out / "best", model))
+        if rt.master:
+            log(f"eval step {done:,} | val loss {val_loss:.4f} | ppl {math.exp(min(val_loss, 50)):.2f}"
+                + (f" | new best, saved {out}/best" if better else ""))
+        write_metrics({"step": done, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)),
+                       "tokens": state["tokens"]})
+
+    start = state["step"]
     if start == 0 and tcfg.eval_interval < max_steps:
         run_eval(0)  # the untrained baseline: ln(vocab) or so
     dev = rt.device
-    loss_sum = torch.zeros((), device=dev)
-    bad_run = torch.zeros((), device=dev)  # consecutive non-finite steps
-    bad_total = torch.zeros((), device=dev)
-    gn_last = torch.zeros((), device=dev)
-    gn_hist: list[float] = []
+    # Device-side running values, read by the host only at log steps: the sum of the window's
+    # losses and its count of skipped steps, and the run of consecutive non-finite steps.
+    window = torch.zeros(2).to(dev)
+    bad_run = torch.zeros(()).to(dev)
+    grad_norm = torch.zeros(()).to(dev)
+    grad_norms: list[float] = []
     t0 = t_log = time.time()
-    steps_since_log = 0
+    steps_in_window, stopping = 0, False
     for step in range(start, max_steps):
         lr = lr_at(step, tcfg, max_steps)
         for g in opt.param_groups:
             g["lr"] = lr
         micro = loader.get_batch(step)
-        step_loss = torch.zeros((), device=dev)
+        step_loss = torch.zeros(()).to(dev)
         for i, (x, y) in enumerate(micro):
             x, y = torch.from_numpy(x).to(dev), torch.from_numpy(y).to(dev)
             with rt.no_sync(i == len(micro) - 1), rt.autocast(tcfg.precision):
                 loss = step_model(x, targets=y) / len(micro)
             loss.backward()
             step_loss += loss.detach()
+            rt.micro_step_boundary()
         rt.reduce_grads(opt)
-        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-        bad = (~torch.isfinite(gn) | ~torch.isfinite(step_loss)).float()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip).detach()
+        bad = (~torch.isfinite(grad_norm) | ~torch.isfinite(step_loss)).float()
         rt.optimizer_step(opt, bad)
-        opt.zero_grad(set_to_none=True)
-        loss_sum += torch.where(bad > 0, 0.0, step_loss)
+        rt.zero_grad(opt)
+        window = window + torch.stack([torch.where(bad > 0, 0.0, step_loss), bad])
         bad_run = (bad_run + 1) * bad
-        bad_total += bad
-        gn_last = gn.detach()
         rt.step_boundary()
         state["tokens"] += tokens_per_step
-        steps_since_log += 1
+        steps_in_window += 1
         done = step + 1
-
-        if done % tcfg.log_interval == 0 or done == max_steps or stop["signal"]:
-            # The only host round-trip of the loop: every log_interval steps.
-            stats = rt.all_reduce_sum(torch.stack([loss_sum, bad_total]))
-            n_bad, run_bad = int(stats[1].item()) // rt.world, int(bad_run.item())
-            good = steps_since_log - n_bad
-            loss_v = stats[0].item() / rt.world / max(1, good) if good else float("nan")
-            gn_v = gn_last.item()
+        if done % tcfg.log_interval == 0 or done == max_steps:
+            # The loop's one host read, which is also where the ranks agree to stop.
+            stop_here = torch.tensor([float(STOP.is_set())]).to(dev)
+            stats = rt.all_reduce_sum(torch.cat([window, stop_here, bad_run[None], grad_norm[None]]))
+            # means over ranks (all but the loss are the same on every rank)
+            loss_sum, n_bad, stop_vote, run_bad, gn = (stats.cpu() / rt.world).tolist()
+            stopping, n_bad = stop_vote > 0, round(n_bad)
+            good = steps_in_window - n_bad
+            loss_v = loss_sum / good if good else float("nan")
             now = time.time()
-            tok_s = steps_since_log * tokens_per_step / (now - t_log)
+            tok_s = steps_in_window * tokens_per_step / (now - t_log)
             mfu = fpt * tok_s / (rt.peak_flops * rt.world) if rt.peak_flops else None
             eta = (max_steps - done) * (now - t0) / max(1, done - start)
+            memory = rt.peak_memory() if done - start <= tcfg.log_interval else None
             if rt.master:
-                log(f"step {done:>7,}/{max_steps:,} | loss {loss_v:.4f} | lr {lr:.2e} | gnorm {gn_v:.3f} | "
+                log(f"step {done:>7,}/{max_steps:,} | loss {loss_v:.4f} | lr {lr:.2e} | gnorm {gn:.3f} | "
                     f"{tok_s:,.0f} tok/s" + (f" | MFU {mfu:.1%}" if mfu else "") +
                     f" | {fmt_time(now - t0)} elapsed | ETA {fmt_time(eta)}")
+                if memory:
+                    log(f"  peak device memory {memory}")
                 if n_bad:
                     log(f"  skipped {n_bad} update(s) with a non-finite loss or gradient norm")
-                if len(gn_hist) >= 5 and math.isfinite(gn_v) and gn_v > 4 * float(np.median(gn_hist[-50:])):
-                    log(f"  grad-norm spike: {gn_v:.3f} vs median {np.median(gn_hist[-50:]):.3f}")
-                metrics.write(json.dumps({"step": done, "loss": loss_v, "lr": lr, "grad_norm": gn_v,
-                                          "tokens": state["tokens"], "tok_s": round(tok_s, 1),
-                                          "mfu": mfu, "skipped": n_bad, "time": round(now - t0, 2),
-                                          **({"xla_compiles": rt.compiles()} if rt.kind == "xla" else {})}) + "\n")
-                metrics.flush()
-            if math.isfinite(gn_v):
-                gn_hist.append(gn_v)
+                if len(grad_norms) >= 5 and math.isfinite(gn) and gn > 4 * float(np.median(grad_norms[-50:])):
+                    log(f"  grad-norm spike: {gn:.3f} vs median {np.median(grad_norms[-50:]):.3f}")
+            write_metrics({"step": done, "loss": loss_v, "lr": lr, "grad_norm": gn, "tokens": state["tokens"],
+                           "tok_s": round(tok_s, 1), "mfu": mfu, "skipped": n_bad, "time": round(now - t0, 2),
+                           **rt.compile_stats()})
+            if math.isfinite(gn):
+                grad_norms.append(gn)
             if run_bad >= 3:
-                raise SystemExit(f"stopping: {run_bad} optimizer steps in a row had a non-finite loss or "
+                raise SystemExit(f"stopping: {round(run_bad)} optimizer steps in a row had a non-finite loss or "
                                  f"gradient norm at step {done}. Lower --lr, check the data, or resume "
                                  f"from {out}/latest (step {state.get('saved_step', '?')}).")
-            loss_sum.zero_()
-            bad_total.zero_()
-            steps_since_log, t_log = 0, time.time()
+            window = torch.zeros(2).to(dev)  # made on the host: no new graph for the next step
+            steps_in_window, t_log = 0, time.time()
 
         if done % tcfg.eval_interval == 0 or done == max_steps:
             run_eval(done)
-        if done % tcfg.ckpt_interval == 0 or done == max_steps or stop["signal"]:
-            state["saved_step"] = done
-            checkpoint(done)
-        if stop["signal"]:
+        if done % tcfg.ckpt_interval == 0 or done == max_steps or stopping:
+            save_latest(done)
+        if stopping:
             if rt.master:
-                log(f"stopped by signal {stop['signal']} at step {done}: checkpoint in {out}/latest; "
-                    f"continue with --resume")
+                log(f"stopped by a signal at step {done}: checkpoint in {out}/latest; continue with --resume")
             break
     if rt.master:
         metrics.close()
@@ -540,7 +619,27 @@ def parse(argv) -> tuple[TrainConfig, ModelConfig]:
 
 def _xla_worker(index, argv):
     tcfg, mcfg = parse(argv)
-    train(tcfg, mcfg, Runtime("xla"))
+    if tcfg.xla_cache_dir:
+        # One directory per process, as torch_xla's docs do it: a restart or --resume loads the
+        # compiled graphs instead of compiling them again (minutes each on a TPU).
+        import torch_xla.runtime as xr
+
+        xr.initialize_cache(str(Path(tcfg.out_dir) / tcfg.xla_cache_dir / str(index)))
+    rt = Runtime("xla")
+    if rt.tpu:
+        tcfg = tpu_micro_batches(tcfg, argv)
+    train(tcfg, mcfg, rt)
+
+
+def tpu_micro_batches(tcfg: TrainConfig, argv) -> TrainConfig:
+    """On a TPU, unless --batch_size or --grad_accum is given, a device's batch runs as micro-batches
+    of one sequence (8 x 4096 tokens per chip: 1 x 4096, grad_accum 8). XLA's memory plan of
+    the step is then 7.7 GiB, against 13.5 GiB for micro-batches of two and more than 16 GiB
+    (a v5e chip's HBM) for the whole batch at once (bench.py tpu)."""
+    given = {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+    if given & {"batch_size", "grad_accum"}:
+        return tcfg
+    return dataclasses.replace(tcfg, batch_size=1, grad_accum=tcfg.grad_accum * tcfg.batch_size)
 
 
 def main(argv=None):
@@ -555,14 +654,21 @@ def main(argv=None):
     if kind == "xla":
         import torch_xla.distributed.xla_multiprocessing as xmp
 
+        forward_stop_signals_to_children()
         xmp.spawn(_xla_worker, args=(argv,))
         return
+    install_stop_handlers()
     rt = Runtime(kind, tcfg.compile)
     try:
         train(tcfg, mcfg, rt)
     finally:
         rt.close()
 
+
+if __name__ == "__mp_main__":
+    # An xmp.spawn worker imports this file in its main thread, then runs _xla_worker in another
+    # thread (torch_xla/_internal/pjrt.py), where signal handlers cannot be installed.
+    install_stop_handlers()
 
 if __name__ == "__main__":
     main()
