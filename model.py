@@ -295,6 +295,10 @@ class Llama(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.checkpoint = None  # e.g. torch.utils.checkpoint.checkpoint: recompute blocks in backward
+        # Rows per chunk of the loss (chunked_cross_entropy), or 0 for the plain loss. train.py
+        # chunks on XLA; on an H100 the compiled step with chunks was 0.97x as fast (280,603 vs
+        # 290,230 tokens/s, bench.py train) and used no less memory (22.9 vs 22.7 GB).
+        self.loss_chunk = 0
         self._build_rope()
         self.reset_parameters()
 
@@ -363,7 +367,11 @@ class Llama(nn.Module):
         x = self.model.norm(x)
         if targets is None:
             return self.lm_head(x)  # (B, T, vocab)
-        return chunked_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1))
+        if self.loss_chunk:
+            return chunked_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1),
+                                         self.loss_chunk)
+        logits = self.lm_head(x)
+        return F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(-1), ignore_index=-100)
 
     def setup_cache(self, batch_size: int, max_len: int, dtype=None, device=None):
         """Preallocate a KV cache for batch_size sequences of up to max_len positions."""

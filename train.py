@@ -93,6 +93,7 @@ class Runtime:
             model.lm_head.weight = model.model.embed_tokens.weight  # .to() on XLA can untie
         if self.kind == "xla":
             model.set_attention(pallas_attention if self.tpu else blockwise_attention)
+            model.loss_chunk = 1024  # the step's full logits would be 4.3 GB in fp32
             if model.config.fp32_edge_blocks and tcfg.precision == "bf16":
                 # A TPU multiplies fp32 matrices in one bf16 pass by default
                 # (torch_xla/backends); "highest" makes the edge blocks' matmuls really fp32.
@@ -633,9 +634,9 @@ def _xla_worker(index, argv):
 
 def tpu_micro_batches(tcfg: TrainConfig, argv) -> TrainConfig:
     """On a TPU, unless --batch_size or --grad_accum is given, a device's batch runs as micro-batches
-    of one sequence (8 x 4096 tokens per chip: 1 x 4096, grad_accum 8). XLA's memory plan of
-    the step is then 7.7 GiB, against 13.5 GiB for micro-batches of two and more than 16 GiB
-    (a v5e chip's HBM) for the whole batch at once (bench.py tpu)."""
+    of one sequence (8 x 4096 tokens per chip: 1 x 4096, grad_accum 8). The step's XLA memory plan
+    (on XLA:CPU, an upper bound) is then 7.7 GiB, against 13.5 GiB for micro-batches of two and
+    48.3 GiB for the whole batch at once, for a v5e chip's 16 GiB (bench.py tpu)."""
     given = {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
     if given & {"batch_size", "grad_accum"}:
         return tcfg
