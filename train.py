@@ -112,7 +112,8 @@ class Runtime:
     def peak_memory(self) -> str | None:
         """The device's peak memory so far, where the runtime reports it (TPU, CUDA)."""
         if self.kind == "cuda":
-            used, limit = torch.cuda.max_memory_allocated(), torch.cuda.get_device_properties(0).total_memory
+            used = torch.cuda.max_memory_allocated(self.device)
+            limit = torch.cuda.get_device_properties(self.device).total_memory
         elif self.kind == "xla" and self.tpu:
             info = self.xm.get_memory_info(self.device)
             used, limit = info.get("peak_bytes_used", info["bytes_used"]), info["bytes_limit"]
