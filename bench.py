@@ -165,7 +165,7 @@ def decode_one(impl: str, device: str, compile_: bool, new_tokens: int, prompt_l
     from config import model_config
 
     cfg = model_config("portimbria-150m")
-    from sample import DTYPES
+    from checkpoint import DTYPES
 
     dtype = DTYPES[dtype]
     torch.manual_seed(0)
@@ -173,14 +173,16 @@ def decode_one(impl: str, device: str, compile_: bool, new_tokens: int, prompt_l
     times = []
     if impl == "ours":
         from model import Llama
+        from config import SampleConfig
         from sample import Generator
 
         cfg.fp32_edge_blocks = False
         model = Llama(cfg).to(device=device, dtype=dtype).eval()
         gen = Generator(model, compile=compile_)
+        settings = SampleConfig(max_new_tokens=new_tokens, temperature=0, repetition_penalty=1.0)
 
         def run():
-            return gen.generate(prompt[0].tolist(), 1, new_tokens, temperature=0, repetition_penalty=1.0, eos_id=-1)
+            return gen.generate(prompt[0].tolist(), settings, eos_id=-1)
         for _ in range(runs):
             t0 = time.time()
             out = run()
@@ -221,7 +223,7 @@ def eval_one(impl: str, device: str, batch: int, seq: int, batches: int, dtype: 
     from config import model_config
 
     cfg = model_config("portimbria-150m")
-    from sample import DTYPES
+    from checkpoint import DTYPES
 
     dt = DTYPES[dtype]
     torch.manual_seed(0)
@@ -441,7 +443,7 @@ def main():
             else:
                 print(f"{r['config']:<26} failed: {r['error'][-300:]}")
     elif args.what == "decode":
-        from sample import device_and_dtype
+        from checkpoint import device_and_dtype
 
         device = device_and_dtype(args.device)[0]
         dtypes = args.dtypes.split(",") if args.dtypes else ["bf16" if device == "cuda" else "fp32"]
@@ -463,7 +465,7 @@ def main():
             else:
                 print(f"{r['config']:<20} failed: {r['error'][-300:]}")
     elif args.what == "eval":
-        from sample import device_and_dtype
+        from checkpoint import device_and_dtype
 
         device = device_and_dtype(args.device)[0]
         shape = dict(batch=8, seq=4096, batches=8, dtype="bf16") if device == "cuda" else \

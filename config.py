@@ -1,4 +1,5 @@
-"""Configuration: one dataclass per concern, named presets, and `--field value` CLI overrides.
+"""Configuration: one dataclass per concern, named presets, and one command-line parser made from
+the dataclasses (every field is an option `--field value`, with its default and a line of help).
 
 ModelConfig uses Hugging Face's Llama field names, so `config.json` of a saved model is a plain
 dump of it and `transformers.LlamaConfig` reads it as is.
@@ -6,31 +7,45 @@ dump of it and `transformers.LlamaConfig` reads it as is.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
+import inspect
+import sys
 import typing
 from dataclasses import dataclass
+
+# <s> and </s> in the Mistral v0.3 tokenizer (tokenizer.json): every document is stored as
+# <s> ... </s>, a prompt starts with <s>, and generation stops at </s>.
+BOS_ID, EOS_ID = 1, 2
+
+
+def arg(default, help: str):
+    """A config field with its line of `--help`."""
+    return dataclasses.field(default=default, metadata={"help": help})
 
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 32768
-    hidden_size: int = 768
-    intermediate_size: int = 2048
-    num_hidden_layers: int = 20
-    num_attention_heads: int = 6
-    num_key_value_heads: int = 2
-    max_position_embeddings: int = 4096
-    rope_theta: float = 50000.0
-    rms_norm_eps: float = 1e-5
-    tie_word_embeddings: bool = True
-    initializer_range: float = 0.02  # std of the normal init (HF's name for it)
-    bos_token_id: int = 1
-    eos_token_id: int = 2
-    # The seed's bf16 precision recipe. These two are ours; HF ignores unknown config keys.
-    norm_fp32: bool = True  # RMSNorm statistics and scaling computed in fp32
-    fp32_edge_blocks: bool = True  # first and last transformer block run in fp32 under autocast
-    fp32_edge_attention: bool = False  # also their attention core (no flash kernel: slow)
+    """The model's shape and precision recipe. The defaults are Portimbria-150M's; --preset starts
+    from another shape, and these options change it."""
+    vocab_size: int = arg(32768, "tokenizer size (the Mistral v0.3 BPE)")
+    hidden_size: int = arg(768, "residual stream width")
+    intermediate_size: int = arg(2048, "SwiGLU hidden width")
+    num_hidden_layers: int = arg(20, "transformer blocks")
+    num_attention_heads: int = arg(6, "query heads")
+    num_key_value_heads: int = arg(2, "key/value heads (grouped-query attention)")
+    max_position_embeddings: int = arg(4096, "context length")
+    rope_theta: float = arg(50000.0, "RoPE base")
+    rms_norm_eps: float = arg(1e-5, "RMSNorm epsilon")
+    tie_word_embeddings: bool = arg(True, "the output head shares the embedding matrix")
+    initializer_range: float = arg(0.02, "std of the normal init (HF's name for it)")
+    bos_token_id: int = arg(BOS_ID, "id of <s>")
+    eos_token_id: int = arg(EOS_ID, "id of </s>")
+    # The seed's bf16 precision recipe. These three are ours; HF ignores unknown config keys.
+    norm_fp32: bool = arg(True, "RMSNorm statistics and scaling in fp32")
+    fp32_edge_blocks: bool = arg(True, "first and last block in fp32 under bf16 autocast")
+    fp32_edge_attention: bool = arg(False, "also their attention core (no fused kernel: slow)")
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -61,14 +76,14 @@ class ModelConfig:
 MODEL_PRESETS: dict[str, ModelConfig] = {
     # The reference model: 151,026,432 parameters.
     "portimbria-150m": ModelConfig(),
-    # The card's smaller family members: 8064-token vocab, full multi-head attention, 1024 context.
-    # The card's exact widths were not available to us: these land on its published totals
-    # (12.3M and 30.4M parameters) to within 0.5%.
-    "stentor2-12m": ModelConfig(vocab_size=8064, hidden_size=256, intermediate_size=992,
-                                num_hidden_layers=10, num_attention_heads=4, num_key_value_heads=4,
+    # The card's smaller family members, with its widths: 8064-token vocab, multi-head attention
+    # (head dim 64), 1024 context. For 12M the card gives FFN 512, but that counts 9,935,104
+    # parameters against its stated 12.3M; FFN 768 counts 12,294,400, so 768 it is.
+    "stentor2-12m": ModelConfig(vocab_size=8064, hidden_size=256, intermediate_size=768,
+                                num_hidden_layers=12, num_attention_heads=4, num_key_value_heads=4,
                                 max_position_embeddings=1024, rope_theta=10000.0),
-    "stentor2-30m": ModelConfig(vocab_size=8064, hidden_size=384, intermediate_size=1472,
-                                num_hidden_layers=12, num_attention_heads=6, num_key_value_heads=6,
+    "stentor2-30m": ModelConfig(vocab_size=8064, hidden_size=512, intermediate_size=1024,
+                                num_hidden_layers=10, num_attention_heads=8, num_key_value_heads=8,
                                 max_position_embeddings=1024, rope_theta=10000.0),
     # Small enough to train on a laptop CPU in minutes (the demo and the tests). Same vocab as
     # Portimbria so it uses the shipped tokenizer.
@@ -77,123 +92,232 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
 }
 
 
-@dataclass
-class TrainConfig:
-    preset: str = "portimbria-150m"  # which MODEL_PRESETS entry to build
-    data_dir: str = "data/demo"
-    out_dir: str = "out"
-    device: str = "auto"  # auto | tpu | cuda | cpu
-    seed: int = 1337
-    # Batch: global tokens per step = batch_size * seq_len * devices * grad_accum.
-    # The seed: 8 per core x 8 TPU cores x 4096 = 64 x 4096 tokens.
-    batch_size: int = 8
-    seq_len: int = 4096
-    grad_accum: int = 1
-    token_budget: float = 6e9  # decides max_steps unless max_steps is set
-    max_steps: int = 0  # 0: derived from token_budget
-    # AdamW (the seed card).
-    lr: float = 8e-4
-    min_lr: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.01  # Linear weights only
-    grad_clip: float = 1.0
-    # Schedule: linear warmup then cosine to min_lr, or warmup-stable-decay (WSD) when
-    # schedule == "wsd": constant after warmup until decay_frac of the steps remain.
-    schedule: str = "cosine"
-    warmup_frac: float = 0.05
-    decay_frac: float = 0.2
-    # Precision: "bf16" (autocast with the model's fp32 recipe) or "fp32".
-    precision: str = "bf16"
-    compile: bool = True  # CUDA only
-    # Recompute each block's activations in backward (about a third more compute, a fraction of
-    # the activation memory): the TPU's 16 GiB need it at 8 x 4096 tokens per chip (bench.py tpu).
-    activation_checkpointing: bool = False
-    xla_cache_dir: str = "xla_cache"  # persistent XLA compile cache, in OUT_DIR unless absolute; "" for none
-    # Data mixture (renormalised over the sources present) and the late curriculum anneal.
-    web_weight: float = 0.75
-    code_weight: float = 0.15
-    math_weight: float = 0.10
-    anneal_frac: float = 0.15  # the last 15% of the token budget
-    anneal_web_weight: float = 0.55
-    anneal_code_weight: float = 0.27
-    anneal_math_weight: float = 0.18
-    # Evaluation, logging, checkpoints.
-    eval_interval: int = 1000
-    max_eval_samples: int = 5000
-    log_interval: int = 10
-    ckpt_interval: int = 1000  # OUT_DIR/latest is also written at the end and on SIGINT/SIGTERM
-    resume: bool = False
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI overrides: `--lr 3e-4`, `--compile false`, `--resume` (a bare bool flag means true).
-
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
-
-
-def _coerce(name: str, typ, text: str):
-    if typ is bool:
-        low = text.lower()
-        if low in _TRUE:
-            return True
-        if low in _FALSE:
-            return False
-        raise ValueError(f"--{name}: expected true/false, got {text!r}")
-    try:
-        if typ is int:
-            f = float(text)  # accept 6e9 for an int field when it is whole
-            if not f.is_integer():
-                raise ValueError
-            return int(f)
-        return typ(text)
-    except ValueError:
-        raise ValueError(f"--{name}: expected {typ.__name__}, got {text!r}") from None
-
-
-def apply_overrides(argv: list[str], *configs) -> list:
-    """Apply `--field value` pairs from argv to whichever dataclass owns the field.
-
-    Returns new dataclass instances (ModelConfig validation re-runs). Unknown fields raise a
-    ValueError naming the close matches.
-    """
-    fields = {}
-    for i, cfg in enumerate(configs):
-        hints = typing.get_type_hints(type(cfg))
-        for f in dataclasses.fields(cfg):
-            fields.setdefault(f.name, (i, hints[f.name]))
-    updates: list[dict] = [{} for _ in configs]
-    k = 0
-    while k < len(argv):
-        arg = argv[k]
-        if not arg.startswith("--"):
-            raise ValueError(f"unexpected argument {arg!r}: options are --field value")
-        name, eq, value = arg[2:].partition("=")
-        name = name.replace("-", "_")
-        if name not in fields:
-            close = difflib.get_close_matches(name, fields, n=3, cutoff=0.6)
-            hint = f"; did you mean {', '.join('--' + c for c in close)}?" if close else ""
-            raise ValueError(f"unknown option --{name}{hint}")
-        i, typ = fields[name]
-        if not eq:
-            nxt = argv[k + 1] if k + 1 < len(argv) else None
-            if typ is bool and (nxt is None or nxt.startswith("--")):
-                value = "true"
-            elif nxt is None:
-                raise ValueError(f"--{name} needs a value")
-            else:
-                value = nxt
-                k += 1
-        updates[i][name] = _coerce(name, typ, value)
-        k += 1
-    return [dataclasses.replace(c, **u) for c, u in zip(configs, updates)]
-
-
 def model_config(preset: str) -> ModelConfig:
     if preset not in MODEL_PRESETS:
         close = difflib.get_close_matches(preset, MODEL_PRESETS, n=3, cutoff=0.4)
         raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(MODEL_PRESETS)}"
                          + (f" (did you mean {close[0]}?)" if close else ""))
     return dataclasses.replace(MODEL_PRESETS[preset])
+
+
+@dataclass
+class TrainConfig:
+    preset: str = arg("portimbria-150m", f"model preset: {', '.join(MODEL_PRESETS)}")
+    data_dir: str = arg("data/demo", "prepared shards (data.py --out)")
+    out_dir: str = arg("out", "checkpoints (best/, latest/), metrics.jsonl, loss.png")
+    device: str = arg("auto", "auto | tpu | cuda | cpu")
+    seed: int = arg(1337, "init and data order")
+    # Global tokens per step = batch_size * seq_len * devices * grad_accum. The seed: 8 per core
+    # x 8 TPU cores x 4096 = 64 x 4096 tokens.
+    batch_size: int = arg(8, "sequences per device per micro-batch")
+    seq_len: int = arg(4096, "tokens per sequence")
+    grad_accum: int = arg(1, "micro-batches per optimizer step")
+    token_budget: float = arg(6e9, "total training tokens; decides max_steps unless it is set")
+    max_steps: int = arg(0, "optimizer steps (0: token_budget / tokens per step)")
+    lr: float = arg(8e-4, "peak learning rate")
+    min_lr: float = arg(0.0, "learning rate at the end of the decay")
+    beta1: float = arg(0.9, "AdamW beta1")
+    beta2: float = arg(0.95, "AdamW beta2")
+    eps: float = arg(1e-8, "AdamW epsilon")
+    weight_decay: float = arg(0.01, "AdamW weight decay, on Linear weights only")
+    grad_clip: float = arg(1.0, "clip the global gradient norm to this (0: off)")
+    schedule: str = arg("cosine", "cosine: warmup then cosine to min_lr; wsd: warmup, constant, "
+                        "then linear decay over decay_frac")
+    warmup_frac: float = arg(0.05, "fraction of the steps in linear warmup")
+    decay_frac: float = arg(0.2, "wsd: fraction of the steps in the final decay")
+    precision: str = arg("bf16", "bf16 (autocast with the model's fp32 recipe) | fp32")
+    compile: bool = arg(True, "torch.compile the model (CUDA only)")
+    activation_checkpointing: bool = arg(False, "recompute each block in backward: less activation "
+                                         "memory for about a third more compute")
+    xla_cache_dir: str = arg("xla_cache", "persistent XLA compile cache, in out_dir unless "
+                             "absolute; '' for none")
+    # Data mixture (renormalised over the sources present) and the late curriculum anneal.
+    web_weight: float = arg(0.75, "mixture weight of data_dir/web")
+    code_weight: float = arg(0.15, "mixture weight of data_dir/code")
+    math_weight: float = arg(0.10, "mixture weight of data_dir/math")
+    anneal_frac: float = arg(0.15, "last fraction of the steps that uses the anneal weights")
+    anneal_web_weight: float = arg(0.55, "web weight during the anneal")
+    anneal_code_weight: float = arg(0.27, "code weight during the anneal")
+    anneal_math_weight: float = arg(0.18, "math weight during the anneal")
+    eval_interval: int = arg(1000, "steps between evaluations (best/ is saved on improvement)")
+    max_eval_samples: int = arg(5000, "validation windows per evaluation, at most")
+    log_interval: int = arg(10, "steps between log lines (and the one host read of the loop)")
+    ckpt_interval: int = arg(1000, "steps between saves of latest/ (also at the end and on "
+                             "SIGINT/SIGTERM)")
+    resume: bool = arg(False, "continue out_dir/latest with its saved settings; flags given now "
+                       "override them")
+
+    def __post_init__(self):
+        """Every value checked before any work starts, with the option's name."""
+        positive = ("batch_size", "seq_len", "grad_accum", "eval_interval", "log_interval",
+                    "ckpt_interval", "max_eval_samples", "lr", "token_budget")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("max_steps", "min_lr", "weight_decay", "grad_clip", "eps", "web_weight",
+                     "code_weight", "math_weight", "anneal_web_weight", "anneal_code_weight",
+                     "anneal_math_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("beta1", "beta2", "warmup_frac", "decay_frac", "anneal_frac"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be in [0, 1), got {getattr(self, name)!r}")
+        choices = dict(schedule=("cosine", "wsd"), precision=("bf16", "fp32"),
+                       device=("auto", "tpu", "xla", "cuda", "cpu"), preset=tuple(MODEL_PRESETS))
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{name} {getattr(self, name)!r}: choose {' | '.join(allowed)}")
+
+
+@dataclass
+class InferenceConfig:
+    """What every script that loads a checkpoint shares."""
+    ckpt: typing.Optional[str] = arg(None, "HF Llama model folder (default: out/best, then out/latest)")
+    device: str = arg("auto", "auto (CUDA if present) | cuda | cpu")
+    dtype: str = arg("auto", "auto (bf16 on a GPU, fp32 on the CPU) | bf16 | fp16 | fp32")
+
+    def __post_init__(self):
+        if self.device not in ("auto", "cuda", "cpu") and not self.device.startswith("cuda:"):
+            raise ValueError(f"--device {self.device!r}: choose auto, cuda or cpu")
+        if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
+            raise ValueError(f"--dtype {self.dtype!r}: choose auto, bf16, fp16 or fp32")
+
+
+@dataclass
+class SampleConfig(InferenceConfig):
+    prompt: str = arg("", "text to continue (empty: start from <s>)")
+    prompt_file: typing.Optional[str] = arg(None, "a UTF-8 file with one prompt per line")
+    max_new_tokens: int = arg(200, "tokens to generate per prompt, at most")
+    temperature: float = arg(0.8, "0: greedy")
+    top_k: int = arg(0, "keep the k most likely tokens (0: off)")
+    top_p: float = arg(0.9, "keep the smallest set of tokens with this much probability (1: off)")
+    repetition_penalty: float = arg(1.1, "CTRL's penalty on every token of the context, as HF (1: off)")
+    num_samples: int = arg(1, "samples per prompt (1 streams to stdout)")
+    seed: typing.Optional[int] = arg(None, "random seed for sampling")
+    compile: bool = arg(False, "compile the decode step (CUDA graphs on a GPU); the first call "
+                        "compiles (about 25-40 s)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        checks = [("max_new_tokens", self.max_new_tokens >= 1), ("num_samples", self.num_samples >= 1),
+                  ("temperature", self.temperature >= 0), ("top_k", self.top_k >= 0),
+                  ("top_p", 0 < self.top_p <= 1), ("repetition_penalty", self.repetition_penalty > 0)]
+        for name, ok in checks:
+            if not ok:
+                raise ValueError(f"--{name} {getattr(self, name)!r} is out of range "
+                                 f"(see --help)")
+
+
+@dataclass
+class EvalConfig(InferenceConfig):
+    data_dir: str = arg("data/demo", "prepared shards whose val_*.bin are scored")
+    text: typing.Optional[str] = arg(None, "score this UTF-8 text file instead of the val shards")
+    seq_len: int = arg(0, "window length (0: the model's context)")
+    stride: int = arg(0, "--text: tokens between window starts (0: seq_len / 2)")
+    max_samples: int = arg(5000, "validation windows, at most")
+    batch_size: int = arg(8, "windows per forward pass")
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("seq_len", "stride"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("max_samples", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class DataConfig:
+    source: tuple = arg((), "NAME=GLOB, repeatable: web=..., code=..., math=... "
+                        "(none: the bundled demo corpus)")
+    out: typing.Optional[str] = arg(None, "output directory (default data/demo, or data/mix with --source)")
+    val_frac: typing.Optional[float] = arg(None, "fraction of documents held out (default 0.005; "
+                                           "demo 0.1)")
+    shard_tokens: int = arg(100_000_000, "tokens per shard file")
+    force: bool = arg(False, "redo sources already prepared")
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line: one parser, generated from the dataclasses.
+
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
+
+def _to_bool(text: str) -> bool:
+    if text.lower() in _TRUE | _FALSE:
+        return text.lower() in _TRUE
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def _to_int(text: str) -> int:
+    f = float(text)  # 6e9 is a fine int when it is whole
+    if not f.is_integer():
+        raise ValueError
+    return int(f)
+
+
+_to_int.__name__ = "int"  # argparse names the type in its "invalid int value" message
+
+
+def _underscored(a: str) -> str:
+    """--max-steps=5 -> --max_steps=5: both spellings work."""
+    if not a.startswith("--"):
+        return a
+    name, eq, value = a[2:].partition("=")
+    return "--" + name.replace("-", "_") + eq + value
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        if message.startswith("unrecognized arguments"):
+            known = [o for a in self._actions for o in a.option_strings]
+            for word in message.split(":", 1)[1].split():
+                close = difflib.get_close_matches(word.split("=")[0], known, n=3, cutoff=0.6)
+                if close:
+                    message += f" (did you mean {', '.join(close)}?)"
+        super().error(message)
+
+
+def parse_args(argv, doc: str, *defaults):
+    """Parse `--field value` options for the fields of the given dataclass instances.
+
+    Returns (instances with the given options applied, the set of field names given). A bool
+    field takes true/false or nothing (`--resume` means true); an int field takes 6e9. Values are
+    validated by the dataclasses' own __post_init__; a bad one exits with the option's name.
+    """
+    ap = _Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+                 usage="%(prog)s [--field value ...]  (--help lists every field)",
+                 argument_default=argparse.SUPPRESS, allow_abbrev=False)
+    owner = {}
+    for cfg in defaults:
+        doc = type(cfg).__doc__ or ""
+        group = ap.add_argument_group(f"{type(cfg).__name__} (config.py)",
+                                      None if doc.startswith(type(cfg).__name__ + "(") else inspect.cleandoc(doc))
+        hints = typing.get_type_hints(type(cfg))
+        for f in dataclasses.fields(cfg):
+            if f.name in owner:
+                continue
+            owner[f.name] = cfg
+            typ, default = hints[f.name], getattr(cfg, f.name)
+            help = f.metadata.get("help", "") + ("" if default in (None, (), "") else f" (default: {default})")
+            opt = dict(help=help.replace("%", "%%"))
+            if typ is bool:
+                opt.update(type=_to_bool, nargs="?", const=True, metavar="BOOL")
+            elif typ is tuple:
+                opt.update(action="append", metavar="VALUE")
+            else:
+                base = next((t for t in typing.get_args(typ) if t is not type(None)), typ)
+                opt.update(type=_to_int if base is int else base, metavar=base.__name__.upper())
+            group.add_argument(f"--{f.name}", **opt)
+    argv = [_underscored(a) for a in (sys.argv[1:] if argv is None else argv)]
+    given = vars(ap.parse_args(argv))
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
+    out = []
+    for cfg in defaults:
+        names = {f.name for f in dataclasses.fields(cfg)}
+        try:
+            out.append(dataclasses.replace(cfg, **{k: v for k, v in given.items() if k in names}))
+        except ValueError as e:
+            ap.error(str(e))
+    return out, set(given)

@@ -13,7 +13,6 @@ Layout of an output directory:
 
 from __future__ import annotations
 
-import argparse
 import glob
 import gzip
 import hashlib
@@ -31,15 +30,16 @@ from pathlib import Path
 
 import numpy as np
 
+from config import BOS_ID, EOS_ID, DataConfig, parse_args
+
 ROOT = Path(__file__).resolve().parent
 TOKENIZER_FILE = ROOT / "tokenizer.json"
-BOS_ID, EOS_ID = 1, 2
 
 # Shard file: a 32-byte little-endian header, then `count` tokens.
 MAGIC = b"PTMBTOKS"
 VERSION = 1
 HEADER = struct.Struct("<8sIIIIQ")  # magic, version, vocab_size, token bytes (2|4), reserved, count
-DTYPES = {2: np.uint16, 4: np.uint32}
+TOKEN_DTYPES = {2: np.uint16, 4: np.uint32}  # by token bytes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,8 +149,8 @@ class ShardWriter:
 
     def _open(self):
         self.name = f"{self.split}_{len(self.shards):06d}.bin"
-        self.tmp = self.out / (self.name + ".tmp")
-        self.f = open(self.tmp, "wb")
+        self.file = AtomicFile(self.out / self.name)
+        self.f = self.file.f
         self.f.write(b"\0" * HEADER.size)
         self.count = self.docs = 0
 
@@ -158,7 +158,7 @@ class ShardWriter:
         for ids in docs:
             if self.f is None:
                 self._open()
-            arr = np.empty(len(ids) + 2, dtype=DTYPES[self.itemsize])
+            arr = np.empty(len(ids) + 2, dtype=TOKEN_DTYPES[self.itemsize])
             arr[0], arr[1:-1], arr[-1] = BOS_ID, ids, EOS_ID
             self.f.write(arr.tobytes())
             self.count += len(arr)
@@ -169,10 +169,7 @@ class ShardWriter:
     def _close(self):
         self.f.seek(0)
         self.f.write(HEADER.pack(MAGIC, VERSION, self.vocab_size, self.itemsize, 0, self.count))
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.f.close()
-        os.replace(self.tmp, self.out / self.name)
+        self.file.commit()
         self.shards.append({"file": self.name, "documents": self.docs, "tokens": self.count})
         self.f = None
 
@@ -182,14 +179,44 @@ class ShardWriter:
         return self.shards
 
 
+class AtomicFile:
+    """A file written as PATH.tmp and renamed to PATH once complete and fsynced, so a reader never
+    sees a half-written file under the real name. As a context manager it commits on success and
+    removes the .tmp file on an error."""
+
+    def __init__(self, path: Path, mode: str = "wb"):
+        self.path, self.tmp = Path(path), Path(str(path) + ".tmp")
+        self.f = open(self.tmp, mode)
+
+    def commit(self):
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        os.replace(self.tmp, self.path)
+
+    def __enter__(self):
+        return self.f
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.commit()
+        else:
+            self.f.close()
+            self.tmp.unlink(missing_ok=True)
+
+
 def atomic_write_json(path: Path, obj):
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with AtomicFile(path, "w") as f:
+        f.write(json.dumps(obj, indent=1) + "\n")
+
+
+def fsync_dir(path: Path):
+    """Make a rename inside path durable (the directory entry, not only the file)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def expand(pattern: str) -> list[Path]:
@@ -320,7 +347,7 @@ def open_shard(path: Path, vocab_size: int | None = None) -> np.ndarray:
     if len(head) < HEADER.size or head[:8] != MAGIC:
         raise ValueError(f"{path}: not a token shard (bad magic {head[:8]!r}); {hint}")
     _, version, vocab, itemsize, _, count = HEADER.unpack(head)
-    if version != VERSION or itemsize not in DTYPES:
+    if version != VERSION or itemsize not in TOKEN_DTYPES:
         raise ValueError(f"{path}: shard format version {version} / token size {itemsize} is not "
                          f"supported (this code reads version {VERSION}); {hint}")
     if vocab_size is not None and vocab != vocab_size:
@@ -330,7 +357,7 @@ def open_shard(path: Path, vocab_size: int | None = None) -> np.ndarray:
     if size != HEADER.size + count * itemsize:
         raise ValueError(f"{path}: truncated or padded: header says {count} tokens "
                          f"({HEADER.size + count * itemsize} bytes), file has {size} bytes; {hint}")
-    return np.memmap(path, dtype=DTYPES[itemsize], mode="r", offset=HEADER.size, shape=(count,))
+    return np.memmap(path, dtype=TOKEN_DTYPES[itemsize], mode="r", offset=HEADER.size, shape=(count,))
 
 
 class TokenWindows:
@@ -472,29 +499,22 @@ def val_windows(data_dir, seq_len: int, max_samples: int, rank: int = 0, world_s
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Prepare packed token shards (no arguments: the demo corpus).")
-    ap.add_argument("--source", action="append", default=[], metavar="NAME=GLOB",
-                    help="a source and its files (repeatable): web=..., code=..., math=...")
-    ap.add_argument("--out", default=None, help="output directory (default data/demo or data/mix)")
-    ap.add_argument("--val_frac", type=float, default=None,
-                    help="fraction of documents held out (default 0.005; demo 0.1)")
-    ap.add_argument("--shard_tokens", type=int, default=100_000_000)
-    ap.add_argument("--force", action="store_true", help="redo sources already prepared")
-    args = ap.parse_args(argv)
-    if args.source:
+    (cfg,), _ = parse_args(argv, __doc__, DataConfig())
+    if cfg.source:
         sources = {}
-        for s in args.source:
+        for s in cfg.source:
             name, eq, pattern = s.partition("=")
             if not eq or not name:
-                ap.error(f"--source {s!r}: expected NAME=PATH_OR_GLOB, e.g. web='/data/fw/*.parquet'")
+                raise SystemExit(f"data.py: --source {s!r}: expected NAME=PATH_OR_GLOB, "
+                                 f"e.g. web='/data/fw/*.parquet'")
             sources.setdefault(name, []).extend(expand(pattern))
-        out = Path(args.out or "data/mix")
-        val_frac = 0.005 if args.val_frac is None else args.val_frac
+        out = Path(cfg.out or "data/mix")
+        val_frac = 0.005 if cfg.val_frac is None else cfg.val_frac
     else:
-        sources, out = demo_sources(), Path(args.out or "data/demo")
-        val_frac = 0.1 if args.val_frac is None else args.val_frac
+        sources, out = demo_sources(), Path(cfg.out or "data/demo")
+        val_frac = 0.1 if cfg.val_frac is None else cfg.val_frac
     try:
-        prepare(sources, out, val_frac, args.shard_tokens, args.force)
+        prepare(sources, out, val_frac, cfg.shard_tokens, cfg.force)
     except (ValueError, OSError) as e:  # a bad input file: say which, without a traceback
         raise SystemExit(f"data.py: {e}") from None
 

@@ -6,24 +6,27 @@
 
 Progress goes to stderr; the last line on stdout is a JSON object
 {"loss": mean next-token cross-entropy in nats over the predicted tokens, "ppl": exp(loss),
- "tokens": how many tokens were predicted}.
+ "tokens": how many tokens were predicted, "windows": how many windows}.
+
+On val shards the windows are those train.py evaluates (seq_len + 1 tokens each, taken in the
+same order), so `--seq_len` and `--max_samples` equal to training's `--seq_len` and
+`--max_eval_samples` give training's validation loss (up to bf16 autocast in training).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 import data
-from sample import device_and_dtype, find_checkpoint, load
+from config import EvalConfig, parse_args
 
 
 def text_windows(ids: list[int], ctx: int, stride: int) -> list[tuple[list[int], int]]:
@@ -74,51 +77,42 @@ def score(model, windows: list[tuple[list[int], int]], batch_size: int, device, 
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Perplexity of a checkpoint.")
-    ap.add_argument("--ckpt", default=None, help="HF model folder (default out/best, then out/latest)")
-    ap.add_argument("--data_dir", default="data/demo", help="data directory with val shards")
-    ap.add_argument("--text", default=None, help="evaluate this text file instead of the val shards")
-    ap.add_argument("--seq_len", type=int, default=0, help="window length (default: the model's context)")
-    ap.add_argument("--stride", type=int, default=0, help="--text: window step (default seq_len/2)")
-    ap.add_argument("--max_samples", type=int, default=5000, help="val windows at most")
-    ap.add_argument("--batch_size", type=int, default=8)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
-                    help="auto: bf16 on a GPU, fp32 on the CPU")
-    args = ap.parse_args(argv)
-
-    device, dtype = device_and_dtype(args.device, args.dtype)
-    ckpt = find_checkpoint(args.ckpt)
-    model, tok = load(ckpt, device, dtype)
-    ctx = args.seq_len or model.config.max_position_embeddings
+    (cfg,), _ = parse_args(argv, __doc__, EvalConfig())
+    try:
+        model, tok, path = checkpoint.load_for_inference(cfg.ckpt, cfg.device, cfg.dtype)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"eval_ppl.py: {e}") from None
+    ctx = cfg.seq_len or model.config.max_position_embeddings
     if ctx > model.config.max_position_embeddings:
         raise SystemExit(f"eval_ppl.py: --seq_len {ctx} exceeds the model's context "
                          f"{model.config.max_position_embeddings}")
-    if args.text:
-        path = Path(args.text)
+    if cfg.text:
         try:
-            text = path.read_text(encoding="utf-8")
+            with open(cfg.text, encoding="utf-8") as f:
+                text = f.read()
         except (OSError, UnicodeDecodeError) as e:
-            raise SystemExit(f"eval_ppl.py: --text {path}: {e}") from None
+            raise SystemExit(f"eval_ppl.py: --text {cfg.text}: {e} (expected UTF-8 text)") from None
         ids = [model.config.bos_token_id] + tok.encode(text, add_special_tokens=False).ids
         if len(ids) < 2:
-            raise SystemExit(f"eval_ppl.py: --text {path} is empty")
-        stride = args.stride or max(1, ctx // 2)
+            raise SystemExit(f"eval_ppl.py: --text {cfg.text} is empty")
+        stride = cfg.stride or max(1, ctx // 2)
         if not 0 < stride < ctx:
             raise SystemExit(f"eval_ppl.py: --stride must be in 1..{ctx - 1} (windows must overlap)")
         windows = text_windows(ids, ctx, stride)
-        what = f"{path} ({len(ids):,} tokens, window {ctx}, stride {stride})"
+        what = f"{cfg.text} ({len(ids):,} tokens, window {ctx}, stride {stride})"
     else:
         try:
-            vals = data.val_windows(args.data_dir, ctx - 1, args.max_samples, vocab_size=model.config.vocab_size)
+            # ctx + 1 tokens: ctx inputs and their ctx next tokens, as train.py's windows
+            vals = data.val_windows(cfg.data_dir, ctx, cfg.max_samples, vocab_size=model.config.vocab_size)
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"eval_ppl.py: {e}") from None
         windows = [(w, len(w) - 1) for w in vals]
-        what = f"{len(windows)} val windows of {ctx} tokens from {args.data_dir}"
-    print(f"evaluating {ckpt} on {what}", file=sys.stderr, flush=True)
-    nll, count = score(model, windows, args.batch_size, device)
+        what = f"{len(windows)} val windows of {ctx} tokens from {cfg.data_dir}"
+    print(f"evaluating {path} on {what}", file=sys.stderr, flush=True)
+    nll, count = score(model, windows, cfg.batch_size, model.lm_head.weight.device)
     loss = nll / count
-    print(json.dumps({"loss": round(loss, 6), "ppl": round(math.exp(loss), 4), "tokens": count}))
+    print(json.dumps({"loss": round(loss, 6), "ppl": round(math.exp(loss), 4), "tokens": count,
+                      "windows": len(windows)}))
 
 
 if __name__ == "__main__":

@@ -1,16 +1,13 @@
 """A Llama-family decoder, written out in full: GQA attention with RoPE, SwiGLU MLP, RMSNorm,
 tied embeddings. Module names are Hugging Face's, so `state_dict()` keys are the keys of an HF
-`LlamaForCausalLM` checkpoint and `save_pretrained`/`from_pretrained` map weights by name alone.
+`LlamaForCausalLM` checkpoint and checkpoint.py maps weights by name alone.
 
-This file imports torch, safetensors and the standard library only (no torch_xla, no transformers).
+This file imports torch and the standard library only (no torch_xla, no transformers).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -56,24 +53,6 @@ def rotate_half(x):
 def apply_rope(x, cos, sin):
     # x (B, H, T, hd); cos/sin (T, hd)
     return x * cos + rotate_half(x) * sin
-
-
-class Linear(nn.Linear):
-    """nn.Linear (no bias), with one special case: a single token under torch.compile, i.e. the
-    decode step. There x @ W.T is a matrix-vector product, bound by reading W once. Written as
-    multiply-and-sum it compiles to one loop that streams W, faster than the BLAS GEMV it replaces:
-    on the 2-core CPU the loop read W at about 35 GB/s where MKL's GEMV read 17.5, and compiled
-    decoding of Portimbria-150M went from 835 to 1,148 tokens/s on an H100 (README, Benchmarks).
-    Inductor makes the same rewrite on the GPU when coordinate-descent tuning is on
-    (torch/_inductor/decomposition.py, `mm`)."""
-
-    def __init__(self, in_features: int, out_features: int):
-        super().__init__(in_features, out_features, bias=False)
-
-    def forward(self, x):
-        if x.shape[-2] == 1 and torch.compiler.is_compiling():
-            return (x.unsqueeze(-2) * self.weight).sum(-1)  # (B, 1, 1, in) * (out, in) -> (B, 1, out)
-        return F.linear(x, self.weight)
 
 
 def sdpa_attention(q, k, v):
@@ -161,10 +140,10 @@ class Attention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         d = cfg.hidden_size
-        self.q_proj = Linear(d, self.n_head * self.hd)
-        self.k_proj = Linear(d, self.n_kv * self.hd)
-        self.v_proj = Linear(d, self.n_kv * self.hd)
-        self.o_proj = Linear(self.n_head * self.hd, d)
+        self.q_proj = nn.Linear(d, self.n_head * self.hd, bias=False)
+        self.k_proj = nn.Linear(d, self.n_kv * self.hd, bias=False)
+        self.v_proj = nn.Linear(d, self.n_kv * self.hd, bias=False)
+        self.o_proj = nn.Linear(self.n_head * self.hd, d, bias=False)
         self.kv_cache: KVCache | None = None
         self.kernel = sdpa_attention  # causal attention over whole sequences (Llama.set_attention)
 
@@ -199,9 +178,9 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -211,7 +190,7 @@ class Block(nn.Module):
     """Pre-norm transformer block. With fp32=True (the seed's first and last blocks) it runs in
     fp32 under bf16 autocast, all but the attention core: that still goes through a bf16 fused
     kernel (softmax and accumulation are fp32 inside it), because fp32 SDPA has no tensor-core
-    kernel and at T=4096 made the whole step 1.34x slower (bench.py train, H100)."""
+    kernel and slows the whole step down by a third (README, The model)."""
 
     def __init__(self, cfg: ModelConfig, fp32: bool = False):
         super().__init__()
@@ -291,15 +270,14 @@ class Llama(nn.Module):
                                  for i in range(n)),
             norm=RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_fp32),
         ))
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.checkpoint = None  # e.g. torch.utils.checkpoint.checkpoint: recompute blocks in backward
         # Rows per chunk of the loss (chunked_cross_entropy), or 0 for the plain loss. train.py
-        # chunks on XLA; on an H100 the compiled step with chunks was 0.97x as fast (280,603 vs
-        # 290,230 tokens/s, bench.py train) and used no less memory (22.9 vs 22.7 GB).
+        # chunks on XLA only: on an H100 the compiled plain loss was faster (README, TPU).
         self.loss_chunk = 0
-        self._build_rope()
+        self.build_rope()
         self.reset_parameters()
 
     def set_attention(self, kernel):
@@ -308,7 +286,7 @@ class Llama(nn.Module):
         for block in self.model.layers:
             block.self_attn.kernel = kernel
 
-    def _build_rope(self, device=None):
+    def build_rope(self, device=None):
         device = device or self.model.embed_tokens.weight.device
         cos, sin = rope_tables(self.config.head_dim, self.config.max_position_embeddings,
                                self.config.rope_theta, device)
@@ -386,140 +364,3 @@ class Llama(nn.Module):
     def clear_cache(self):
         for block in self.model.layers:
             block.self_attn.kv_cache = None
-
-    # ------------------------------------------------------------------------------------------
-    # Hugging Face model folders: config.json + model.safetensors, never a pickle.
-
-    def save_pretrained(self, path, dtype=None):
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        sd = self.state_dict()
-        if self.config.tie_word_embeddings:
-            sd.pop("lm_head.weight")  # HF re-ties it on load; safetensors refuses shared storage
-        sd = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in sd.items()}
-        dtype_name = str(next(iter(sd.values())).dtype).removeprefix("torch.")
-        cfg = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
-                   head_dim=self.config.head_dim, attention_bias=False, mlp_bias=False,
-                   **dataclasses.asdict(self.config), torch_dtype=dtype_name)
-        save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
-        (path / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-
-    @classmethod
-    def from_pretrained(cls, path, dtype=torch.float32, device="cpu", **overrides) -> "Llama":
-        """Load any HF Llama folder (config.json + model.safetensors, or a sharded index).
-
-        overrides set ModelConfig fields that HF configs lack (e.g. fp32_edge_blocks=False).
-        """
-        path = Path(path)
-        cfg = dataclasses.replace(load_config(path), **overrides)
-        sd = load_safetensors(path)
-        with torch.device("meta"):
-            model = cls(cfg)
-        expected = {k: v.shape for k, v in model.state_dict().items()}
-        if cfg.tie_word_embeddings:
-            expected.pop("lm_head.weight")
-            sd.pop("lm_head.weight", None)  # some tied checkpoints store a copy; HF ignores it too
-        sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}  # old HF files
-        missing = sorted(set(expected) - set(sd))
-        unexpected = sorted(set(sd) - set(expected))
-        wrong = sorted(f"{k}: file {tuple(sd[k].shape)}, model {tuple(expected[k])}"
-                       for k in set(sd) & set(expected) if sd[k].shape != expected[k])
-        if missing or unexpected or wrong:
-            lines = [f"{path}: weights do not match config.json"]
-            for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
-                if items:
-                    lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:12])
-                                 + (" ..." if len(items) > 12 else ""))
-            raise ValueError("\n".join(lines))
-        sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
-        if cfg.tie_word_embeddings:
-            sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
-        model.load_state_dict(sd, assign=True)
-        if cfg.tie_word_embeddings:
-            model.lm_head.weight = model.model.embed_tokens.weight
-        model._build_rope(torch.device(device))
-        return model
-
-
-# HF LlamaConfig's defaults, for the fields a config.json may leave out.
-_HF_DEFAULTS = dict(max_position_embeddings=2048, rope_theta=10000.0, rms_norm_eps=1e-6,
-                    tie_word_embeddings=False, initializer_range=0.02, bos_token_id=1,
-                    eos_token_id=2)
-_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-             "num_attention_heads")
-
-
-def load_config(path) -> ModelConfig:
-    """Read an HF Llama config.json into a ModelConfig, refusing what this model cannot run."""
-    path = Path(path)
-    f = path / "config.json"
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: not a directory; expected an HF model folder "
-                                f"with config.json and model.safetensors")
-    if not f.is_file():
-        raise FileNotFoundError(f"{path}: no config.json; expected an HF model folder "
-                                f"(config.json + model.safetensors), e.g. one written by "
-                                f"save_pretrained or train.py")
-    try:
-        hf = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{f}: not valid JSON ({e})") from None
-    arch = hf.get("architectures") or []
-    if hf.get("model_type") != "llama" and "LlamaForCausalLM" not in arch:
-        raise ValueError(f"{f}: model_type={hf.get('model_type')!r}, architectures={arch}; "
-                         f"only Llama checkpoints (model_type 'llama') can be loaded")
-    missing = [k for k in _REQUIRED if k not in hf]
-    if missing:
-        raise ValueError(f"{f}: missing field(s) {', '.join(missing)}")
-    problems = []
-    if hf.get("hidden_act", "silu") != "silu":
-        problems.append(f"hidden_act={hf['hidden_act']!r} (only 'silu')")
-    if hf.get("attention_bias") or hf.get("mlp_bias"):
-        problems.append("attention_bias/mlp_bias (this model has no biases)")
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        problems.append(f"rope scaling {rope} (only plain RoPE)")
-    if hf.get("head_dim") not in (None, hf["hidden_size"] // hf["num_attention_heads"]):
-        problems.append(f"head_dim={hf['head_dim']} != hidden_size/num_attention_heads")
-    if problems:
-        raise ValueError(f"{f}: unsupported Llama variant: " + "; ".join(problems))
-    fields = {fld.name for fld in dataclasses.fields(ModelConfig)}
-    kw = {**_HF_DEFAULTS, "num_key_value_heads": hf["num_attention_heads"]}
-    kw.update({k: v for k, v in hf.items() if k in fields})
-    if "rope_theta" in rope:  # transformers 5 keeps rope_theta inside rope_parameters
-        kw["rope_theta"] = rope["rope_theta"]
-    for k in ("bos_token_id", "eos_token_id"):  # HF allows a list of EOS ids; keep the first
-        if isinstance(kw[k], list):
-            kw[k] = kw[k][0]
-    try:
-        return ModelConfig(**kw)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{f}: {e}") from None
-
-
-def load_safetensors(path) -> dict[str, torch.Tensor]:
-    """All tensors of a folder's model.safetensors (or its shards). Never unpickles."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (path / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        other = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
-        hint = (f" (found {', '.join(other)}: pickle files are not loaded; convert them to "
-                f"safetensors first)" if other else "")
-        raise FileNotFoundError(f"{path}: no model.safetensors{hint}")
-    sd = {}
-    for name in files:
-        try:
-            sd.update(load_file(str(path / name)))
-        except (SafetensorError, OSError) as e:
-            raise ValueError(f"{path / name}: cannot read safetensors file ({e}); it may be "
-                             f"truncated or corrupt: re-download or re-save it") from None
-    return sd

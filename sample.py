@@ -6,67 +6,26 @@
 
 The continuation streams to stdout; diagnostics go to stderr. Defaults are the seed card's:
 temperature 0.8, top-p 0.9, repetition penalty 1.1 (Hugging Face semantics). --temperature 0 is
-greedy decoding, which reproduces HF `generate(do_sample=False)` token for token.
+greedy decoding, which gives HF `generate(do_sample=False, repetition_penalty=...)`'s tokens.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import sys
 import time
-from pathlib import Path
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
+import checkpoint
+from config import SampleConfig, parse_args
 from model import Llama
-
-ROOT = Path(__file__).resolve().parent
-
-
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
-
-
-def device_and_dtype(device: str = "auto", dtype: str = "auto") -> tuple[str, torch.dtype]:
-    """'auto' picks CUDA when it is there; dtype 'auto' is bf16 on a GPU and fp32 on the CPU."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype == "auto":
-        dtype = "bf16" if device != "cpu" else "fp32"
-    return device, DTYPES[dtype]
 
 
 def warn(msg):
     print(msg, file=sys.stderr, flush=True)
-
-
-def find_checkpoint(ckpt: str | None) -> Path:
-    if ckpt:
-        return Path(ckpt)
-    for cand in (ROOT / "out" / "best", ROOT / "out" / "latest", Path("out/best"), Path("out/latest")):
-        if (cand / "config.json").is_file():
-            return cand
-    raise SystemExit("sample.py: no checkpoint in out/best or out/latest; train one with "
-                     "`python train.py` or pass --ckpt DIR (any Hugging Face Llama folder)")
-
-
-def load(ckpt: Path, device: str, dtype: torch.dtype):
-    """The model and its tokenizer (the folder's tokenizer.json, else the repo's)."""
-    from tokenizers import Tokenizer
-
-    try:
-        model = Llama.from_pretrained(ckpt, dtype=dtype, device=device, fp32_edge_blocks=False)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"sample.py: --ckpt {ckpt}: {e}") from None
-    tok_file = ckpt / "tokenizer.json" if (ckpt / "tokenizer.json").is_file() else ROOT / "tokenizer.json"
-    tok = Tokenizer.from_file(str(tok_file))
-    n_tok, n_model = tok.get_vocab_size(), model.config.vocab_size
-    if n_tok > n_model:
-        raise SystemExit(f"sample.py: {tok_file} has {n_tok} tokens but the model in {ckpt} only "
-                         f"{n_model}: they do not belong together")
-    if n_tok < n_model:
-        warn(f"warning: {tok_file} has {n_tok} tokens, the model {n_model} (padded vocab?); "
-             f"ids >= {n_tok} will never be decoded")
-    return model.eval(), tok
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,6 +71,18 @@ def choose(logits, seen, temperature: float, top_k: int, top_p: float, penalty: 
     return (probs / torch.empty_like(probs).exponential_(1)).argmax(-1)
 
 
+class DecodeLinear(nn.Linear):
+    """nn.Linear for compiled decoding. At one token x @ W.T is a matrix-vector product, bound by
+    reading W once; written as multiply-and-sum, inductor compiles it to one loop that streams W,
+    faster than the BLAS GEMV it replaces on the GPU and the CPU (README, Benchmarks). Inductor's
+    own rewrite (coordinate_descent_tuning) is GPU-only."""
+
+    def forward(self, x):
+        if x.shape[-2] == 1 and self.bias is None and torch.compiler.is_compiling():
+            return (x.unsqueeze(-2) * self.weight).sum(-1)  # (B, 1, 1, in) * (out, in) -> (B, 1, out)
+        return F.linear(x, self.weight, self.bias)
+
+
 class Generator:
     """Batched decoding with the model's static KV cache. A decode step (model, repetition
     penalty, sampling, bookkeeping) has fixed shapes and runs all on the device, so with
@@ -123,6 +94,9 @@ class Generator:
         self.cuda_graphs = compile and model.lm_head.weight.is_cuda
         self.decode = self._decode
         if compile:
+            for module in model.modules():
+                if type(module) is nn.Linear:
+                    module.__class__ = DecodeLinear  # same weights, the decode-time forward
             self.decode = torch.compile(self._decode, fullgraph=True,
                                         mode="reduce-overhead" if self.cuda_graphs else None)
 
@@ -133,40 +107,40 @@ class Generator:
         return tok, pos + 1, seen.scatter(1, tok, True)
 
     @torch.no_grad()
-    def generate(self, prompt_ids: list[int], num_samples: int, max_new_tokens: int,
-                 temperature=0.8, top_k=0, top_p=0.9, repetition_penalty=1.1, eos_id=2,
-                 seed=None, on_token=None, sync_every: int | None = None) -> list[list[int]]:
+    def generate(self, prompt_ids: list[int], cfg: SampleConfig, eos_id: int, on_token=None,
+                 sync_every: int | None = None) -> list[list[int]]:
+        """cfg.num_samples continuations of prompt_ids, each up to cfg.max_new_tokens and without
+        the final eos_id; on_token(tokens so far, per sample) after each read-back."""
         m, dev = self.model, self.model.lm_head.weight.device
-        B, P = num_samples, len(prompt_ids)
-        # Each read-back drains the GPU's queue. On an H100 (Portimbria-150M, bf16, --compile)
-        # reading every 32 tokens gave 1,099-1,129 tokens/s against 945-1,025 every 8.
+        B, P, max_new = cfg.num_samples, len(prompt_ids), cfg.max_new_tokens
+        # Each read-back drains the GPU's queue: every 32 tokens, not every 8 (README, Benchmarks).
         sync_every = sync_every or (32 if dev.type == "cuda" else 1)
-        if seed is not None:
-            torch.manual_seed(seed)
-        if P + max_new_tokens > m.config.max_position_embeddings:
-            raise ValueError(f"prompt {P} + {max_new_tokens} new tokens exceed the "
+        if cfg.seed is not None:
+            torch.manual_seed(cfg.seed)
+        if P + max_new > m.config.max_position_embeddings:
+            raise ValueError(f"prompt {P} + {max_new} new tokens exceed the "
                              f"{m.config.max_position_embeddings}-token context")
-        m.setup_cache(B, P + max_new_tokens)
+        m.setup_cache(B, P + max_new)
         ids = torch.tensor([prompt_ids] * B, device=dev)
         seen = torch.zeros(B, m.config.vocab_size, dtype=torch.bool, device=dev)
         seen[:, ids[0]] = True
-        settings = (temperature, top_k, top_p, repetition_penalty)
+        settings = (cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty)
         logits = m(ids, start_pos=0)[:, -1].float()  # prefill the prompt in one pass
         tok = choose(logits, seen, *settings)[:, None]
         seen = seen.scatter(1, tok, True)
         pos = torch.tensor(P, device=dev)
         out, done, pending, made = [[] for _ in range(B)], [False] * B, [tok], 1
         while True:
-            if len(pending) >= sync_every or made >= max_new_tokens:
+            if len(pending) >= sync_every or made >= max_new:
                 for b, row in enumerate(torch.cat(pending, 1).tolist()):
                     for x in row:
-                        if not done[b] and len(out[b]) < max_new_tokens:
+                        if not done[b] and len(out[b]) < max_new:
                             out[b].append(x)
                             done[b] = x == eos_id
                 pending = []
                 if on_token:
                     on_token(out)
-                if all(done) or made >= max_new_tokens:
+                if all(done) or made >= max_new:
                     break
             tok, pos, seen = self.decode(tok, pos, seen, *settings)
             if self.cuda_graphs:  # CUDA-graph outputs are overwritten by the next replay: keep copies
@@ -188,71 +162,67 @@ def fit_prompt(ids: list[int], ctx: int, max_new: int) -> tuple[list[int], int]:
     return ids, max_new
 
 
+def read_prompts(cfg: SampleConfig) -> list[str]:
+    if not cfg.prompt_file:
+        return [cfg.prompt]
+    try:
+        with open(cfg.prompt_file, encoding="utf-8") as f:
+            prompts = [line.rstrip("\n") for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f"sample.py: --prompt_file {cfg.prompt_file}: {e} (expected UTF-8 text, "
+                         f"one prompt per line)") from None
+    if not prompts:
+        raise SystemExit(f"sample.py: --prompt_file {cfg.prompt_file} has no non-empty line")
+    return prompts
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Sample text from a Llama checkpoint.")
-    ap.add_argument("--prompt", default=None, help="text to continue (empty: start from <s>)")
-    ap.add_argument("--prompt_file", default=None, help="one prompt per line")
-    ap.add_argument("--ckpt", default=None, help="HF model folder (default out/best, then out/latest)")
-    ap.add_argument("--max_new_tokens", type=int, default=200)
-    ap.add_argument("--temperature", type=float, default=0.8)
-    ap.add_argument("--top_k", type=int, default=0, help="0: off")
-    ap.add_argument("--top_p", type=float, default=0.9)
-    ap.add_argument("--repetition_penalty", type=float, default=1.1)
-    ap.add_argument("--num_samples", type=int, default=1)
-    ap.add_argument("--seed", type=int, default=None)
-    ap.add_argument("--device", default="auto", help="auto | cuda | cpu")
-    ap.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
-                    help="auto: bf16 on a GPU, fp32 on the CPU")
-    ap.add_argument("--compile", action="store_true", help="compile the decode step: CUDA graphs on a GPU; "
-                    "on the CPU about 3x the tokens/s after a one-time compile of ~25 s")
-    args = ap.parse_args(argv)
+    (cfg,), _ = parse_args(argv, __doc__, SampleConfig())
+    prompts = read_prompts(cfg)
+    try:
+        model, tok, path = checkpoint.load_for_inference(cfg.ckpt, cfg.device, cfg.dtype)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"sample.py: {e}") from None
+    dev = model.lm_head.weight
+    warn(f"loaded {path} ({model.num_params():,} parameters) on {dev.device} in {str(dev.dtype)[6:]}")
+    gen = Generator(model, compile=cfg.compile)
+    eos = model.config.eos_token_id
+    for n, prompt in enumerate(prompts):
+        ids, max_new = fit_prompt([model.config.bos_token_id] + tok.encode(prompt, add_special_tokens=False).ids,
+                                  model.config.max_position_embeddings, cfg.max_new_tokens)
+        run = dataclasses.replace(cfg, max_new_tokens=max_new)
+        # The new text is the decoded whole sequence minus the decoded prompt: decoding the new
+        # tokens alone would drop the space that starts them ("ROMEO:" + "▁and" -> "ROMEO:and").
+        prompt_text = tok.decode(ids)
 
-    device, dtype = device_and_dtype(args.device, args.dtype)
-    ckpt = find_checkpoint(args.ckpt)
-    model, tok = load(ckpt, device, dtype)
-    warn(f"loaded {ckpt} ({model.num_params():,} parameters) on {device} in {str(dtype)[6:]}")
-    if args.prompt_file:
-        try:
-            prompts = [line.rstrip("\n") for line in open(args.prompt_file, encoding="utf-8") if line.strip()]
-        except OSError as e:
-            raise SystemExit(f"sample.py: --prompt_file: {e}") from None
-    else:
-        prompts = [args.prompt or ""]
-    gen = Generator(model, compile=args.compile)
-    bos = model.config.bos_token_id
-    for prompt in prompts:
-        ids, max_new = fit_prompt([bos] + tok.encode(prompt, add_special_tokens=False).ids,
-                                  model.config.max_position_embeddings,
-                                  args.max_new_tokens)
-        shown = {"n": 0}
-        stream = args.num_samples == 1
+        def continuation(new_ids):
+            return tok.decode(ids + new_ids)[len(prompt_text):]
 
-        eos = model.config.eos_token_id
+        shown = 0
 
         def on_token(out):
-            text = tok.decode(out[0][:-1] if out[0][-1:] == [eos] else out[0])
+            nonlocal shown
+            text = continuation(out[0][:-1] if out[0][-1:] == [eos] else out[0])
             if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                sys.stdout.write(text[shown["n"]:])
+                sys.stdout.write(text[shown:])
                 sys.stdout.flush()
-                shown["n"] = len(text)
+                shown = len(text)
 
+        stream = cfg.num_samples == 1
         t0 = time.time()
         if stream:
             sys.stdout.write(prompt)
             sys.stdout.flush()
-        outs = gen.generate(ids, args.num_samples, max_new, args.temperature, args.top_k, args.top_p,
-                            args.repetition_penalty, model.config.eos_token_id, args.seed,
-                            on_token if stream else None)
+        outs = gen.generate(ids, run, eos, on_token if stream else None)
         dt = time.time() - t0
         if stream:
-            sys.stdout.write(tok.decode(outs[0])[shown["n"]:] + "\n")
+            sys.stdout.write(continuation(outs[0])[shown:] + "\n")
         else:
             for i, o in enumerate(outs):
-                print(f"--- sample {i + 1}\n{prompt}{tok.decode(o)}")
-        n = sum(len(o) for o in outs)
-        first_compiled = gen.compiled and prompt is prompts[0]
-        warn(f"[{n} tokens in {dt:.2f}s, {n / max(dt, 1e-9):.1f} tokens/s"
-             + (", including the one-time compilation]" if first_compiled else "]"))
+                print(f"--- sample {i + 1}\n{prompt}{continuation(o)}")
+        count = sum(len(o) for o in outs)
+        warn(f"[{count} tokens in {dt:.2f}s, {count / max(dt, 1e-9):.1f} tokens/s"
+             + (", including the one-time compilation]" if gen.compiled and n == 0 else "]"))
 
 
 if __name__ == "__main__":

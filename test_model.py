@@ -10,8 +10,10 @@ import math
 import pytest
 import torch
 
-from config import MODEL_PRESETS, ModelConfig, TrainConfig, apply_overrides, model_config
-from model import Linear, Llama, RMSNorm
+import checkpoint
+from checkpoint import load_model, save_model
+from config import MODEL_PRESETS, ModelConfig, SampleConfig, TrainConfig, model_config, parse_args
+from model import Llama, RMSNorm
 
 SMALL = dict(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
@@ -62,20 +64,36 @@ def test_bad_model_config_names_the_field(kw, field):
         small_config(**kw)
 
 
-def test_cli_overrides_coerce_types_and_reject_typos():
-    t, m = apply_overrides(["--lr", "3e-4", "--compile", "false", "--resume", "--max_steps=20",
-                            "--num_hidden_layers", "2", "--token_budget", "1e6"],
-                           TrainConfig(), small_config())
+def test_cli_overrides_coerce_types_and_reject_typos(capsys):
+    (t, m), given = parse_args(["--lr", "3e-4", "--compile", "false", "--resume", "--max-steps=20",
+                                "--num_hidden_layers", "2", "--token_budget", "1e6"], "doc",
+                               TrainConfig(), small_config())
     assert t.lr == 3e-4 and t.compile is False and t.resume is True and t.max_steps == 20
-    assert m.num_hidden_layers == 2 and t.token_budget == 1e6
-    with pytest.raises(ValueError, match="did you mean --lr"):
-        apply_overrides(["--lrr", "1"], TrainConfig())
-    with pytest.raises(ValueError, match="--max_steps: expected int"):
-        apply_overrides(["--max_steps", "ten"], TrainConfig())
-    with pytest.raises(ValueError, match="num_key_value_heads"):  # validation re-runs
-        apply_overrides(["--num_key_value_heads", "3"], TrainConfig(), small_config())
+    assert m.num_hidden_layers == 2 and t.token_budget == 1e6 and m.hidden_size == SMALL["hidden_size"]
+    assert given == {"lr", "compile", "resume", "max_steps", "num_hidden_layers", "token_budget"}
+    for argv, message in ((["--lrr", "1"], "did you mean --lr"),
+                          (["--max_steps", "ten"], "--max_steps: invalid int value: 'ten'"),
+                          (["--num_key_value_heads", "3"], "num_key_value_heads"),  # validation runs
+                          (["--batch_size", "0"], "--batch_size must be > 0"),
+                          (["--log_interval", "-1"], "--log_interval must be > 0"),
+                          (["--schedule", "linear"], "--schedule 'linear': choose cosine | wsd")):
+        with pytest.raises(SystemExit):
+            parse_args(argv, "doc", TrainConfig(), small_config())
+        assert message in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown preset"):
         model_config("portimbria-15m")
+
+
+@pytest.mark.parametrize("script, config", [("train.py", "TrainConfig"), ("sample.py", "SampleConfig"),
+                                            ("eval_ppl.py", "EvalConfig"), ("data.py", "DataConfig")])
+def test_every_script_help_lists_fields_with_defaults(script, config):
+    p = run_script(script, "--help")
+    assert p.returncode == 0 and f"{config} (config.py)" in p.stdout
+    if script == "train.py":
+        assert "--lr FLOAT" in p.stdout and "(default: 0.0008)" in p.stdout
+        assert "--num_key_value_heads INT" in p.stdout and "ModelConfig (config.py)" in p.stdout
+    if script == "sample.py":
+        assert "(default: 0.8)" in p.stdout and "--compile [BOOL]" in p.stdout
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,7 +114,7 @@ def hf_logits(path, idx):
 def test_our_checkpoint_loads_in_hf_with_equal_logits(tmp_path, kv_heads, tied):
     torch.manual_seed(0)
     model = Llama(small_config(num_key_value_heads=kv_heads, tie_word_embeddings=tied)).eval()
-    model.save_pretrained(tmp_path)
+    save_model(model, tmp_path)
     idx = torch.randint(0, 256, (2, 50))
     with torch.no_grad():
         ours = model(idx)
@@ -120,7 +138,7 @@ def test_hf_checkpoint_loads_in_ours_with_equal_logits(tmp_path, kv_heads, dtype
                 p.add_(torch.randn_like(p) * 0.1)
     hf.save_pretrained(tmp_path)
     idx = torch.randint(0, 256, (2, 40))
-    ours = Llama.from_pretrained(tmp_path).eval()
+    ours = load_model(tmp_path).eval()
     assert ours.config.tie_word_embeddings and ours.config.num_key_value_heads == kv_heads
     with torch.no_grad():
         got = ours(idx)
@@ -133,7 +151,7 @@ def test_untied_hf_checkpoint_with_lm_head(tmp_path):
 
     torch.manual_seed(1)
     LlamaForCausalLM(LlamaConfig(**SMALL, tie_word_embeddings=False)).save_pretrained(tmp_path)
-    ours = Llama.from_pretrained(tmp_path)
+    ours = load_model(tmp_path)
     assert not ours.config.tie_word_embeddings
     assert ours.lm_head.weight.data_ptr() != ours.model.embed_tokens.weight.data_ptr()
     idx = torch.randint(0, 256, (1, 30))
@@ -142,7 +160,7 @@ def test_untied_hf_checkpoint_with_lm_head(tmp_path):
 
 
 def test_saved_config_is_hf_llama(tmp_path):
-    Llama(small_config()).save_pretrained(tmp_path, dtype=torch.bfloat16)
+    save_model(Llama(small_config()), tmp_path, dtype=torch.bfloat16)
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["model_type"] == "llama"
     assert cfg["torch_dtype"] == "bfloat16" and cfg["num_key_value_heads"] == 2
@@ -155,6 +173,26 @@ def test_saved_config_is_hf_llama(tmp_path):
     assert "model.layers.2.self_attn.o_proj.weight" in keys
     assert "model.layers.0.post_attention_layernorm.weight" in keys
     assert "model.layers.1.mlp.down_proj.weight" in keys
+
+
+def test_saved_files_follow_the_umask_and_carry_the_tokenizer(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        save_model(Llama(model_config("tiny")), tmp_path / "tiny")
+        save_model(Llama(model_config("stentor2-12m")), tmp_path / "stentor")
+    finally:
+        os.umask(umask)
+    for f in ("model.safetensors", "config.json", "tokenizer.json"):
+        assert (tmp_path / "tiny" / f).stat().st_mode & 0o777 == 0o644, f
+    # The shipped tokenizer goes only with a model of its vocabulary (not Stentor's 8064).
+    assert not (tmp_path / "stentor" / "tokenizer.json").exists()
+
+
+def test_sharded_index_without_weight_map_is_named(tmp_path):
+    save_model(Llama(small_config()), tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(ValueError, match="model.safetensors.index.json: not a safetensors index"):
+        load_model(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,7 +228,7 @@ def test_positions_up_to_max_position_embeddings(tmp_path):
     torch.manual_seed(0)
     model = Llama(small_config()).eval()  # max_position_embeddings 128
     idx = torch.randint(0, 256, (1, 128))
-    model.save_pretrained(tmp_path)
+    save_model(model, tmp_path)
     with torch.no_grad():
         full = model(idx)
         model.setup_cache(1, 128)
@@ -331,58 +369,58 @@ def test_chunked_cross_entropy_equals_plain_loss_and_gradients():
 
 def test_folder_without_config_json(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
-        Llama.from_pretrained(tmp_path)
+        load_model(tmp_path)
 
 
 def test_missing_key_is_named(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    Llama(small_config()).save_pretrained(tmp_path)
+    save_model(Llama(small_config()), tmp_path)
     sd = load_file(str(tmp_path / "model.safetensors"))
     del sd["model.layers.1.mlp.up_proj.weight"]
     sd["model.layers.0.extra.weight"] = torch.zeros(2)
     save_file(sd, str(tmp_path / "model.safetensors"))
     with pytest.raises(ValueError) as e:
-        Llama.from_pretrained(tmp_path)
+        load_model(tmp_path)
     msg = str(e.value)
     assert "missing (1): model.layers.1.mlp.up_proj.weight" in msg
     assert "unexpected (1): model.layers.0.extra.weight" in msg
 
 
 def test_wrong_shape_is_named(tmp_path):
-    Llama(small_config()).save_pretrained(tmp_path)
+    save_model(Llama(small_config()), tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg["intermediate_size"] = 128
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"wrong shape .*mlp.gate_proj.weight: file \(160, 64\)"):
-        Llama.from_pretrained(tmp_path)
+        load_model(tmp_path)
 
 
 def test_six_heads_four_kv_heads_config(tmp_path):
-    Llama(small_config()).save_pretrained(tmp_path)
+    save_model(Llama(small_config()), tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg.update(hidden_size=768, num_attention_heads=6, num_key_value_heads=4, head_dim=128)
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="config.json: .*num_key_value_heads=4 must divide"):
-        Llama.from_pretrained(tmp_path)
+        load_model(tmp_path)
 
 
 def test_truncated_safetensors_and_pickles_are_refused(tmp_path):
-    Llama(small_config()).save_pretrained(tmp_path)
+    save_model(Llama(small_config()), tmp_path)
     f = tmp_path / "model.safetensors"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     with pytest.raises(ValueError, match="truncated or corrupt"):
-        Llama.from_pretrained(tmp_path)
+        load_model(tmp_path)
     f.unlink()
     (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04not loaded")
     with pytest.raises(FileNotFoundError, match="pickle files are not loaded"):
-        Llama.from_pretrained(tmp_path)
+        load_model(tmp_path)
 
 
 def test_non_llama_config_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
     with pytest.raises(ValueError, match="only Llama checkpoints"):
-        Llama.from_pretrained(tmp_path)
+        load_model(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -659,9 +697,9 @@ def test_weight_decay_groups():
 
 def test_tpu_runs_a_device_batch_as_micro_batches_unless_told():
     tcfg = TrainConfig()
-    assert (train.tpu_micro_batches(tcfg, []).batch_size, train.tpu_micro_batches(tcfg, []).grad_accum) == (1, 8)
-    for argv in (["--batch_size", "4"], ["--grad-accum=2"]):
-        assert train.tpu_micro_batches(tcfg, argv) == tcfg
+    assert (train.tpu_micro_batches(tcfg, set()).batch_size, train.tpu_micro_batches(tcfg, set()).grad_accum) == (1, 8)
+    for given in ({"batch_size"}, {"grad_accum", "lr"}):
+        assert train.tpu_micro_batches(tcfg, given) == tcfg
 
 
 def test_lr_schedule():
@@ -709,7 +747,7 @@ def test_train_kill_and_resume_gives_identical_losses(tmp_path, demo_data):
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     hf = LlamaForCausalLM.from_pretrained(out / "best")
-    ours = Llama.from_pretrained(out / "best")
+    ours = load_model(out / "best")
     idx = torch.randint(0, 32768, (1, 12))
     with torch.no_grad():
         torch.testing.assert_close(hf(idx).logits, ours(idx), rtol=0, atol=1e-4)
@@ -727,7 +765,7 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, demo_data, monkeypatch
         return out * float("nan") if targets is not None and self.training else out
 
     monkeypatch.setattr(Llama, "forward", nan_loss)
-    tcfg, mcfg = train.parse([*MICRO, "--device", "cpu", "--data_dir", str(demo_data), "--out_dir",
+    tcfg, mcfg, _ = train.parse([*MICRO, "--device", "cpu", "--data_dir", str(demo_data), "--out_dir",
                               str(tmp_path / "nan"), "--max_steps", "10", "--log_interval", "1",
                               "--eval_interval", "100"])
     with pytest.raises(SystemExit, match="3 optimizer steps in a row had a non-finite loss"):
@@ -752,6 +790,22 @@ def test_resume_errors(tmp_path, demo_data):
     assert "Traceback" not in p.stderr
 
 
+def test_resume_continues_the_saved_run_with_only_the_given_flags(tmp_path, demo_data):
+    out = tmp_path / "run"
+    run_train(["--max_steps", "4", "--log_interval", "2", "--eval_interval", "100", "--lr", "3e-3"],
+              out, demo_data)
+    # None of the first run's flags repeated: preset, shapes, data and lr come from latest/.
+    p = subprocess.run([sys.executable, str(REPO / "train.py"), "--out_dir", str(out), "--resume",
+                        "--max_steps", "6"], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert ("resume: the saved run's settings, except --max_steps 6 (was 4); this re-plans the LR "
+            "schedule and the data mixture from step 4") in p.stdout
+    assert f"resumed from {out}/latest at step 4" in p.stdout and "step       6/6" in p.stdout
+    state = json.loads((out / "latest" / "trainer_state.json").read_text())
+    assert state["step"] == 6 and state["train_config"]["lr"] == 3e-3
+    assert state["train_config"]["seq_len"] == 32 and state["train_config"]["max_steps"] == 6
+
+
 def test_xla_path_trains_and_compiles_a_bounded_set_of_graphs(tmp_path, demo_data):
     pytest.importorskip("torch_xla")
     out = tmp_path / "xla"
@@ -767,7 +821,7 @@ def test_xla_path_trains_and_compiles_a_bounded_set_of_graphs(tmp_path, demo_dat
     compiles = [r["xla_compiles"] for r in train_rows]
     assert len(set(compiles[1:])) == 1 and compiles[-1] <= 8, compiles
     assert (out / "latest" / "model.safetensors").is_file()
-    Llama.from_pretrained(out / "latest")
+    load_model(out / "latest")
 
 
 def test_xla_graph_has_no_full_attention_scores():
@@ -900,10 +954,10 @@ def _ddp_check(out, data_dir):
         return micro
 
     data.MixtureLoader.get_batch = spy
-    tcfg, mcfg = train.parse([*MICRO, "--device", "cpu", "--data_dir", data_dir, "--out_dir", out,
+    tcfg, mcfg, _ = train.parse([*MICRO, "--device", "cpu", "--data_dir", data_dir, "--out_dir", out,
                               "--max_steps", "3", "--eval_interval", "3", "--log_interval", "1"])
     rt = train.Runtime("cpu")
-    model, _ = train.train(tcfg, mcfg, rt)
+    model = train.train(tcfg, mcfg, rt).model
     digest = hashlib.md5(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest()
     (Path(out) / f"rank{rt.rank}.json").write_text(json.dumps({"world": rt.world, "windows": seen,
                                                                "weights": digest}))
@@ -946,28 +1000,43 @@ def hf_folder(tmp_path_factory):
 @pytest.mark.parametrize("penalty, compile", [(1.0, False), (1.1, False), (1.1, True)])
 def test_greedy_equals_hf_generate(hf_folder, penalty, compile):
     """compile=True is sample.py --compile on the CPU: inductor compiles the decode step, in which
-    every projection of the single new token is a multiply-and-sum (model.Linear)."""
+    every projection of the single new token is a multiply-and-sum (sample.DecodeLinear)."""
     from transformers import LlamaForCausalLM
 
     hf = LlamaForCausalLM.from_pretrained(hf_folder, torch_dtype=torch.float32).eval()
-    ours, _ = sample.load(hf_folder, "cpu", torch.float32)
+    ours, _, _ = checkpoint.load_for_inference(str(hf_folder), "cpu", "fp32")
     prompt = [1, 415, 2936, 9060, 285, 1142]
     want = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=40,
                        repetition_penalty=penalty, eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
     gen = sample.Generator(ours, compile=compile)
-    got = gen.generate(prompt, 1, 40, temperature=0, repetition_penalty=penalty, eos_id=-1)[0]
+    settings = SampleConfig(max_new_tokens=40, temperature=0, repetition_penalty=penalty)
+    got = gen.generate(prompt, settings, eos_id=-1)[0]
     assert got == want
     assert len(set(got)) > 3  # a real continuation, not one repeated token
     eos = want[10]  # stop at the first occurrence of a token that does occur
-    stopped = gen.generate(prompt, 1, 40, temperature=0, repetition_penalty=penalty, eos_id=eos)[0]
+    stopped = gen.generate(prompt, settings, eos_id=eos)[0]
     assert stopped == want[:want.index(eos)]
 
 
-def test_linear_single_token_compiled_equals_matmul():
-    lin = Linear(64, 96)
+def test_decode_linear_single_token_compiled_equals_matmul():
+    lin = sample.DecodeLinear(64, 96, bias=False)
     x = torch.randn(2, 1, 64)
     y = torch.compile(lin)(x)
     assert y.shape == (2, 1, 96) and torch.allclose(y, x @ lin.weight.T, atol=1e-5)
+
+
+def test_sample_prints_the_decoded_whole_sequence(hf_folder):
+    """The streamed text is the decoding of prompt + new tokens, so a new token's leading space
+    survives ("Hello" + "▁Votes" prints "Hello Votes", not "HelloVotes")."""
+    p = run_script("sample.py", "--ckpt", str(hf_folder), "--prompt", "Hello", "--temperature", "0",
+                   "--max_new_tokens", "12", "--repetition_penalty", "1.0")
+    assert p.returncode == 0, p.stderr
+    model, tok, _ = checkpoint.load_for_inference(str(hf_folder), "cpu", "fp32")
+    prompt = tok.encode("Hello", add_special_tokens=False).ids
+    new = sample.Generator(model).generate([1] + prompt, SampleConfig(max_new_tokens=12, temperature=0,
+                                                                      repetition_penalty=1.0), eos_id=2)[0]
+    assert p.stdout == tok.decode(prompt + new) + "\n"
+    assert tok.id_to_token(new[0]).startswith("▁") and p.stdout.startswith("Hello ")  # the case at issue
 
 
 def test_logits_processing_equals_hf_warpers():
@@ -1016,7 +1085,7 @@ def test_sample_cli_inputs(hf_folder, tmp_path):
     p = run_script("sample.py", "--ckpt", str(tmp_path), "--prompt", "x")
     assert p.returncode != 0 and "only Llama checkpoints" in p.stderr and "Traceback" not in p.stderr
     small = tmp_path / "small_vocab"
-    Llama(small_config()).save_pretrained(small)  # vocab 256: the repo tokenizer has 32768
+    save_model(Llama(small_config()), small)  # vocab 256: the repo tokenizer has 32768
     p = run_script("sample.py", "--ckpt", str(small), "--prompt", "x")
     assert p.returncode != 0 and "do not belong together" in p.stderr and "Traceback" not in p.stderr
 
@@ -1065,14 +1134,14 @@ def test_eval_ppl_on_val_shards(hf_folder, demo_data):
     from transformers import LlamaForCausalLM
 
     p = run_script("eval_ppl.py", "--ckpt", str(hf_folder), "--data_dir", str(demo_data),
-                   "--seq_len", "33", "--max_samples", "6")
+                   "--seq_len", "32", "--max_samples", "6")
     assert p.returncode == 0, p.stderr
     got = json.loads(p.stdout.strip().splitlines()[-1])
     hf = LlamaForCausalLM.from_pretrained(hf_folder, torch_dtype=torch.float32).eval()
-    windows = torch.tensor(np.stack(data.val_windows(demo_data, 32, 6)))
+    windows = torch.tensor(np.stack(data.val_windows(demo_data, 32, 6)))  # 33 tokens: as train.py's
     with torch.no_grad():
         want = hf(windows, labels=windows).loss.item()
-    assert got["tokens"] == 6 * 32 and abs(got["loss"] - want) < 1e-4
+    assert got["tokens"] == 6 * 32 and got["windows"] == 6 and abs(got["loss"] - want) < 1e-4
 
 
 def test_parquet_source_and_bad_input_messages(tmp_path):

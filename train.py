@@ -4,23 +4,22 @@
     python train.py --preset tiny --data_dir data/demo --seq_len 256 --max_steps 200
     torchrun --nproc_per_node=8 train.py                     # several GPUs (DDP, NCCL)
     torchrun --nproc_per_node=2 train.py --device cpu        # several CPU processes (gloo)
-    python train.py --resume                                 # continue from OUT_DIR/latest
+    python train.py --resume                                 # continue OUT_DIR/latest
 
-Any field of TrainConfig or ModelConfig (config.py) can be set with `--field value`.
-Checkpoints (OUT_DIR/latest, OUT_DIR/best) are Hugging Face model folders.
+Every field of TrainConfig and ModelConfig (config.py) is an option: `--lr 3e-4`, `--compile false`.
+Checkpoints (OUT_DIR/latest, OUT_DIR/best) are Hugging Face model folders (checkpoint.py).
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
+import ctypes
 import dataclasses
 import functools
 import json
 import math
 import multiprocessing
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -29,9 +28,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
+import checkpoint
 import data
-from config import ModelConfig, TrainConfig, apply_overrides, model_config
+from config import ModelConfig, TrainConfig, model_config, parse_args
 from model import Llama, blockwise_attention
 
 # Dense bf16 peak FLOP/s per device, for MFU. Unknown devices report no MFU.
@@ -48,23 +49,59 @@ def log(*a):
 
 
 class Runtime:
-    def __init__(self, kind: str, compile_model: bool = False):
+    @staticmethod
+    def detect(requested: str) -> str:
+        """'xla' on a TPU VM (or with PJRT_DEVICE set), else 'cuda' when a GPU is visible, else
+        'cpu'; or what --device asks for."""
+        if requested in ("tpu", "xla") or (requested == "auto" and (
+                os.environ.get("PJRT_DEVICE") or os.path.exists("/dev/accel0") or os.path.exists("/dev/vfio/0"))):
+            os.environ.setdefault("PJRT_DEVICE", "TPU")
+            # Python scalars that change every step (the learning rate) must reach the graph as
+            # inputs, not as constants, or each new value compiles a new graph.
+            os.environ.setdefault("XLA_NO_SPECIAL_SCALARS", "1")
+            return "xla"
+        if requested == "cuda" and not torch.cuda.is_available():
+            raise SystemExit("train.py: --device cuda: no CUDA GPU is visible to PyTorch; use --device cpu")
+        if requested in ("cuda", "cpu"):
+            return requested
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    @staticmethod
+    def spawn(worker, args):
+        """XLA: one process per chip (xmp.spawn). This parent only waits, so a signal sent to it
+        (a preemption's SIGTERM, Ctrl-C) is passed on to the workers, which save and stop."""
+        import torch_xla.distributed.xla_multiprocessing as xmp
+
+        def forward(signum, frame):
+            for child in multiprocessing.active_children():
+                os.kill(child.pid, signum)
+
+        signal.signal(signal.SIGTERM, forward)
+        signal.signal(signal.SIGINT, forward)
+        xmp.spawn(worker, args=args)
+
+    def __init__(self, kind: str, compile_model: bool = False, xla_cache: str | None = None):
         self.kind = kind  # "xla" | "cuda" | "cpu"
         self.compile = compile_model and kind == "cuda"
         self.ddp = False
         if kind == "xla":
             import torch_xla
+            import torch_xla.core.xla_model as xm
+            import torch_xla.debug.metrics as xla_metrics
             import torch_xla.runtime as xr
 
-            import torch_xla.core.xla_model as xm
-
-            self.xla, self.xm = torch_xla, xm
+            self.xla, self.xm, self.xla_metrics = torch_xla, xm, xla_metrics
+            if xla_cache:
+                # One directory per process, as torch_xla's docs do it: a restart or --resume
+                # loads the compiled graphs instead of compiling them again (minutes on a TPU).
+                xr.initialize_cache(xla_cache)
             self.device = torch_xla.device()
             self.rank, self.world = xr.global_ordinal(), xr.world_size()
             self.tpu = xr.device_type() == "TPU"
             # e.g. "TPU v5 lite" on a v5e, which PEAK_FLOPS knows
             self.name = xm.xla_device_kind() if self.tpu else f"XLA {xr.device_type()}"
         else:
+            self.tpu = False
             self.world = int(os.environ.get("WORLD_SIZE", 1))
             self.rank = int(os.environ.get("RANK", 0))
             local = int(os.environ.get("LOCAL_RANK", 0))
@@ -76,9 +113,8 @@ class Runtime:
                 torch.backends.cudnn.allow_tf32 = True
             else:
                 self.device, self.name = torch.device("cpu"), "CPU"
+                reuse_freed_host_memory()
             if self.world > 1:
-                import torch.distributed as dist
-
                 dist.init_process_group("nccl" if kind == "cuda" else "gloo")
                 self.ddp = True
         self.master = self.rank == 0
@@ -86,7 +122,7 @@ class Runtime:
         self.sum_dtype = torch.float32 if kind == "xla" else torch.float64
 
     def prepare(self, model: Llama, tcfg: TrainConfig):
-        """Move the model to the device and give it this device's attention kernel, block
+        """Move the model to the device and give it this device's attention kernel, loss, block
         checkpointing and matmul precision."""
         model.to(self.device)
         if model.config.tie_word_embeddings:
@@ -104,17 +140,25 @@ class Runtime:
             if self.kind == "xla":
                 # torch_xla's version puts an optimization barrier before the recomputation, or
                 # XLA's common-subexpression pass would merge it with the forward pass.
-                from torch_xla.utils.checkpoint import checkpoint
+                from torch_xla.utils.checkpoint import checkpoint as recompute
             else:
-                from torch.utils.checkpoint import checkpoint
-            model.checkpoint = functools.partial(checkpoint, use_reentrant=self.kind == "xla")
+                from torch.utils.checkpoint import checkpoint as recompute
+            model.checkpoint = functools.partial(recompute, use_reentrant=self.kind == "xla")
+
+    def to_device(self, array: np.ndarray) -> torch.Tensor:
+        """A host batch on the device. On CUDA from pinned memory without waiting, so the copy
+        overlaps the GPU's work (the loop fetches the next batch before the backward pass)."""
+        t = torch.from_numpy(array)
+        if self.kind == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
 
     def peak_memory(self) -> str | None:
         """The device's peak memory so far, where the runtime reports it (TPU, CUDA)."""
         if self.kind == "cuda":
             used = torch.cuda.max_memory_allocated(self.device)
             limit = torch.cuda.get_device_properties(self.device).total_memory
-        elif self.kind == "xla" and self.tpu:
+        elif self.tpu:
             info = self.xm.get_memory_info(self.device)
             used, limit = info.get("peak_bytes_used", info["bytes_used"]), info["bytes_limit"]
         else:
@@ -135,9 +179,9 @@ class Runtime:
         if self.ddp:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            # Gradients live in DDP's all-reduce buckets (no copy in and out of them), and 100 MB
-            # buckets (default 25) mean fewer, larger all-reduces for 0.6 GB of fp32 grads: two H200
-            # went from 1.88x to 1.90x one GPU (584,124 -> 590,610 tokens/s, train.py on the demo data).
+            # Gradients live in DDP's all-reduce buckets (no copy in and out), and 100 MB buckets
+            # (default 25) make fewer, larger all-reduces of the 0.6 GB of fp32 gradients
+            # (README, Benchmarks: two H200).
             model = self.ddp_model = DDP(model, device_ids=[self.device.index] if self.kind == "cuda" else None,
                                          gradient_as_bucket_view=True, bucket_cap_mb=100)
         return torch.compile(model) if self.compile else model
@@ -190,8 +234,6 @@ class Runtime:
             return t
         if self.kind == "xla":
             return self.xm.all_reduce(self.xm.REDUCE_SUM, t)
-        import torch.distributed as dist
-
         dist.all_reduce(t)
         return t
 
@@ -206,16 +248,25 @@ class Runtime:
         and how many of them the persistent cache did not have."""
         if self.kind != "xla":
             return {}
-        import torch_xla.debug.metrics as met
-
-        return {"xla_compiles": met.counter_value("UncachedCompile") or 0,
-                "xla_cache_misses": met.counter_value("PersistentCacheMiss") or 0}
+        return {"xla_compiles": self.xla_metrics.counter_value("UncachedCompile") or 0,
+                "xla_cache_misses": self.xla_metrics.counter_value("PersistentCacheMiss") or 0}
 
     def close(self):
         if self.ddp:
-            import torch.distributed as dist
-
             dist.destroy_process_group()
+
+
+def reuse_freed_host_memory():
+    """glibc serves each allocation over 32 MB (a CPU step's logits, its activations) with a fresh
+    mmap and unmaps it on free, so every step page-faults its memory in again: on 2 cores that was
+    as much kernel time as compute (README, Quick start). From the heap, and with freed memory
+    kept, the next step reuses the same pages."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return  # not glibc: its own allocator
+    libc.mallopt(-4, 0)  # M_MMAP_MAX: no mmap'ed chunks
+    libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: do not give freed heap back to the system
 
 
 def pallas_attention(q, k, v):
@@ -227,23 +278,6 @@ def pallas_attention(q, k, v):
     except ImportError as e:
         raise SystemExit(f"the TPU attention kernel needs jax: pip install 'torch_xla[pallas]==2.9.0' ({e})")
     return flash_attention(q, k, v, causal=True, sm_scale=q.shape[-1] ** -0.5)
-
-
-def pick_device(requested: str) -> str:
-    if requested in ("tpu", "xla") or (requested == "auto" and (
-            os.environ.get("PJRT_DEVICE") or os.path.exists("/dev/accel0") or os.path.exists("/dev/vfio/0"))):
-        os.environ.setdefault("PJRT_DEVICE", "TPU")
-        # Python scalars that change every step (the learning rate) must reach the graph as
-        # inputs, not as constants, or each new value compiles a new graph.
-        os.environ.setdefault("XLA_NO_SPECIAL_SCALARS", "1")
-        return "xla"
-    if requested in ("cuda", "cpu"):
-        if requested == "cuda" and not torch.cuda.is_available():
-            raise SystemExit("--device cuda: no CUDA GPU is visible to PyTorch")
-        return requested
-    if requested != "auto":
-        raise SystemExit(f"--device {requested!r}: choose auto, tpu, cuda or cpu")
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,117 +319,6 @@ def flops_per_token(cfg: ModelConfig, n_params: int, seq_len: int) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints: HF model folders, plus training state as safetensors + JSON (no pickle)
-
-
-def _fsync_dir(path: Path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_model_folder(model: Llama, path: Path):
-    model.save_pretrained(path)
-    shutil.copyfile(data.TOKENIZER_FILE, path / "tokenizer.json")
-    (path / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
-        "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False,
-        "model_max_length": model.config.max_position_embeddings}, indent=2) + "\n")
-
-
-def save_checkpoint(path: Path, model: Llama, opt=None, state: dict | None = None):
-    """Write an HF model folder (and the training state) atomically: into a temporary folder,
-    fsynced, then renamed over the old one. A kill at any moment leaves a complete folder at
-    `path` or at `path.old`, which load_checkpoint also accepts."""
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(path.name + ".tmp")
-    old = path.with_name(path.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write_model_folder(model, tmp)
-    if opt is not None:
-        names = {p: n for n, p in model.named_parameters()}
-        tensors = {f"{names[p]}::{k}": v.detach().cpu().contiguous()
-                   for p, st in opt.state.items() for k, v in st.items() if torch.is_tensor(v)}
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1) + "\n")
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    _fsync_dir(tmp)
-    if path.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def load_checkpoint(out_dir: Path, model: Llama, opt, device) -> dict:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = out_dir / "latest"
-    if not (path / "trainer_state.json").is_file() and (out_dir / "latest.old" / "trainer_state.json").is_file():
-        path = out_dir / "latest.old"  # killed between the two renames of save_checkpoint
-    if not (path / "trainer_state.json").is_file():
-        raise SystemExit(f"--resume: no checkpoint to resume from in {out_dir}/latest "
-                         f"(expected trainer_state.json there); start without --resume")
-    try:
-        loaded = Llama.from_pretrained(path, fp32_edge_blocks=model.config.fp32_edge_blocks,
-                                       norm_fp32=model.config.norm_fp32)
-        opt_sd = load_file(str(path / "optimizer.safetensors"))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise SystemExit(f"--resume: checkpoint {path} is unreadable: {e}\n"
-                         f"Delete it to start over, or restore it from a copy.") from None
-    if loaded.config != model.config:
-        diff = {f.name: (getattr(loaded.config, f.name), getattr(model.config, f.name))
-                for f in dataclasses.fields(ModelConfig)
-                if getattr(loaded.config, f.name) != getattr(model.config, f.name)}
-        raise SystemExit(f"--resume: {path} holds a different model (checkpoint vs now: {diff})")
-    with torch.no_grad():
-        for p, q in zip(model.parameters(), loaded.parameters()):
-            p.copy_(q.to(p.dtype))
-    params = dict(model.named_parameters())
-    for key, t in opt_sd.items():
-        name, k = key.split("::")
-        opt.state[params[name]][k] = t.to(device)
-    state = json.loads((path / "trainer_state.json").read_text())
-    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch_rng"])), dtype=torch.uint8))
-    return state
-
-
-# ---------------------------------------------------------------------------------------------
-# The loop
-
-
-@torch.no_grad()
-def evaluate(model, windows, rt: Runtime, cfg: TrainConfig) -> float:
-    """Mean loss over this rank's validation windows, summed across ranks. Every batch has the
-    same shapes and inputs made on the host (a short last batch is padded with rows whose targets
-    are ignored), so under XLA the whole evaluation is two graphs and one host read."""
-    model.eval()
-    total = torch.zeros(2, dtype=rt.sum_dtype).to(rt.device)  # (sum of losses x tokens, tokens)
-    for i in range(0, len(windows), cfg.batch_size):
-        chunk = windows[i:i + cfg.batch_size]
-        n = len(chunk)
-        arr = np.stack(chunk + [chunk[-1]] * (cfg.batch_size - n))
-        y = arr[:, 1:].copy()
-        y[n:] = -100
-        x, y = torch.from_numpy(arr[:, :-1]).to(rt.device), torch.from_numpy(y).to(rt.device)
-        tokens = torch.tensor(float(n * cfg.seq_len), dtype=rt.sum_dtype).to(rt.device)
-        with rt.autocast(cfg.precision):
-            loss = model(x, targets=y)
-        total += torch.stack([loss.to(total.dtype) * tokens, tokens])
-        rt.step_boundary()
-    total = rt.all_reduce_sum(total).cpu()
-    model.train()
-    return (total[0] / total[1]).item()
-
-
 # Stopping. SIGTERM (a preempted VM, a scheduler) and SIGINT (Ctrl-C) set STOP; the ranks agree
 # on it at the next log step, save OUT_DIR/latest and exit 0.
 STOP = threading.Event()
@@ -404,16 +327,6 @@ STOP = threading.Event()
 def install_stop_handlers():
     signal.signal(signal.SIGTERM, lambda signum, frame: STOP.set())
     signal.signal(signal.SIGINT, lambda signum, frame: STOP.set())
-
-
-def forward_stop_signals_to_children():
-    """For the xmp.spawn parent, which only waits: a signal sent to it reaches the workers."""
-    def forward(signum, frame):
-        for child in multiprocessing.active_children():
-            os.kill(child.pid, signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
 
 
 def save_on_master(rt: Runtime, what: Path, write):
@@ -426,158 +339,228 @@ def save_on_master(rt: Runtime, what: Path, write):
         except OSError as e:
             error = e
     if rt.any_rank(error is not None):
-        raise SystemExit(f"train.py: could not write {what}: {error}. Free space or fix permissions, "
-                         f"then continue with --resume" if rt.master else
-                         f"train.py rank {rt.rank}: stopping, rank 0 could not write {what}")
+        raise SystemExit(f"train.py: could not write {what}: {error}. The previous checkpoint is "
+                         f"intact; free space or fix permissions, then continue with --resume"
+                         if rt.master else f"train.py rank {rt.rank}: stopping, rank 0 could not write {what}")
 
 
-def train(tcfg: TrainConfig, mcfg: ModelConfig, rt: Runtime):
-    out = Path(tcfg.out_dir)
-    if tcfg.seq_len > mcfg.max_position_embeddings:
-        raise SystemExit(f"--seq_len {tcfg.seq_len} exceeds the model's context (max_position_embeddings="
-                         f"{mcfg.max_position_embeddings}); pass a shorter --seq_len or "
-                         f"--max_position_embeddings {tcfg.seq_len}")
-    torch.manual_seed(tcfg.seed)
-    model = Llama(mcfg)  # initialised on the CPU: the same weights on every device and rank
-    n_params = model.num_params()
-    rt.prepare(model, tcfg)
-    tokens_per_step = tcfg.batch_size * tcfg.seq_len * rt.world * tcfg.grad_accum
-    max_steps = tcfg.max_steps or max(1, int(tcfg.token_budget // tokens_per_step))
-    opt = rt.optimizer(param_groups(model, tcfg.weight_decay), tcfg.lr, (tcfg.beta1, tcfg.beta2), tcfg.eps)
-    state = {"step": 0, "tokens": 0, "best_val_loss": float("inf")}
-    if tcfg.resume:
-        state = load_checkpoint(out, model, opt, rt.device)
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+@torch.no_grad()
+def validation_loss(model, windows, rt: Runtime, cfg: TrainConfig) -> tuple[float, int]:
+    """Mean loss over all ranks' validation windows, and how many windows. Every batch has the
+    same shapes and inputs made on the host (a short last batch is padded with rows whose targets
+    are ignored), so under XLA the whole evaluation is one graph and one host read."""
+    model.eval()
+    total = torch.zeros(2, dtype=rt.sum_dtype).to(rt.device)  # (sum of losses x tokens, tokens)
+    for i in range(0, len(windows), cfg.batch_size):
+        chunk = windows[i:i + cfg.batch_size]
+        n = len(chunk)
+        arr = np.stack(chunk + [chunk[-1]] * (cfg.batch_size - n)).astype(np.int64)
+        y = arr[:, 1:].copy()
+        y[n:] = -100
+        x, y = rt.to_device(np.ascontiguousarray(arr[:, :-1])), rt.to_device(y)
+        tokens = torch.tensor(float(n * cfg.seq_len), dtype=rt.sum_dtype).to(rt.device)
+        with rt.autocast(cfg.precision):
+            loss = model(x, targets=y)
+        total += torch.stack([loss.to(total.dtype) * tokens, tokens])
+        rt.step_boundary()
+    total = rt.all_reduce_sum(total).cpu()
+    model.train()
+    return (total[0] / total[1]).item(), round(total[1].item() / cfg.seq_len)
+
+
+class Run:
+    """One training run: the model, optimizer and data, the counters the loop keeps, and the
+    loop's four parts: train_step, log, evaluate, save_latest."""
+
+    def __init__(self, tcfg: TrainConfig, mcfg: ModelConfig, rt: Runtime):
+        self.tcfg, self.rt, self.out = tcfg, rt, Path(tcfg.out_dir)
+        if tcfg.seq_len > mcfg.max_position_embeddings:
+            raise SystemExit(f"--seq_len {tcfg.seq_len} exceeds the model's context (max_position_embeddings="
+                             f"{mcfg.max_position_embeddings}); pass a shorter --seq_len or "
+                             f"--max_position_embeddings {tcfg.seq_len}")
+        torch.manual_seed(tcfg.seed)
+        self.model = Llama(mcfg)  # initialised on the CPU: the same weights on every device and rank
+        self.n_params = self.model.num_params()
+        rt.prepare(self.model, tcfg)
+        self.tokens_per_step = tcfg.batch_size * tcfg.seq_len * rt.world * tcfg.grad_accum
+        self.max_steps = tcfg.max_steps or max(1, int(tcfg.token_budget // self.tokens_per_step))
+        self.opt = rt.optimizer(param_groups(self.model, tcfg.weight_decay), tcfg.lr,
+                                (tcfg.beta1, tcfg.beta2), tcfg.eps)
+        self.step, self.tokens, self.best_val_loss, self.saved_step = 0, 0, float("inf"), None
+        if tcfg.resume:
+            try:
+                path = checkpoint.latest_checkpoint(self.out)
+                saved = checkpoint.load_training_state(path, self.model, self.opt, rt.device)
+            except (FileNotFoundError, ValueError) as e:
+                raise SystemExit(f"train.py: {e}") from None
+            self.step, self.tokens, self.best_val_loss = saved["step"], saved["tokens"], saved["best_val_loss"]
+            self.saved_step = self.step
+            if rt.master:
+                log(f"resumed from {path} at step {self.step:,} ({self.tokens:,} tokens)")
+        self.start_step = self.step
+        mix = data.Mixture({"web": tcfg.web_weight, "code": tcfg.code_weight, "math": tcfg.math_weight},
+                           {"web": tcfg.anneal_web_weight, "code": tcfg.anneal_code_weight,
+                            "math": tcfg.anneal_math_weight},
+                           anneal_step=int(self.max_steps * (1 - tcfg.anneal_frac)))
+        try:
+            self.loader = data.MixtureLoader(tcfg.data_dir, tcfg.batch_size, tcfg.seq_len, mix, tcfg.seed,
+                                             rt.rank, rt.world, tcfg.grad_accum, mcfg.vocab_size)
+            self.val = data.val_windows(tcfg.data_dir, tcfg.seq_len, tcfg.max_eval_samples, rt.rank,
+                                        rt.world, mcfg.vocab_size)
+        except (FileNotFoundError, ValueError) as e:  # missing or damaged shards: the message names them
+            raise SystemExit(f"train.py: {e}") from None
+        self.step_model = rt.wrap(self.model)
+        self.flops_per_token = flops_per_token(mcfg, self.n_params, tcfg.seq_len)
+        self.metrics = None
         if rt.master:
-            log(f"resumed from {out}/latest at step {state['step']:,} ({state['tokens']:,} tokens)")
-    mix = data.Mixture({"web": tcfg.web_weight, "code": tcfg.code_weight, "math": tcfg.math_weight},
-                       {"web": tcfg.anneal_web_weight, "code": tcfg.anneal_code_weight,
-                        "math": tcfg.anneal_math_weight},
-                       anneal_step=int(max_steps * (1 - tcfg.anneal_frac)))
-    try:
-        loader = data.MixtureLoader(tcfg.data_dir, tcfg.batch_size, tcfg.seq_len, mix, tcfg.seed,
-                                    rt.rank, rt.world, tcfg.grad_accum, mcfg.vocab_size)
-        val = data.val_windows(tcfg.data_dir, tcfg.seq_len, tcfg.max_eval_samples, rt.rank, rt.world,
-                               mcfg.vocab_size)
-    except (FileNotFoundError, ValueError) as e:  # missing or damaged shards: the message names them
-        raise SystemExit(f"train.py: {e}") from None
-    step_model = rt.wrap(model)
-    fpt = flops_per_token(mcfg, n_params, tcfg.seq_len)
-    metrics = None
-    if rt.master:
-        out.mkdir(parents=True, exist_ok=True)
-        metrics = open(out / "metrics.jsonl", "a")
-        log(f"model {tcfg.preset}: {n_params:,} parameters | device {rt.name} x{rt.world} | "
-            f"{tokens_per_step:,} tokens/step | {max_steps:,} steps ({max_steps * tokens_per_step / 1e9:.3g}B tokens) "
-            f"| sources {', '.join(loader.names)} | {len(val) * rt.world} val windows")
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.metrics = open(self.out / "metrics.jsonl", "a")
+            log(f"model {tcfg.preset}: {self.n_params:,} parameters | device {rt.name} x{rt.world} | "
+                f"{self.tokens_per_step:,} tokens/step | {self.max_steps:,} steps "
+                f"({self.max_steps * self.tokens_per_step / 1e9:.3g}B tokens) | sources "
+                f"{', '.join(self.loader.names)} | {len(self.val)} val windows" + (" per rank" if rt.world > 1 else ""))
+        # Device-side running values, read by the host only at log steps: the window's summed
+        # loss and its count of skipped steps, the run of consecutive non-finite steps, the last
+        # gradient norm.
+        self.window = torch.zeros(2).to(rt.device)
+        self.bad_run = torch.zeros(()).to(rt.device)
+        self.grad_norm = torch.zeros(()).to(rt.device)
+        self.grad_norm_history: list[float] = []
+        self.steps_in_window, self.lr, self.stopping = 0, 0.0, False
+        self.t_start = self.t_window = time.time()
+        self.next_batches = self.fetch(self.step) if self.step < self.max_steps else None
 
-    def write_metrics(row):
-        if rt.master:
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
+    def due(self, interval: int) -> bool:
+        return self.step % interval == 0 or self.step == self.max_steps
 
-    def save_latest(done):
-        state["saved_step"] = done
-        st = dict(state, step=done, torch_rng=base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
-                  train_config=dataclasses.asdict(tcfg), max_steps=max_steps)
-        save_on_master(rt, out / "latest", lambda: save_checkpoint(out / "latest", model, opt, st))
+    def fetch(self, step: int):
+        return [(self.rt.to_device(x), self.rt.to_device(y)) for x, y in self.loader.get_batch(step)]
 
-    def run_eval(done):
-        val_loss = evaluate(step_model, val, rt, tcfg)
-        better = val_loss < state["best_val_loss"] and done > 0
-        if better:
-            state["best_val_loss"] = val_loss
-            save_on_master(rt, out / "best", lambda: save_checkpoint(out / "best", model))
-        if rt.master:
-            log(f"eval step {done:,} | val loss {val_loss:.4f} | ppl {math.exp(min(val_loss, 50)):.2f}"
-                + (f" | new best, saved {out}/best" if better else ""))
-        write_metrics({"step": done, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)),
-                       "tokens": state["tokens"]})
-
-    start = state["step"]
-    if start == 0 and tcfg.eval_interval < max_steps:
-        run_eval(0)  # the untrained baseline: ln(vocab) or so
-    dev = rt.device
-    # Device-side running values, read by the host only at log steps: the sum of the window's
-    # losses and its count of skipped steps, and the run of consecutive non-finite steps.
-    window = torch.zeros(2).to(dev)
-    bad_run = torch.zeros(()).to(dev)
-    grad_norm = torch.zeros(()).to(dev)
-    grad_norms: list[float] = []
-    t0 = t_log = time.time()
-    steps_in_window, stopping = 0, False
-    for step in range(start, max_steps):
-        lr = lr_at(step, tcfg, max_steps)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        micro = loader.get_batch(step)
-        step_loss = torch.zeros(()).to(dev)
-        for i, (x, y) in enumerate(micro):
-            x, y = torch.from_numpy(x).to(dev), torch.from_numpy(y).to(dev)
-            with rt.no_sync(i == len(micro) - 1), rt.autocast(tcfg.precision):
-                loss = step_model(x, targets=y) / len(micro)
+    def train_step(self):
+        """One optimizer step over grad_accum micro-batches; nothing is read back to the host."""
+        rt, tcfg = self.rt, self.tcfg
+        self.lr = lr_at(self.step, tcfg, self.max_steps)
+        for g in self.opt.param_groups:
+            g["lr"] = self.lr
+        batches, self.next_batches = self.next_batches, None
+        step_loss = torch.zeros(()).to(rt.device)
+        for i, (x, y) in enumerate(batches):
+            last = i == len(batches) - 1
+            with rt.no_sync(last), rt.autocast(tcfg.precision):
+                loss = self.step_model(x, targets=y) / len(batches)
+            if last and self.step + 1 < self.max_steps:
+                self.next_batches = self.fetch(self.step + 1)  # the host's work overlaps the backward
             loss.backward()
             step_loss += loss.detach()
             rt.micro_step_boundary()
-        rt.reduce_grads(opt)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip).detach()
-        bad = (~torch.isfinite(grad_norm) | ~torch.isfinite(step_loss)).float()
-        rt.optimizer_step(opt, bad)
-        rt.zero_grad(opt)
-        window = window + torch.stack([torch.where(bad > 0, 0.0, step_loss), bad])
-        bad_run = (bad_run + 1) * bad
+        rt.reduce_grads(self.opt)
+        self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                        tcfg.grad_clip or math.inf).detach()
+        bad = (~torch.isfinite(self.grad_norm) | ~torch.isfinite(step_loss)).float()
+        rt.optimizer_step(self.opt, bad)  # skipped on the device when bad
+        rt.zero_grad(self.opt)
+        self.window = self.window + torch.stack([torch.where(bad > 0, 0.0, step_loss), bad])
+        self.bad_run = (self.bad_run + 1) * bad
         rt.step_boundary()
-        state["tokens"] += tokens_per_step
-        steps_in_window += 1
-        done = step + 1
-        if done % tcfg.log_interval == 0 or done == max_steps:
-            # The loop's one host read, which is also where the ranks agree to stop.
-            stop_here = torch.tensor([float(STOP.is_set())]).to(dev)
-            stats = rt.all_reduce_sum(torch.cat([window, stop_here, bad_run[None], grad_norm[None]]))
-            # means over ranks (all but the loss are the same on every rank)
-            loss_sum, n_bad, stop_vote, run_bad, gn = (stats.cpu() / rt.world).tolist()
-            stopping, n_bad = stop_vote > 0, round(n_bad)
-            good = steps_in_window - n_bad
-            loss_v = loss_sum / good if good else float("nan")
-            now = time.time()
-            tok_s = steps_in_window * tokens_per_step / (now - t_log)
-            mfu = fpt * tok_s / (rt.peak_flops * rt.world) if rt.peak_flops else None
-            eta = (max_steps - done) * (now - t0) / max(1, done - start)
-            memory = rt.peak_memory() if done - start <= tcfg.log_interval else None
-            if rt.master:
-                log(f"step {done:>7,}/{max_steps:,} | loss {loss_v:.4f} | lr {lr:.2e} | gnorm {gn:.3f} | "
-                    f"{tok_s:,.0f} tok/s" + (f" | MFU {mfu:.1%}" if mfu else "") +
-                    f" | {fmt_time(now - t0)} elapsed | ETA {fmt_time(eta)}")
-                if memory:
-                    log(f"  peak device memory {memory}")
-                if n_bad:
-                    log(f"  skipped {n_bad} update(s) with a non-finite loss or gradient norm")
-                if len(grad_norms) >= 5 and math.isfinite(gn) and gn > 4 * float(np.median(grad_norms[-50:])):
-                    log(f"  grad-norm spike: {gn:.3f} vs median {np.median(grad_norms[-50:]):.3f}")
-            write_metrics({"step": done, "loss": loss_v, "lr": lr, "grad_norm": gn, "tokens": state["tokens"],
-                           "tok_s": round(tok_s, 1), "mfu": mfu, "skipped": n_bad, "time": round(now - t0, 2),
-                           **rt.compile_stats()})
-            if math.isfinite(gn):
-                grad_norms.append(gn)
-            if run_bad >= 3:
-                raise SystemExit(f"stopping: {round(run_bad)} optimizer steps in a row had a non-finite loss or "
-                                 f"gradient norm at step {done}. Lower --lr, check the data, or resume "
-                                 f"from {out}/latest (step {state.get('saved_step', '?')}).")
-            window = torch.zeros(2).to(dev)  # made on the host: no new graph for the next step
-            steps_in_window, t_log = 0, time.time()
+        self.step += 1
+        self.tokens += self.tokens_per_step
+        self.steps_in_window += 1
 
-        if done % tcfg.eval_interval == 0 or done == max_steps:
-            run_eval(done)
-        if done % tcfg.ckpt_interval == 0 or done == max_steps or stopping:
-            save_latest(done)
-        if stopping:
-            if rt.master:
-                log(f"stopped by a signal at step {done}: checkpoint in {out}/latest; continue with --resume")
-            break
-    if rt.master:
-        metrics.close()
-        log(f"done: {out}/best (best val loss {state['best_val_loss']:.4f}) and {out}/latest")
-        plot_metrics(out)
-    return model, state
+    def log(self):
+        """The loop's one host read: the window's mean loss, its skipped steps and the gradient
+        norm, summed over ranks together with the stop vote, so all ranks stop at the same step."""
+        rt = self.rt
+        stop_vote = torch.tensor([float(STOP.is_set())]).to(rt.device)
+        stats = rt.all_reduce_sum(torch.cat([self.window, stop_vote, self.bad_run[None], self.grad_norm[None]]))
+        # means over ranks (all but the loss are the same on every rank)
+        loss_sum, skipped, stop_votes, bad_run, grad_norm = (stats.cpu() / rt.world).tolist()
+        self.stopping, skipped = stop_votes > 0, round(skipped)
+        good = self.steps_in_window - skipped
+        loss = loss_sum / good if good else float("nan")
+        now = time.time()
+        tokens_per_s = self.steps_in_window * self.tokens_per_step / (now - self.t_window)
+        mfu = self.flops_per_token * tokens_per_s / (rt.peak_flops * rt.world) if rt.peak_flops else None
+        eta = (self.max_steps - self.step) * (now - self.t_start) / max(1, self.step - self.start_step)
+        if rt.master:
+            log(f"step {self.step:>7,}/{self.max_steps:,} | loss {loss:.4f} | lr {self.lr:.2e} | "
+                f"gnorm {grad_norm:.3f} | {tokens_per_s:,.0f} tok/s" + (f" | MFU {mfu:.1%}" if mfu else "")
+                + f" | {fmt_time(now - self.t_start)} elapsed | ETA {fmt_time(eta)}")
+            memory = rt.peak_memory() if self.step - self.start_step <= self.tcfg.log_interval else None
+            if memory:
+                log(f"  peak device memory {memory}")
+            if skipped:
+                log(f"  skipped {skipped} update(s) with a non-finite loss or gradient norm")
+            recent = float(np.median(self.grad_norm_history[-50:])) if self.grad_norm_history else 0.0
+            if len(self.grad_norm_history) >= 5 and math.isfinite(grad_norm) and grad_norm > 4 * recent:
+                log(f"  grad-norm spike: {grad_norm:.3f} vs median {recent:.3f}")
+        self.write_metrics({"step": self.step, "loss": loss, "lr": self.lr, "grad_norm": grad_norm,
+                            "tokens": self.tokens, "tok_s": round(tokens_per_s, 1), "mfu": mfu,
+                            "skipped": skipped, "time": round(now - self.t_start, 2), **rt.compile_stats()})
+        if math.isfinite(grad_norm):
+            self.grad_norm_history.append(grad_norm)
+        if bad_run >= 3:
+            raise SystemExit(f"stopping: {round(bad_run)} optimizer steps in a row had a non-finite loss or "
+                             f"gradient norm at step {self.step}. Lower --lr, check the data, or resume "
+                             f"from {self.out}/latest (step {self.saved_step}).")
+        self.window = torch.zeros(2).to(rt.device)  # made on the host: no new graph for the next step
+        self.steps_in_window, self.t_window = 0, time.time()
+
+    def evaluate(self):
+        """Validation loss; a new best is saved to OUT_DIR/best."""
+        val_loss, windows = validation_loss(self.step_model, self.val, self.rt, self.tcfg)
+        better = val_loss < self.best_val_loss and self.step > 0
+        best = self.out / "best"
+        if better:
+            self.best_val_loss = val_loss
+            save_on_master(self.rt, best, lambda: checkpoint.save_checkpoint(best, self.model))
+        ppl = math.exp(min(val_loss, 50))
+        if self.rt.master:
+            log(f"eval step {self.step:,} | val loss {val_loss:.4f} | ppl {ppl:.2f} | {windows} windows of {self.tcfg.seq_len}"
+                + (f" | new best, saved {best}" if better else ""))
+        self.write_metrics({"step": self.step, "val_loss": val_loss, "val_ppl": ppl, "tokens": self.tokens,
+                            "val_windows": windows})
+
+    def save_latest(self):
+        """OUT_DIR/latest: weights, optimizer, and what --resume needs to continue exactly."""
+        self.saved_step = self.step
+        state = {"step": self.step, "tokens": self.tokens, "best_val_loss": self.best_val_loss,
+                 "max_steps": self.max_steps, "train_config": dataclasses.asdict(self.tcfg)}
+        latest = self.out / "latest"
+        save_on_master(self.rt, latest, lambda: checkpoint.save_checkpoint(latest, self.model, self.opt, state))
+
+    def write_metrics(self, row: dict):
+        if self.metrics:
+            self.metrics.write(json.dumps(row) + "\n")
+            self.metrics.flush()
+
+    def finish(self):
+        if self.stopping and self.rt.master:
+            log(f"stopped by a signal at step {self.step}: checkpoint in {self.out}/latest; "
+                f"continue with --resume")
+        if self.rt.master:
+            self.metrics.close()
+            log(f"done: {self.out}/best (best val loss {self.best_val_loss:.4f}) and {self.out}/latest")
+            plot_metrics(self.out)
+
+
+def train(tcfg: TrainConfig, mcfg: ModelConfig, rt: Runtime) -> Run:
+    run = Run(tcfg, mcfg, rt)
+    if run.step == 0 and tcfg.eval_interval < run.max_steps:
+        run.evaluate()  # the untrained baseline: about ln(vocab)
+    while run.step < run.max_steps and not run.stopping:
+        run.train_step()
+        if run.due(tcfg.log_interval):
+            run.log()  # also where the ranks agree to stop on a signal
+        if run.due(tcfg.eval_interval):
+            run.evaluate()
+        if run.due(tcfg.ckpt_interval) or run.stopping:
+            run.save_latest()
+    run.finish()
+    return run
 
 
 def fmt_time(s: float) -> str:
@@ -611,53 +594,64 @@ def plot_metrics(out: Path):
     plt.close(fig)
 
 
-def parse(argv) -> tuple[TrainConfig, ModelConfig]:
+# Options that change the plan of a resumed run: its LR schedule or its data mixture's steps.
+REPLANS = {"max_steps", "token_budget", "batch_size", "grad_accum", "seq_len", "lr", "min_lr",
+           "schedule", "warmup_frac", "decay_frac", "anneal_frac"}
+
+
+def parse(argv, announce: bool = False) -> tuple[TrainConfig, ModelConfig, set[str]]:
+    """The run's configuration: the defaults and the preset, then the options given. With
+    --resume the saved run's settings take the place of the defaults, so only the options given
+    now change them (announce: say which, in one line). Also returns the names given."""
     try:
-        tcfg, _ = apply_overrides(argv, TrainConfig(), ModelConfig())
-        return tuple(apply_overrides(argv, TrainConfig(), model_config(tcfg.preset)))
-    except ValueError as e:
+        (tcfg, mcfg), given = parse_args(argv, __doc__, TrainConfig(), ModelConfig())
+        model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+        model_given = {k: getattr(mcfg, k) for k in given & model_fields}
+        train_given = {k: getattr(tcfg, k) for k in given - model_fields}
+        if not tcfg.resume:
+            return tcfg, dataclasses.replace(model_config(tcfg.preset), **model_given), given
+        path = checkpoint.latest_checkpoint(Path(tcfg.out_dir))
+        saved = checkpoint.read_trainer_state(path)
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        before = TrainConfig(**{k: v for k, v in saved["train_config"].items() if k in known})
+        tcfg = dataclasses.replace(before, **train_given)
+        mcfg = dataclasses.replace(checkpoint.load_config(path), **model_given)
+    except (ValueError, TypeError, FileNotFoundError) as e:
         raise SystemExit(f"train.py: {e}") from None
+    changed = {k: (getattr(before, k), v) for k, v in train_given.items()
+               if k not in ("resume", "out_dir") and getattr(before, k) != v}
+    if announce and changed:
+        log(f"resume: the saved run's settings, except " + ", ".join(
+            f"--{k} {new} (was {old})" for k, (old, new) in changed.items())
+            + (f"; this re-plans the LR schedule and the data mixture from step {saved['step']:,}"
+               if REPLANS & set(changed) else ""))
+    return tcfg, mcfg, given
 
 
-def _xla_worker(index, argv):
-    tcfg, mcfg = parse(argv)
-    if tcfg.xla_cache_dir:
-        # One directory per process, as torch_xla's docs do it: a restart or --resume loads the
-        # compiled graphs instead of compiling them again (minutes each on a TPU).
-        import torch_xla.runtime as xr
-
-        xr.initialize_cache(str(Path(tcfg.out_dir) / tcfg.xla_cache_dir / str(index)))
-    rt = Runtime("xla")
-    if rt.tpu:
-        tcfg = tpu_micro_batches(tcfg, argv)
-    train(tcfg, mcfg, rt)
-
-
-def tpu_micro_batches(tcfg: TrainConfig, argv) -> TrainConfig:
+def tpu_micro_batches(tcfg: TrainConfig, given: set[str]) -> TrainConfig:
     """On a TPU, unless --batch_size or --grad_accum is given, a device's batch runs as micro-batches
-    of one sequence (8 x 4096 tokens per chip: 1 x 4096, grad_accum 8). The step's XLA memory plan
-    (on XLA:CPU, an upper bound) is then 7.7 GiB, against 13.5 GiB for micro-batches of two and
-    48.3 GiB for the whole batch at once, for a v5e chip's 16 GiB (bench.py tpu)."""
-    given = {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+    of one sequence (8 x 4096 tokens per chip: 1 x 4096, grad_accum 8): the only split whose step
+    fits a v5e chip's 16 GiB in XLA's memory plan (README, TPU; bench.py tpu)."""
     if given & {"batch_size", "grad_accum"}:
         return tcfg
     return dataclasses.replace(tcfg, batch_size=1, grad_accum=tcfg.grad_accum * tcfg.batch_size)
 
 
+def xla_worker(index: int, argv):
+    tcfg, mcfg, given = parse(argv)
+    cache = str(Path(tcfg.out_dir) / tcfg.xla_cache_dir / str(index)) if tcfg.xla_cache_dir else None
+    rt = Runtime("xla", xla_cache=cache)
+    if rt.tpu:
+        tcfg = tpu_micro_batches(tcfg, given)
+    train(tcfg, mcfg, rt)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        for cls in (TrainConfig, ModelConfig):
-            print(f"{cls.__name__} fields: " + ", ".join(f"--{f.name}" for f in dataclasses.fields(cls)))
-        return
-    tcfg, mcfg = parse(argv)
-    kind = pick_device(tcfg.device)
+    tcfg, mcfg, _ = parse(argv, announce=True)
+    kind = Runtime.detect(tcfg.device)
     if kind == "xla":
-        import torch_xla.distributed.xla_multiprocessing as xmp
-
-        forward_stop_signals_to_children()
-        xmp.spawn(_xla_worker, args=(argv,))
+        Runtime.spawn(xla_worker, (argv,))
         return
     install_stop_handlers()
     rt = Runtime(kind, tcfg.compile)
@@ -668,7 +662,7 @@ def main(argv=None):
 
 
 if __name__ == "__mp_main__":
-    # An xmp.spawn worker imports this file in its main thread, then runs _xla_worker in another
+    # An xmp.spawn worker imports this file in its main thread, then runs xla_worker in another
     # thread (torch_xla/_internal/pjrt.py), where signal handlers cannot be installed.
     install_stop_handlers()
 

@@ -1,0 +1,309 @@
+"""Checkpoints: every read and write of a model folder, for every script.
+
+A model folder is Hugging Face's `LlamaForCausalLM` layout: config.json + model.safetensors (or
+shards with model.safetensors.index.json), plus tokenizer.json and tokenizer_config.json, so HF
+tools load what we write and we load HF Llama folders as they are. A training checkpoint
+(OUT_DIR/latest) adds optimizer.safetensors and trainer_state.json. Nothing here unpickles.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+import data
+from config import BOS_ID, EOS_ID, ModelConfig
+from model import Llama
+
+ROOT = Path(__file__).resolve().parent
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+# ---------------------------------------------------------------------------------------------
+# Model folders
+
+
+def save_model(model: Llama, path, dtype: torch.dtype | None = None):
+    """Write config.json, model.safetensors and, when the model uses the shipped tokenizer's
+    vocabulary, tokenizer.json + tokenizer_config.json (AutoTokenizer then adds <s> itself)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    sd = model.state_dict()
+    if model.config.tie_word_embeddings:
+        sd.pop("lm_head.weight")  # HF re-ties it on load; safetensors refuses shared storage
+    sd = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in sd.items()}
+    dtype_name = str(next(iter(sd.values())).dtype).removeprefix("torch.")
+    cfg = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
+               head_dim=model.config.head_dim, attention_bias=False, mlp_bias=False,
+               **dataclasses.asdict(model.config), torch_dtype=dtype_name)
+    save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
+    _respect_umask(path / "model.safetensors")  # safetensors creates its files 0600
+    (path / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    if data.load_tokenizer().get_vocab_size() == model.config.vocab_size:
+        shutil.copyfile(data.TOKENIZER_FILE, path / "tokenizer.json")
+        (path / "tokenizer_config.json").write_text(json.dumps({
+            "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+            "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False,
+            "model_max_length": model.config.max_position_embeddings}, indent=2) + "\n")
+
+
+def _respect_umask(path: Path):
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def load_model(path, dtype=torch.float32, device="cpu", **overrides) -> Llama:
+    """Load any HF Llama folder. overrides set ModelConfig fields that HF configs lack
+    (e.g. fp32_edge_blocks=False for inference)."""
+    path = Path(path)
+    cfg = dataclasses.replace(load_config(path), **overrides)
+    sd = load_safetensors(path)
+    with torch.device("meta"):  # no memory and no random init for weights about to be replaced
+        model = Llama(cfg)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+        sd.pop("lm_head.weight", None)  # some tied checkpoints store a copy; HF ignores it too
+    sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}  # old HF files
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    wrong = sorted(f"{k}: file {tuple(sd[k].shape)}, model {tuple(expected[k])}"
+                   for k in set(sd) & set(expected) if sd[k].shape != expected[k])
+    if missing or unexpected or wrong:
+        lines = [f"{path}: weights do not match config.json"]
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+            if items:
+                lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:12])
+                             + (" ..." if len(items) > 12 else ""))
+        raise ValueError("\n".join(lines))
+    sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
+    if cfg.tie_word_embeddings:
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    model.load_state_dict(sd, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.build_rope(torch.device(device))
+    return model
+
+
+# HF LlamaConfig's defaults, for the fields a config.json may leave out.
+_HF_DEFAULTS = dict(max_position_embeddings=2048, rope_theta=10000.0, rms_norm_eps=1e-6,
+                    tie_word_embeddings=False, initializer_range=0.02, bos_token_id=BOS_ID,
+                    eos_token_id=EOS_ID)
+_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+             "num_attention_heads")
+
+
+def load_config(path) -> ModelConfig:
+    """Read an HF Llama config.json into a ModelConfig, refusing what this model cannot run."""
+    path = Path(path)
+    f = path / "config.json"
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: not a directory; expected an HF model folder "
+                                f"with config.json and model.safetensors")
+    if not f.is_file():
+        raise FileNotFoundError(f"{path}: no config.json; expected an HF model folder "
+                                f"(config.json + model.safetensors), e.g. one written by train.py")
+    try:
+        hf = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{f}: not valid JSON ({e})") from None
+    arch = hf.get("architectures") or []
+    if hf.get("model_type") != "llama" and "LlamaForCausalLM" not in arch:
+        raise ValueError(f"{f}: model_type={hf.get('model_type')!r}, architectures={arch}; "
+                         f"only Llama checkpoints (model_type 'llama') can be loaded")
+    missing = [k for k in _REQUIRED if k not in hf]
+    if missing:
+        raise ValueError(f"{f}: missing field(s) {', '.join(missing)}")
+    problems = []
+    if hf.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act={hf['hidden_act']!r} (only 'silu')")
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        problems.append("attention_bias/mlp_bias (this model has no biases)")
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        problems.append(f"rope scaling {rope} (only plain RoPE)")
+    if hf.get("head_dim") not in (None, hf["hidden_size"] // hf["num_attention_heads"]):
+        problems.append(f"head_dim={hf['head_dim']} != hidden_size/num_attention_heads")
+    if problems:
+        raise ValueError(f"{f}: unsupported Llama variant: " + "; ".join(problems))
+    fields = {fld.name for fld in dataclasses.fields(ModelConfig)}
+    kw = {**_HF_DEFAULTS, "num_key_value_heads": hf["num_attention_heads"]}
+    kw.update({k: v for k, v in hf.items() if k in fields})
+    if "rope_theta" in rope:  # transformers 5 keeps rope_theta inside rope_parameters
+        kw["rope_theta"] = rope["rope_theta"]
+    for k in ("bos_token_id", "eos_token_id"):  # HF allows a list of EOS ids; keep the first
+        if isinstance(kw[k], list):
+            kw[k] = kw[k][0]
+    try:
+        return ModelConfig(**kw)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{f}: {e}") from None
+
+
+def load_safetensors(path) -> dict[str, torch.Tensor]:
+    """All tensors of a folder's model.safetensors (or its shards). Never unpickles."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index}: not a safetensors index (needs a 'weight_map' object: "
+                             f"{type(e).__name__} {e})") from None
+    elif (path / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        other = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+        hint = (f" (found {', '.join(other)}: pickle files are not loaded; convert them to "
+                f"safetensors first)" if other else "")
+        raise FileNotFoundError(f"{path}: no model.safetensors{hint}")
+    sd = {}
+    for name in files:
+        try:
+            sd.update(load_file(str(path / name)))
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{path / name}: cannot read safetensors file ({e}); it may be "
+                             f"truncated or corrupt: re-download or re-save it") from None
+    return sd
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference: sample.py and eval_ppl.py
+
+
+def find_checkpoint(ckpt: str | None) -> Path:
+    """--ckpt, or else out/best, then out/latest (beside this file or in the working directory)."""
+    if ckpt:
+        return Path(ckpt)
+    for cand in (ROOT / "out" / "best", ROOT / "out" / "latest", Path("out/best"), Path("out/latest")):
+        if (cand / "config.json").is_file():
+            return cand
+    raise FileNotFoundError("no checkpoint in out/best or out/latest; train one with "
+                            "`python train.py` or pass --ckpt DIR (any Hugging Face Llama folder)")
+
+
+def device_and_dtype(device: str = "auto", dtype: str = "auto") -> tuple[str, torch.dtype]:
+    """'auto' picks CUDA when it is there; dtype 'auto' is bf16 on a GPU and fp32 on the CPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA GPU is visible to PyTorch; use --device cpu")
+    if dtype == "auto":
+        dtype = "bf16" if device != "cpu" else "fp32"
+    return device, DTYPES[dtype]
+
+
+def load_for_inference(ckpt: str | None, device: str = "auto", dtype: str = "auto"):
+    """(model in eval mode, its tokenizer, the folder) for sample.py and eval_ppl.py. The
+    tokenizer is the folder's tokenizer.json, else the shipped one. Raises ValueError or
+    FileNotFoundError with a message that names the folder."""
+    device, dtype = device_and_dtype(device, dtype)
+    path = find_checkpoint(ckpt)
+    model = load_model(path, dtype=dtype, device=device, fp32_edge_blocks=False)
+    tok_file = path / "tokenizer.json" if (path / "tokenizer.json").is_file() else data.TOKENIZER_FILE
+    tok = data.load_tokenizer(tok_file)
+    n_tok, n_model = tok.get_vocab_size(), model.config.vocab_size
+    if n_tok > n_model:
+        raise ValueError(f"{tok_file} has {n_tok} tokens but the model in {path} only {n_model}: "
+                         f"they do not belong together; put the model's tokenizer.json in {path}")
+    return model.eval(), tok, path
+
+
+# ---------------------------------------------------------------------------------------------
+# Training checkpoints: the model folder + optimizer state + trainer_state.json, written atomically
+
+
+def save_checkpoint(path: Path, model: Llama, opt=None, state: dict | None = None):
+    """Write a model folder (and the training state) into a temporary folder, fsync it, then
+    rename it over the old one. A kill at any moment leaves a complete folder at `path` or at
+    `path.old`, which load_training_state also accepts."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    old = path.with_name(path.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model(model, tmp)
+    if opt is not None:
+        names = {p: n for n, p in model.named_parameters()}
+        tensors = {f"{names[p]}::{k}": v.detach().cpu().contiguous()
+                   for p, st in opt.state.items() for k, v in st.items() if torch.is_tensor(v)}
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        _respect_umask(tmp / "optimizer.safetensors")
+        state = dict(state, torch_rng=base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode())
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1) + "\n")
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    data.fsync_dir(tmp)
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    data.fsync_dir(path.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(out_dir: Path) -> Path:
+    """OUT_DIR/latest, or latest.old when a kill came between save_checkpoint's two renames."""
+    for path in (out_dir / "latest", out_dir / "latest.old"):
+        if (path / "trainer_state.json").is_file():
+            return path
+    raise FileNotFoundError(f"--resume: no checkpoint to resume from in {out_dir}/latest "
+                            f"(expected trainer_state.json there); start without --resume")
+
+
+def read_trainer_state(path: Path) -> dict:
+    f = path / "trainer_state.json"
+    try:
+        state = json.loads(f.read_text())
+        if not isinstance(state, dict) or not {"step", "tokens", "train_config"} <= set(state):
+            raise ValueError("not a trainer state (needs step, tokens, train_config)")
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{f} is unreadable ({e}); delete {path} to start over, or restore it "
+                         f"from a copy") from None
+    return state
+
+
+def load_training_state(path: Path, model: Llama, opt, device) -> dict:
+    """Load a training checkpoint's weights into model and its state into opt (both already
+    built with the saved configuration), restore the RNG and return trainer_state.json."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    state = read_trainer_state(path)
+    try:
+        loaded = load_model(path, fp32_edge_blocks=model.config.fp32_edge_blocks,
+                            norm_fp32=model.config.norm_fp32)
+        opt_sd = load_file(str(path / "optimizer.safetensors"))
+        rng = torch.frombuffer(bytearray(base64.b64decode(state["torch_rng"])), dtype=torch.uint8)
+        torch.set_rng_state(rng)
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise ValueError(f"checkpoint {path} is unreadable: {e}\n"
+                         f"Delete it to start over, or restore it from a copy.") from None
+    if loaded.config != model.config:
+        diff = {f.name: (getattr(loaded.config, f.name), getattr(model.config, f.name))
+                for f in dataclasses.fields(ModelConfig)
+                if getattr(loaded.config, f.name) != getattr(model.config, f.name)}
+        raise ValueError(f"{path} holds a different model (checkpoint vs now: {diff})")
+    with torch.no_grad():
+        for p, q in zip(model.parameters(), loaded.parameters()):
+            p.copy_(q.to(p.dtype))
+    params = dict(model.named_parameters())
+    for key, t in opt_sd.items():
+        name, k = key.split("::")
+        opt.state[params[name]][k] = t.to(device)
+    return state
