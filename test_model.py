@@ -724,6 +724,7 @@ def test_train_kill_and_resume_gives_identical_losses(tmp_path, demo_data):
     run_train(args, ref, demo_data)
     want = losses(ref)
     assert sorted(want) == list(range(1, 9)) and want[8] < want[1]
+    assert (ref / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # Kill -9 after step 4 is logged, then --resume.
     out = tmp_path / "killed"
     cmd = [sys.executable, str(REPO / "train.py"), *MICRO, "--data_dir", str(demo_data),

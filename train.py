@@ -569,13 +569,14 @@ def fmt_time(s: float) -> str:
 
 
 def plot_metrics(out: Path):
-    """loss.png from metrics.jsonl, when matplotlib is installed."""
+    """OUT_DIR/loss.png: train and validation loss from metrics.jsonl."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        log(f"no {out}/loss.png: matplotlib is not installed (pip install -r requirements.txt)")
         return
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     tr = [(r["step"], r["loss"]) for r in rows if "loss" in r]
