@@ -230,11 +230,25 @@ def save_checkpoint(path: Path, model: Llama, opt=None, state: dict | None = Non
     """Write a model folder (and the training state) into a temporary folder, fsync it, then
     rename it over the old one. A kill at any moment leaves a complete folder at `path` or at
     `path.old`, which load_training_state also accepts."""
-    from safetensors.torch import save_file
-
     tmp = path.with_name(path.name + ".tmp")
     old = path.with_name(path.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write_checkpoint(tmp, model, opt, state)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk must not stay full
+        raise
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    data.fsync_dir(path.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_checkpoint(tmp: Path, model: Llama, opt, state: dict | None):
+    from safetensors.torch import save_file
+
     tmp.mkdir(parents=True)
     save_model(model, tmp)
     if opt is not None:
@@ -249,12 +263,6 @@ def save_checkpoint(path: Path, model: Llama, opt=None, state: dict | None = Non
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
     data.fsync_dir(tmp)
-    if path.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-    os.replace(tmp, path)
-    data.fsync_dir(path.parent)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def latest_checkpoint(out_dir: Path) -> Path:
@@ -270,8 +278,9 @@ def read_trainer_state(path: Path) -> dict:
     f = path / "trainer_state.json"
     try:
         state = json.loads(f.read_text())
-        if not isinstance(state, dict) or not {"step", "tokens", "train_config"} <= set(state):
-            raise ValueError("not a trainer state (needs step, tokens, train_config)")
+        fields = dict(step=int, tokens=int, best_val_loss=(int, float), train_config=dict, torch_rng=str)
+        if not isinstance(state, dict) or not all(isinstance(state.get(k), t) for k, t in fields.items()):
+            raise ValueError(f"not a trainer state: needs {', '.join(fields)}")
     except (OSError, ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"{f} is unreadable ({e}); delete {path} to start over, or restore it "
                          f"from a copy") from None

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import difflib
 import inspect
+import os
 import sys
 import typing
 from dataclasses import dataclass
@@ -149,24 +150,28 @@ class TrainConfig:
 
     def __post_init__(self):
         """Every value checked before any work starts, with the option's name."""
-        positive = ("batch_size", "seq_len", "grad_accum", "eval_interval", "log_interval",
-                    "ckpt_interval", "max_eval_samples", "lr", "token_budget")
-        for name in positive:
-            if not getattr(self, name) > 0:
-                raise ValueError(f"--{name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("max_steps", "min_lr", "weight_decay", "grad_clip", "eps", "web_weight",
-                     "code_weight", "math_weight", "anneal_web_weight", "anneal_code_weight",
-                     "anneal_math_weight"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)!r}")
-        for name in ("beta1", "beta2", "warmup_frac", "decay_frac", "anneal_frac"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be in [0, 1), got {getattr(self, name)!r}")
-        choices = dict(schedule=("cosine", "wsd"), precision=("bf16", "fp32"),
-                       device=("auto", "tpu", "xla", "cuda", "cpu"), preset=tuple(MODEL_PRESETS))
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"--{name} {getattr(self, name)!r}: choose {' | '.join(allowed)}")
+        require(self, ("batch_size", "seq_len", "grad_accum", "eval_interval", "log_interval",
+                       "ckpt_interval", "max_eval_samples", "lr", "token_budget"), lambda v: v > 0, "> 0")
+        require(self, ("max_steps", "min_lr", "weight_decay", "grad_clip", "eps", "web_weight",
+                       "code_weight", "math_weight", "anneal_web_weight", "anneal_code_weight",
+                       "anneal_math_weight"), lambda v: v >= 0, ">= 0")
+        require(self, ("beta1", "beta2", "warmup_frac", "decay_frac", "anneal_frac"),
+                lambda v: 0 <= v < 1, "in [0, 1)")
+        choose(self, schedule=("cosine", "wsd"), precision=("bf16", "fp32"),
+               device=("auto", "tpu", "xla", "cuda", "cpu"), preset=tuple(MODEL_PRESETS))
+
+
+def require(cfg, names, ok, rule: str):
+    """Stop at the first of the named fields whose value fails ok(), naming the option."""
+    for name in names:
+        if not ok(getattr(cfg, name)):
+            raise ValueError(f"--{name} must be {rule}, got {getattr(cfg, name)!r}")
+
+
+def choose(cfg, **allowed):
+    for name, values in allowed.items():
+        if getattr(cfg, name) not in values:
+            raise ValueError(f"--{name} {getattr(cfg, name)!r}: choose {' | '.join(values)}")
 
 
 @dataclass
@@ -177,10 +182,9 @@ class InferenceConfig:
     dtype: str = arg("auto", "auto (bf16 on a GPU, fp32 on the CPU) | bf16 | fp16 | fp32")
 
     def __post_init__(self):
-        if self.device not in ("auto", "cuda", "cpu") and not self.device.startswith("cuda:"):
-            raise ValueError(f"--device {self.device!r}: choose auto, cuda or cpu")
-        if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
-            raise ValueError(f"--dtype {self.dtype!r}: choose auto, bf16, fp16 or fp32")
+        if not self.device.startswith("cuda:"):
+            choose(self, device=("auto", "cuda", "cpu"))
+        choose(self, dtype=("auto", "bf16", "fp16", "fp32"))
 
 
 @dataclass
@@ -199,13 +203,10 @@ class SampleConfig(InferenceConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        checks = [("max_new_tokens", self.max_new_tokens >= 1), ("num_samples", self.num_samples >= 1),
-                  ("temperature", self.temperature >= 0), ("top_k", self.top_k >= 0),
-                  ("top_p", 0 < self.top_p <= 1), ("repetition_penalty", self.repetition_penalty > 0)]
-        for name, ok in checks:
-            if not ok:
-                raise ValueError(f"--{name} {getattr(self, name)!r} is out of range "
-                                 f"(see --help)")
+        require(self, ("max_new_tokens", "num_samples"), lambda v: v >= 1, ">= 1")
+        require(self, ("temperature", "top_k"), lambda v: v >= 0, ">= 0")
+        require(self, ("top_p",), lambda v: 0 < v <= 1, "in (0, 1]")
+        require(self, ("repetition_penalty",), lambda v: v > 0, "> 0")
 
 
 @dataclass
@@ -219,12 +220,8 @@ class EvalConfig(InferenceConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("seq_len", "stride"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("max_samples", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        require(self, ("seq_len", "stride"), lambda v: v >= 0, ">= 0")
+        require(self, ("max_samples", "batch_size"), lambda v: v >= 1, ">= 1")
 
 
 @dataclass
@@ -236,6 +233,14 @@ class DataConfig:
                                            "demo 0.1)")
     shard_tokens: int = arg(100_000_000, "tokens per shard file")
     force: bool = arg(False, "redo sources already prepared")
+    bad_utf8: str = arg("error", "a document that is not UTF-8: error (name the file and byte) | "
+                        "replace (bad bytes become U+FFFD) | skip (leave it out); both count")
+
+    def __post_init__(self):
+        choose(self, bad_utf8=("error", "replace", "skip"))
+        if self.val_frac is not None and not 0 <= self.val_frac < 1:
+            raise ValueError(f"--val_frac must be in [0, 1), got {self.val_frac}")
+        require(self, ("shard_tokens",), lambda v: v > 0, "> 0")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,26 +284,23 @@ class _Parser(argparse.ArgumentParser):
         super().error(message)
 
 
-def parse_args(argv, doc: str, *defaults):
-    """Parse `--field value` options for the fields of the given dataclass instances.
-
-    Returns (instances with the given options applied, the set of field names given). A bool
-    field takes true/false or nothing (`--resume` means true); an int field takes 6e9. Values are
-    validated by the dataclasses' own __post_init__; a bad one exits with the option's name.
-    """
+def parse_args(argv, doc: str, *defaults) -> dict:
+    """Parse `--field value` options for the fields of the given dataclass instances (whose
+    values are the defaults `--help` shows), and return {field: value} for the options given.
+    A bool field takes true/false or nothing (`--resume` means true); an int field takes 6e9."""
     ap = _Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
                  usage="%(prog)s [--field value ...]  (--help lists every field)",
                  argument_default=argparse.SUPPRESS, allow_abbrev=False)
-    owner = {}
+    seen = set()
     for cfg in defaults:
         doc = type(cfg).__doc__ or ""
         group = ap.add_argument_group(f"{type(cfg).__name__} (config.py)",
                                       None if doc.startswith(type(cfg).__name__ + "(") else inspect.cleandoc(doc))
         hints = typing.get_type_hints(type(cfg))
         for f in dataclasses.fields(cfg):
-            if f.name in owner:
+            if f.name in seen:
                 continue
-            owner[f.name] = cfg
+            seen.add(f.name)
             typ, default = hints[f.name], getattr(cfg, f.name)
             help = f.metadata.get("help", "") + ("" if default in (None, (), "") else f" (default: {default})")
             opt = dict(help=help.replace("%", "%%"))
@@ -312,12 +314,20 @@ def parse_args(argv, doc: str, *defaults):
             group.add_argument(f"--{f.name}", **opt)
     argv = [_underscored(a) for a in (sys.argv[1:] if argv is None else argv)]
     given = vars(ap.parse_args(argv))
-    given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
-    out = []
-    for cfg in defaults:
-        names = {f.name for f in dataclasses.fields(cfg)}
-        try:
-            out.append(dataclasses.replace(cfg, **{k: v for k, v in given.items() if k in names}))
-        except ValueError as e:
-            ap.error(str(e))
-    return out, set(given)
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
+
+
+def configure(cfg, given: dict):
+    """cfg with the given options that are its fields; a value its checks refuse raises a
+    ValueError that names the option."""
+    names = {f.name for f in dataclasses.fields(cfg)}
+    return dataclasses.replace(cfg, **{k: v for k, v in given.items() if k in names})
+
+
+def parse_config(argv, doc: str, default):
+    """A script with one config: the default with the options given; a bad value ends the script
+    with one line that names the option."""
+    try:
+        return configure(default, parse_args(argv, doc, default))
+    except ValueError as e:
+        raise SystemExit(f"{os.path.basename(sys.argv[0])}: {e}") from None

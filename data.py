@@ -16,7 +16,7 @@ from __future__ import annotations
 import glob
 import gzip
 import hashlib
-import io
+import shutil
 import json
 import os
 import struct
@@ -24,13 +24,14 @@ import sys
 import sysconfig
 import time
 import unicodedata
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from config import BOS_ID, EOS_ID, DataConfig, parse_args
+from config import BOS_ID, EOS_ID, DataConfig, parse_config
 
 ROOT = Path(__file__).resolve().parent
 TOKENIZER_FILE = ROOT / "tokenizer.json"
@@ -69,39 +70,64 @@ def clean(text: str, kind: str) -> str:
 # Reading documents from .txt[.gz], .jsonl[.gz] and .parquet files
 
 
-def _open_text(path: Path):
+def _open(path: Path):
     raw = open(path, "rb")
-    stream = gzip.GzipFile(fileobj=raw) if path.suffix == ".gz" else raw
-    return raw, io.TextIOWrapper(stream, encoding="utf-8", errors="replace", newline="")
+    return raw, (gzip.GzipFile(fileobj=raw) if path.suffix == ".gz" else raw)
 
 
-def iter_documents(path: Path, progress, key_root: Path | None = None):
+class Utf8Policy:
+    """What to do with a document that is not valid UTF-8: 'error' stops with the file and byte
+    offset, 'replace' keeps it with U+FFFD for the bad bytes, 'skip' leaves it out. Counts what
+    it did."""
+
+    def __init__(self, mode: str = "error"):
+        self.mode, self.count = mode, 0
+
+    def decode(self, raw: bytes, path: Path, offset: int) -> str | None:
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            if self.mode == "error":
+                raise ValueError(f"{path}: not UTF-8 at byte {offset + e.start:,} ({e.reason}); convert "
+                                 f"the file to UTF-8, or pass --bad_utf8 replace or --bad_utf8 skip") from None
+            self.count += 1
+            return raw.decode("utf-8", errors="replace") if self.mode == "replace" else None
+
+
+def iter_documents(path: Path, progress, key_root: Path | None = None, utf8: Utf8Policy | None = None):
     """Yield (key, text) for each document in a file; progress(bytes_read_of_this_file).
 
     The key (file path relative to key_root, and the document's index in the file) decides the
     train/val split, so the split does not depend on where the corpus sits on disk."""
+    utf8 = utf8 or Utf8Policy()
     name = path.name.lower()
     path_key = str(path.relative_to(key_root)) if key_root else path.name
     if name.endswith((".txt", ".txt.gz", ".py", ".md")):
-        raw, f = _open_text(path)
+        raw, f = _open(path)
         with raw, f:
-            text = f.read()
+            text = utf8.decode(f.read(), path, 0)
             progress(raw.tell())
-            yield path_key, text
+            if text is not None:
+                yield path_key, text
     elif name.endswith((".jsonl", ".jsonl.gz", ".json.gz", ".ndjson")):
-        raw, f = _open_text(path)
+        raw, f = _open(path)
+        offset = 0
         with raw, f:
             for i, line in enumerate(f):
+                start, offset = offset, offset + len(line)
                 if not line.strip():
+                    continue
+                line = utf8.decode(line, path, start)
+                if line is None:
                     continue
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}:{i + 1}: not valid JSON ({e})") from None
-                text = obj.get("text", obj.get("content"))
+                text = obj.get("text", obj.get("content")) if isinstance(obj, dict) else None
                 if not isinstance(text, str):
-                    raise ValueError(f"{path}:{i + 1}: no string field 'text' or 'content' "
-                                     f"(fields: {', '.join(list(obj)[:10])})")
+                    fields = ", ".join(list(obj)[:10]) if isinstance(obj, dict) else type(obj).__name__
+                    raise ValueError(f"{path}:{i + 1}: no string field 'text' or 'content' ({fields})")
                 if i % 256 == 0:
                     progress(raw.tell())
                 yield f"{path_key}:{i}", text
@@ -116,6 +142,9 @@ def iter_documents(path: Path, progress, key_root: Path | None = None):
         col = "text" if "text" in cols else "content" if "content" in cols else None
         if col is None:
             raise ValueError(f"{path}: no column 'text' or 'content' (columns: {', '.join(cols[:10])})")
+        kind = pf.schema_arrow.field(col).type
+        if str(kind) not in ("string", "large_string", "string_view"):
+            raise ValueError(f"{path}: column '{col}' holds {kind}, not text")
         size, i = path.stat().st_size, 0
         for g in range(pf.num_row_groups):  # one row group in memory at a time
             for text in pf.read_row_group(g, columns=[col]).column(0).to_pylist():
@@ -125,6 +154,19 @@ def iter_documents(path: Path, progress, key_root: Path | None = None):
             progress(size * (g + 1) // pf.num_row_groups)
     else:
         raise ValueError(f"{path}: unsupported file type; use .txt, .jsonl, .jsonl.gz or .parquet")
+
+
+def read_documents(path: Path, progress, key_root: Path, utf8: Utf8Policy):
+    """iter_documents, with every error that does not say which file it is about given the path
+    (a truncated .gz, a file that is not gzip or not Parquet, a read error)."""
+    try:
+        yield from iter_documents(path, progress, key_root, utf8)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise ValueError(f"{path}: damaged or truncated compressed file ({e}); re-download it") from None
+    except (OSError, ValueError) as e:
+        if str(path) in str(e):
+            raise
+        raise ValueError(f"{path}: cannot read it ({type(e).__name__}: {e})") from None
 
 
 def is_val(key: str, val_frac: float) -> bool:
@@ -228,13 +270,34 @@ def expand(pattern: str) -> list[Path]:
 
 
 def prepare_source(name: str, kind: str, files: list[Path], out: Path, tok, tok_hash: str,
-                   val_frac: float, shard_tokens: int, batch_docs: int = 512) -> dict:
-    """Clean, tokenize and shard one source. Tokenizing (Rust, all cores, GIL released) runs in a
-    background thread while this thread reads and cleans the next batch."""
-    src_dir = out / name
-    src_dir.mkdir(parents=True, exist_ok=True)
-    for stale in list(src_dir.glob("*.bin")) + list(src_dir.glob("*.tmp")):
-        stale.unlink()  # a rerun of an unfinished source starts it over
+                   val_frac: float, shard_tokens: int, bad_utf8: str = "error") -> dict:
+    """Clean, tokenize and shard one source into a staging folder; only when it is complete does
+    it replace OUT/name, so a failed or killed run never destroys finished shards. A failed run
+    removes its staging folder (a full disk does not stay full)."""
+    stage, old = out / f".{name}.staging", out / f".{name}.old"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    try:
+        meta = _write_source(name, kind, files, stage, tok, tok_hash, val_frac, shard_tokens, bad_utf8)
+    except BaseException as e:
+        shutil.rmtree(stage, ignore_errors=True)
+        if isinstance(e, OSError) and e.filename is None:  # e.g. ENOSPC from a write: say where
+            raise OSError(f"writing {out / name}: {e.strerror or e}") from None
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    if (out / name).exists():
+        os.replace(out / name, old)
+    os.replace(stage, out / name)
+    fsync_dir(out)
+    shutil.rmtree(old, ignore_errors=True)
+    return meta
+
+
+def _write_source(name, kind, files, src_dir: Path, tok, tok_hash, val_frac, shard_tokens, bad_utf8,
+                  batch_docs: int = 512) -> dict:
+    """Tokenizing (Rust, all cores, GIL released) runs in a background thread while this thread
+    reads and cleans the next batch."""
+    utf8 = Utf8Policy(bad_utf8)
     vocab = tok.get_vocab_size()
     writers = {s: ShardWriter(src_dir, s, vocab, shard_tokens) for s in ("train", "val")}
     total_bytes = sum(f.stat().st_size for f in files) or 1
@@ -254,7 +317,7 @@ def prepare_source(name: str, kind: str, files: list[Path], out: Path, tok, tok_
 
     def work(texts, splits):
         # encode_batch_fast: the same ids as encode_batch without computing character
-        # offsets, which packing never needs (about 20% faster here).
+        # offsets, which packing never needs (faster: README, Benchmarks, data preparation).
         encs = tok.encode_batch_fast(texts, add_special_tokens=False)
         for split in ("train", "val"):
             writers[split].add([e.ids for e, s in zip(encs, splits) if s == split])
@@ -277,7 +340,7 @@ def prepare_source(name: str, kind: str, files: list[Path], out: Path, tok, tok_
                 state["cur"] = n
                 report()
 
-            for key, text in iter_documents(path.resolve(), progress, key_root):
+            for key, text in read_documents(path.resolve(), progress, key_root, utf8):
                 text = clean(text, kind)
                 if not text:
                     continue
@@ -294,8 +357,15 @@ def prepare_source(name: str, kind: str, files: list[Path], out: Path, tok, tok_
         if pending is not None:
             pending.result()
     report(final=True)
+    if utf8.count:
+        print(f"[{name}] {utf8.count:,} document(s) not valid UTF-8: "
+              f"{'replaced bad bytes with U+FFFD' if utf8.mode == 'replace' else 'skipped'}", file=sys.stderr)
     meta = {"kind": kind, "files": [str(f) for f in files], "tokenizer_sha256": tok_hash,
             "vocab_size": vocab, "train": writers["train"].finish(), "val": writers["val"].finish()}
+    if not meta["val"]:
+        print(f"[{name}] warning: none of its {state['docs']:,} documents was held out at --val_frac "
+              f"{val_frac}: train.py evaluates on the other sources only, or fails if none has "
+              f"any; raise --val_frac or add documents", file=sys.stderr)
     atomic_write_json(src_dir / "meta.json", meta)  # written last: marks the source complete
     return meta
 
@@ -309,7 +379,7 @@ def demo_sources() -> dict[str, list[Path]]:
 
 
 def prepare(sources: dict[str, list[Path]], out: Path, val_frac: float, shard_tokens: int,
-            force: bool = False):
+            force: bool = False, bad_utf8: str = "error"):
     out.mkdir(parents=True, exist_ok=True)
     tok = load_tokenizer()
     tok_hash = file_sha256(TOKENIZER_FILE)
@@ -317,6 +387,8 @@ def prepare(sources: dict[str, list[Path]], out: Path, val_frac: float, shard_to
     for name, files in sources.items():
         if not files:
             raise SystemExit(f"--source {name}: no files matched")
+        if not (out / name).exists() and (out / f".{name}.old").is_dir():
+            os.replace(out / f".{name}.old", out / name)  # killed between prepare_source's renames
         done = out / name / "meta.json"
         if done.is_file() and not force:
             m = json.loads(done.read_text())
@@ -325,7 +397,7 @@ def prepare(sources: dict[str, list[Path]], out: Path, val_frac: float, shard_to
                 metas[name] = m
                 continue
         kind = "code" if name == "code" else name
-        metas[name] = prepare_source(name, kind, files, out, tok, tok_hash, val_frac, shard_tokens)
+        metas[name] = prepare_source(name, kind, files, out, tok, tok_hash, val_frac, shard_tokens, bad_utf8)
     summary = {"tokenizer_sha256": tok_hash, "vocab_size": tok.get_vocab_size(),
                "sources": {n: {s: sum(x["tokens"] for x in m[s]) for s in ("train", "val")}
                            for n, m in metas.items()}}
@@ -357,7 +429,11 @@ def open_shard(path: Path, vocab_size: int | None = None) -> np.ndarray:
     if size != HEADER.size + count * itemsize:
         raise ValueError(f"{path}: truncated or padded: header says {count} tokens "
                          f"({HEADER.size + count * itemsize} bytes), file has {size} bytes; {hint}")
-    return np.memmap(path, dtype=TOKEN_DTYPES[itemsize], mode="r", offset=HEADER.size, shape=(count,))
+    tokens = np.memmap(path, dtype=TOKEN_DTYPES[itemsize], mode="r", offset=HEADER.size, shape=(count,))
+    if count and int(tokens.max()) >= vocab:  # one pass per shard: an embedding lookup would crash
+        raise ValueError(f"{path}: holds token id {int(tokens.max())}, but its vocabulary has {vocab} "
+                         f"ids; the shard is damaged: {hint}")
+    return tokens
 
 
 class TokenWindows:
@@ -383,10 +459,14 @@ def find_sources(data_dir, split: str, seq_len: int, vocab_size: int | None) -> 
         raise FileNotFoundError(f"{data_dir}: no such data directory; prepare one with "
                                 f"`python data.py` (demo) or `python data.py --source ... --out {data_dir}`")
     out = {}
-    for d in sorted(p for p in data_dir.iterdir() if p.is_dir()):
-        files = sorted(d.glob(f"{split}_*.bin"))
-        if files:
-            tw = TokenWindows(files, seq_len, vocab_size)
+    for d in sorted(p for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        listed = complete_shards(d, split)  # {shard: its token count in meta.json}
+        if listed:
+            tw = TokenWindows(list(listed), seq_len, vocab_size)
+            for f, shard in zip(listed, tw.shards):
+                if len(shard) != listed[f]:
+                    raise ValueError(f"{f}: holds {len(shard):,} tokens, {d / 'meta.json'} says "
+                                     f"{listed[f]:,}; {_redo(d)}")
             if tw.n == 0:
                 raise ValueError(f"{d}: {split} shards hold fewer than {seq_len + 1} tokens; "
                                  f"use a shorter --seq_len or more data")
@@ -395,6 +475,30 @@ def find_sources(data_dir, split: str, seq_len: int, vocab_size: int | None) -> 
         raise FileNotFoundError(f"{data_dir}: no {split}_*.bin shards in any source folder; "
                                 f"prepare them with `python data.py --out {data_dir}`")
     return out
+
+
+def _redo(src: Path) -> str:
+    return f"finish it with the data.py command that made {src.parent} (it redoes unfinished sources)"
+
+
+def complete_shards(src: Path, split: str) -> dict[Path, int]:
+    """The split's shards of a source that data.py finished, as its meta.json lists them, with
+    their token counts; an unfinished source or a listed shard that is missing is refused with
+    the command that fixes it."""
+    redo = _redo(src)
+    if not (src / "meta.json").is_file():
+        if any(src.glob("*.bin")):
+            raise ValueError(f"{src}: an unfinished source (shards but no meta.json); {redo}")
+        return {}
+    try:
+        listed = json.loads((src / "meta.json").read_text())[split]
+        files = [(src / s["file"], int(s["tokens"])) for s in listed]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{src / 'meta.json'}: damaged ({type(e).__name__}: {e}); {redo}") from None
+    for f, _ in files:
+        if not f.is_file():
+            raise ValueError(f"{f}: listed in {src / 'meta.json'} but missing; {redo}")
+    return dict(files)
 
 
 @dataclass
@@ -499,7 +603,7 @@ def val_windows(data_dir, seq_len: int, max_samples: int, rank: int = 0, world_s
 
 
 def main(argv=None):
-    (cfg,), _ = parse_args(argv, __doc__, DataConfig())
+    cfg = parse_config(argv, __doc__, DataConfig())
     if cfg.source:
         sources = {}
         for s in cfg.source:
@@ -514,7 +618,7 @@ def main(argv=None):
         sources, out = demo_sources(), Path(cfg.out or "data/demo")
         val_frac = 0.1 if cfg.val_frac is None else cfg.val_frac
     try:
-        prepare(sources, out, val_frac, cfg.shard_tokens, cfg.force)
+        prepare(sources, out, val_frac, cfg.shard_tokens, cfg.force, cfg.bad_utf8)
     except (ValueError, OSError) as e:  # a bad input file: say which, without a traceback
         raise SystemExit(f"data.py: {e}") from None
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 import checkpoint
 import data
-from config import EvalConfig, parse_args
+from config import EvalConfig, parse_config
 
 
 def text_windows(ids: list[int], ctx: int, stride: int) -> list[tuple[list[int], int]]:
@@ -77,7 +77,7 @@ def score(model, windows: list[tuple[list[int], int]], batch_size: int, device, 
 
 
 def main(argv=None):
-    (cfg,), _ = parse_args(argv, __doc__, EvalConfig())
+    cfg = parse_config(argv, __doc__, EvalConfig())
     try:
         model, tok, path = checkpoint.load_for_inference(cfg.ckpt, cfg.device, cfg.dtype)
     except (FileNotFoundError, ValueError) as e:

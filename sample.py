@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import checkpoint
-from config import SampleConfig, parse_args
+from config import SampleConfig, parse_config
 from model import Llama
 
 
@@ -177,7 +177,7 @@ def read_prompts(cfg: SampleConfig) -> list[str]:
 
 
 def main(argv=None):
-    (cfg,), _ = parse_args(argv, __doc__, SampleConfig())
+    cfg = parse_config(argv, __doc__, SampleConfig())
     prompts = read_prompts(cfg)
     try:
         model, tok, path = checkpoint.load_for_inference(cfg.ckpt, cfg.device, cfg.dtype)

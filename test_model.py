@@ -12,7 +12,7 @@ import torch
 
 import checkpoint
 from checkpoint import load_model, save_model
-from config import MODEL_PRESETS, ModelConfig, SampleConfig, TrainConfig, model_config, parse_args
+from config import MODEL_PRESETS, ModelConfig, SampleConfig, TrainConfig, configure, model_config, parse_args
 from model import Llama, RMSNorm
 
 SMALL = dict(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
@@ -65,21 +65,20 @@ def test_bad_model_config_names_the_field(kw, field):
 
 
 def test_cli_overrides_coerce_types_and_reject_typos(capsys):
-    (t, m), given = parse_args(["--lr", "3e-4", "--compile", "false", "--resume", "--max-steps=20",
-                                "--num_hidden_layers", "2", "--token_budget", "1e6"], "doc",
-                               TrainConfig(), small_config())
-    assert t.lr == 3e-4 and t.compile is False and t.resume is True and t.max_steps == 20
-    assert m.num_hidden_layers == 2 and t.token_budget == 1e6 and m.hidden_size == SMALL["hidden_size"]
-    assert given == {"lr", "compile", "resume", "max_steps", "num_hidden_layers", "token_budget"}
+    given = parse_args(["--lr", "3e-4", "--compile", "false", "--resume", "--max-steps=20",
+                        "--num_hidden_layers", "2", "--token_budget", "1e6"], "doc", TrainConfig(), ModelConfig())
+    assert given == {"lr": 3e-4, "compile": False, "resume": True, "max_steps": 20, "num_hidden_layers": 2,
+                     "token_budget": 1e6}
+    t, m = configure(TrainConfig(), given), configure(small_config(), given)
+    assert t.lr == 3e-4 and t.max_steps == 20 and m.num_hidden_layers == 2 and m.hidden_size == SMALL["hidden_size"]
     for argv, message in ((["--lrr", "1"], "did you mean --lr"),
                           (["--max_steps", "ten"], "--max_steps: invalid int value: 'ten'"),
-                          (["--num_key_value_heads", "3"], "num_key_value_heads"),  # validation runs
-                          (["--batch_size", "0"], "--batch_size must be > 0"),
-                          (["--log_interval", "-1"], "--log_interval must be > 0"),
-                          (["--schedule", "linear"], "--schedule 'linear': choose cosine | wsd")):
+                          (["--compile", "maybe"], "expected true/false, got 'maybe'")):
         with pytest.raises(SystemExit):
-            parse_args(argv, "doc", TrainConfig(), small_config())
+            parse_args(argv, "doc", TrainConfig(), ModelConfig())
         assert message in capsys.readouterr().err
+    with pytest.raises(ValueError, match="num_key_value_heads"):  # the dataclass's checks run
+        configure(small_config(), {"num_key_value_heads": 3})
     with pytest.raises(ValueError, match="unknown preset"):
         model_config("portimbria-15m")
 
@@ -893,7 +892,8 @@ def _signal_mid_run(cmd, env_extra, signum=signal.SIGTERM) -> int:
     assert f"stopped by a signal at step {saved}" in rest, rest[-3000:]
     assert 4 <= saved < 12
     if "torch.distributed.run" not in cmd:  # torchrun itself reports the signal it was sent
-        assert p.returncode == 0, rest[-3000:]
+        # 128 + the signal, as a shell reports it: a scheduler must not read it as finished.
+        assert p.returncode == 128 + signum and "Traceback" not in rest, rest[-3000:]
     return saved
 
 
@@ -1175,3 +1175,174 @@ def test_a_tokenizer_worker_error_reaches_the_caller(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         _prepare(tmp_path, tmp_path / "out")
     assert not (tmp_path / "out" / "web" / "meta.json").exists()  # not marked complete
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input and faults: each class ends in one line that names the thing and the fix, with no
+# traceback, and nothing finished on disk is destroyed.
+
+import re  # noqa: E402
+import shutil  # noqa: E402
+
+BAD_OPTIONS = [
+    ("train.py", ["--batch_size", "0"], "train.py: --batch_size must be > 0, got 0"),
+    ("train.py", ["--lr", "-1"], "train.py: --lr must be > 0, got -1.0"),
+    ("train.py", ["--log_interval", "0"], "train.py: --log_interval must be > 0"),
+    ("train.py", ["--ckpt_interval", "-5"], "train.py: --ckpt_interval must be > 0"),
+    ("train.py", ["--schedule", "linear"], "train.py: --schedule 'linear': choose cosine | wsd"),
+    ("train.py", ["--precision", "fp8"], "train.py: --precision 'fp8': choose bf16 | fp32"),
+    ("train.py", ["--preset", "tiny", "--hidden_size", "250"], "num_attention_heads=4 must divide hidden_size=250"),
+    ("train.py", ["--max_step", "5"], "unrecognized arguments: --max_step 5 (did you mean --max_steps"),
+    ("sample.py", ["--max_new_tokens", "-5"], "sample.py: --max_new_tokens must be >= 1, got -5"),
+    ("sample.py", ["--num_samples", "0"], "sample.py: --num_samples must be >= 1, got 0"),
+    ("sample.py", ["--temperature", "-1"], "sample.py: --temperature must be >= 0"),
+    ("sample.py", ["--top_p", "2"], "sample.py: --top_p must be in (0, 1]"),
+    ("sample.py", ["--repetition_penalty", "0"], "sample.py: --repetition_penalty must be > 0"),
+    ("sample.py", ["--prompt_file", "{tmp}/latin1.txt"], "--prompt_file {tmp}/latin1.txt: 'utf-8' codec can't decode"),
+    ("sample.py", ["--prompt_file", "{tmp}/empty.txt"], "--prompt_file {tmp}/empty.txt has no non-empty line"),
+    ("sample.py", ["--ckpt", "{tmp}/nothing"], "sample.py: {tmp}/nothing: not a directory"),
+    ("eval_ppl.py", ["--batch_size", "0"], "eval_ppl.py: --batch_size must be >= 1, got 0"),
+    ("eval_ppl.py", ["--max_samples", "0"], "eval_ppl.py: --max_samples must be >= 1, got 0"),
+    ("eval_ppl.py", ["--ckpt", "{tmp}/nothing"], "eval_ppl.py: {tmp}/nothing: not a directory"),
+    ("data.py", ["--bad_utf8", "ignore"], "data.py: --bad_utf8 'ignore': choose error | replace | skip"),
+    ("data.py", ["--val_frac", "1.5"], "data.py: --val_frac must be in [0, 1)"),
+]
+if not torch.cuda.is_available():
+    BAD_OPTIONS.append(("sample.py", ["--device", "cuda"], "--device cuda: no CUDA GPU is visible to PyTorch"))
+
+
+@pytest.mark.parametrize("script, args, message", BAD_OPTIONS, ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_bad_options_end_in_one_line_before_any_work(tmp_path, script, args, message):
+    (tmp_path / "latin1.txt").write_bytes("café\n".encode("latin-1"))
+    (tmp_path / "empty.txt").write_text("\n\n")
+    args = [a.format(tmp=tmp_path) for a in args]
+    extra = ["--out_dir", str(tmp_path / "out")] if script == "train.py" else []
+    p = run_script(script, *args, *extra)
+    assert p.returncode != 0 and message.format(tmp=tmp_path) in p.stderr, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) <= 2
+    assert not (tmp_path / "out").exists()  # refused before any work
+
+
+def test_a_preset_takes_overrides_of_its_own_shape():
+    tcfg, mcfg, given = train.parse(["--preset", "tiny", "--hidden_size", "256", "--out_dir", "x"])
+    assert (mcfg.hidden_size, mcfg.num_attention_heads, mcfg.num_hidden_layers) == (256, 4, 4)
+    assert given == {"preset", "hidden_size", "out_dir"}
+
+
+@pytest.fixture(scope="module")
+def trained_out(tmp_path_factory, demo_data):
+    out = tmp_path_factory.mktemp("trained") / "out"
+    run_train(["--max_steps", "2", "--eval_interval", "2", "--log_interval", "1"], out, demo_data)
+    return out
+
+
+@pytest.mark.parametrize("damage, message", [
+    (b"\x8f\x00\xff" * 10, "trainer_state.json is unreadable"),
+    (b"{", "trainer_state.json is unreadable"),
+    (b"{}", "not a trainer state: needs step, tokens"),
+    ("rng", "is unreadable"),
+], ids=["random bytes", "bad json", "empty object", "wrong rng state"])
+def test_damaged_trainer_state_is_named_and_kept(tmp_path, trained_out, demo_data, damage, message):
+    out = tmp_path / "out"
+    shutil.copytree(trained_out, out)
+    f = out / "latest" / "trainer_state.json"
+    if damage == "rng":
+        state = json.loads(f.read_text())
+        damage = json.dumps({**state, "torch_rng": "AAAA"}).encode()
+    f.write_bytes(damage)
+    before = sorted((p.name, p.stat().st_size) for p in (out / "latest").iterdir())
+    p = run_train(["--max_steps", "4", "--resume"], out, demo_data, check=False)
+    assert p.returncode != 0 and message in p.stderr and str(out / "latest") in p.stderr, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
+    assert sorted((p.name, p.stat().st_size) for p in (out / "latest").iterdir()) == before
+
+
+def test_resume_past_max_steps_and_a_failed_save_keep_the_checkpoint(tmp_path, trained_out, demo_data):
+    out = tmp_path / "out"
+    shutil.copytree(trained_out, out)
+    p = run_train(["--max_steps", "1", "--resume"], out, demo_data, check=False)
+    assert p.returncode != 0 and "is at step 2, already at or past --max_steps 1" in p.stderr
+    # A save that fails (a file stands where the temporary folder goes, as a full disk would fail
+    # it): one message, the previous latest/ intact and loadable.
+    (out / "latest.tmp").write_text("in the way")
+    p = run_train(["--max_steps", "3", "--resume"], out, demo_data, check=False)
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert f"could not write {out}/latest" in p.stderr and "The previous checkpoint is intact" in p.stderr
+    assert json.loads((out / "latest" / "trainer_state.json").read_text())["step"] == 2
+    load_model(out / "latest")
+
+
+def _one_source(tmp_path, name, payload: bytes, **kw):
+    (tmp_path / name).write_bytes(payload)
+    return data.prepare({"web": [tmp_path / name]}, tmp_path / "out", val_frac=0.5, shard_tokens=10**6, **kw)
+
+
+@pytest.mark.parametrize("name, payload, message", [
+    ("latin1.txt", "Un café très noir.".encode("latin-1"), "latin1.txt: not UTF-8 at byte 6"),
+    ("utf16.txt", "hello".encode("utf-16"), "utf16.txt: not UTF-8 at byte 0"),
+    ("bad.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n', "bad.jsonl: not UTF-8 at byte 28"),
+    ("cut.jsonl.gz", gzip.compress(b'{"text": "a document"}\n' * 200)[:60], "cut.jsonl.gz: damaged or truncated"),
+    ("plain.jsonl.gz", b'{"text": "not gzip"}\n', "plain.jsonl.gz: damaged or truncated compressed file"),
+    ("list.jsonl", b'[1, 2]\n', "list.jsonl:1: no string field 'text' or 'content' (list)"),
+], ids=["latin-1", "utf-16", "jsonl byte offset", "truncated gz", "not gzip", "not an object"])
+def test_bad_documents_are_named_with_file_and_place(tmp_path, name, payload, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        _one_source(tmp_path, name, payload)
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no staging left
+
+
+def test_non_utf8_can_be_replaced_or_skipped_and_is_counted(tmp_path, capsys):
+    docs = b'{"text": "good one"}\n{"text": "caf\xe9 bad"}\n{"text": "good two"}\n'
+    _one_source(tmp_path, "mixed.jsonl", docs, bad_utf8="replace")
+    meta = json.loads((tmp_path / "out" / "web" / "meta.json").read_text())
+    assert sum(s["documents"] for s in meta["train"] + meta["val"]) == 3
+    assert "[web] 1 document(s) not valid UTF-8: replaced bad bytes with U+FFFD" in capsys.readouterr().err
+    _one_source(tmp_path, "mixed.jsonl", docs, bad_utf8="skip", force=True)
+    meta = json.loads((tmp_path / "out" / "web" / "meta.json").read_text())
+    assert sum(s["documents"] for s in meta["train"] + meta["val"]) == 2
+    assert "[web] 1 document(s) not valid UTF-8: skipped" in capsys.readouterr().err
+
+
+def test_parquet_column_that_is_not_text(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": [1, 2, 3]}), tmp_path / "ints.parquet")
+    with pytest.raises(ValueError, match="ints.parquet: column 'text' holds int64, not text"):
+        data.prepare({"web": [tmp_path / "ints.parquet"]}, tmp_path / "out", 0.1, 10**6)
+
+
+def test_a_failed_reprepare_keeps_the_finished_source(tmp_path):
+    _write_corpus(tmp_path)
+    out = tmp_path / "out"
+    _prepare(tmp_path, out)
+    before = {p.relative_to(out): p.read_bytes() for p in (out / "web").iterdir()}
+    (tmp_path / "web" / "doc99.txt").write_bytes(b"caf\xe9")  # the new input fails halfway
+    with pytest.raises(ValueError, match="doc99.txt: not UTF-8"):
+        _prepare(tmp_path, out, force=True)
+    assert {p.relative_to(out): p.read_bytes() for p in (out / "web").iterdir()} == before
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    data.MixtureLoader(out, 2, 16, data.Mixture({"web": 1.0}, {"web": 1.0}, 0), vocab_size=32768)
+
+
+def test_training_data_must_be_complete_and_in_vocabulary(tmp_path):
+    _write_corpus(tmp_path)
+    out = tmp_path / "out"
+    _prepare(tmp_path, out)
+    mix = data.Mixture({}, {}, 0)
+    (out / "math" / "meta.json").rename(out / "math" / "meta.saved")  # killed before it finished
+    with pytest.raises(ValueError, match=f"{out / 'math'}: an unfinished source .* data.py command"):
+        data.MixtureLoader(out, 2, 16, mix, vocab_size=32768)
+    (out / "math" / "meta.saved").rename(out / "math" / "meta.json")
+    shard = out / "web" / "train_000000.bin"
+    raw = bytearray(shard.read_bytes())
+    raw[data.HEADER.size + 10:data.HEADER.size + 12] = (40000).to_bytes(2, "little")  # id >= 32768
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=f"{shard}: holds token id 40000, but its vocabulary has 32768"):
+        data.MixtureLoader(out, 2, 16, mix, vocab_size=32768)
+
+
+def test_a_source_with_no_held_out_document_warns(tmp_path, capsys):
+    (tmp_path / "one.txt").write_text("A single short document.")
+    data.prepare({"web": [tmp_path / "one.txt"]}, tmp_path / "out", val_frac=0.001, shard_tokens=10**6)
+    assert "[web] warning: none of its 1 documents was held out at --val_frac 0.001" in capsys.readouterr().err

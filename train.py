@@ -22,7 +22,6 @@ import multiprocessing
 import os
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -32,7 +31,7 @@ import torch.distributed as dist
 
 import checkpoint
 import data
-from config import ModelConfig, TrainConfig, model_config, parse_args
+from config import ModelConfig, TrainConfig, configure, model_config, parse_args
 from model import Llama, blockwise_attention
 
 # Dense bf16 peak FLOP/s per device, for MFU. Unknown devices report no MFU.
@@ -319,14 +318,31 @@ def flops_per_token(cfg: ModelConfig, n_params: int, seq_len: int) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# Stopping. SIGTERM (a preempted VM, a scheduler) and SIGINT (Ctrl-C) set STOP; the ranks agree
-# on it at the next log step, save OUT_DIR/latest and exit 0.
-STOP = threading.Event()
+class StopSignal:
+    """SIGTERM (a preempted VM, a scheduler) and SIGINT (Ctrl-C) are recorded here; the ranks
+    agree on them at the next log step, save OUT_DIR/latest and exit with 128 + the signal's
+    number (143, 130), as a shell reports a process the signal ended: a scheduler must not read
+    the stop as a finished run."""
+
+    def __init__(self):
+        self.signum = 0
+
+    def __call__(self, signum, frame):
+        self.signum = signum
+
+    def is_set(self) -> bool:
+        return self.signum != 0
+
+    def exit_code(self) -> int:
+        return 128 + (self.signum or signal.SIGTERM)  # a rank told by the others: SIGTERM's
+
+
+STOP = StopSignal()
 
 
 def install_stop_handlers():
-    signal.signal(signal.SIGTERM, lambda signum, frame: STOP.set())
-    signal.signal(signal.SIGINT, lambda signum, frame: STOP.set())
+    signal.signal(signal.SIGTERM, STOP)
+    signal.signal(signal.SIGINT, STOP)
 
 
 def save_on_master(rt: Runtime, what: Path, write):
@@ -418,6 +434,8 @@ class Run:
         self.metrics = None
         if rt.master:
             self.out.mkdir(parents=True, exist_ok=True)
+            if tcfg.resume:
+                drop_metrics_after(self.out / "metrics.jsonl", self.step)
             self.metrics = open(self.out / "metrics.jsonl", "a")
             log(f"model {tcfg.preset}: {self.n_params:,} parameters | device {rt.name} x{rt.world} | "
                 f"{self.tokens_per_step:,} tokens/step | {self.max_steps:,} steps "
@@ -538,13 +556,27 @@ class Run:
             self.metrics.flush()
 
     def finish(self):
-        if self.stopping and self.rt.master:
-            log(f"stopped by a signal at step {self.step}: checkpoint in {self.out}/latest; "
-                f"continue with --resume")
-        if self.rt.master:
-            self.metrics.close()
-            log(f"done: {self.out}/best (best val loss {self.best_val_loss:.4f}) and {self.out}/latest")
-            plot_metrics(self.out)
+        if not self.rt.master:
+            return
+        self.metrics.close()
+        plot_metrics(self.out)
+        best = (f"{self.out}/best (best val loss {self.best_val_loss:.4f})" if math.isfinite(self.best_val_loss)
+                else "no best/ yet (no evaluation after step 0)")
+        if self.stopping:
+            log(f"stopped by a signal at step {self.step}: checkpoint in {self.out}/latest; {best}; "
+                f"continue with --resume (exit code {STOP.exit_code()})")
+        else:
+            log(f"done: {best} and {self.out}/latest")
+
+
+def drop_metrics_after(path: Path, step: int):
+    """A resumed run redoes the steps after its checkpoint: drop their rows from the killed run,
+    so metrics.jsonl has one row per step and evaluation."""
+    if path.is_file():
+        rows = [line for line in path.read_text().splitlines(keepends=True)
+                if line.strip() and json.loads(line)["step"] <= step]
+        with data.AtomicFile(path, "w") as f:
+            f.writelines(rows)
 
 
 def train(tcfg: TrainConfig, mcfg: ModelConfig, rt: Runtime) -> Run:
@@ -601,32 +633,33 @@ REPLANS = {"max_steps", "token_budget", "batch_size", "grad_accum", "seq_len", "
 
 
 def parse(argv, announce: bool = False) -> tuple[TrainConfig, ModelConfig, set[str]]:
-    """The run's configuration: the defaults and the preset, then the options given. With
-    --resume the saved run's settings take the place of the defaults, so only the options given
-    now change them (announce: say which, in one line). Also returns the names given."""
+    """The run's configuration: the defaults, the preset, then the options given. With --resume
+    the saved run's settings take the place of the defaults and the preset, so only the options
+    given now change them (announce: say which, in one line). Also returns the names given."""
+    given = parse_args(argv, __doc__, TrainConfig(), ModelConfig())
     try:
-        (tcfg, mcfg), given = parse_args(argv, __doc__, TrainConfig(), ModelConfig())
-        model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
-        model_given = {k: getattr(mcfg, k) for k in given & model_fields}
-        train_given = {k: getattr(tcfg, k) for k in given - model_fields}
+        tcfg = configure(TrainConfig(), given)
         if not tcfg.resume:
-            return tcfg, dataclasses.replace(model_config(tcfg.preset), **model_given), given
+            return tcfg, configure(model_config(tcfg.preset), given), set(given)
         path = checkpoint.latest_checkpoint(Path(tcfg.out_dir))
         saved = checkpoint.read_trainer_state(path)
         known = {f.name for f in dataclasses.fields(TrainConfig)}
         before = TrainConfig(**{k: v for k, v in saved["train_config"].items() if k in known})
-        tcfg = dataclasses.replace(before, **train_given)
-        mcfg = dataclasses.replace(checkpoint.load_config(path), **model_given)
+        tcfg = configure(before, given)
+        mcfg = configure(checkpoint.load_config(path), given)
+        if saved["step"] >= (tcfg.max_steps or math.inf):
+            raise ValueError(f"--resume: {path} is at step {saved['step']:,}, already at or past "
+                             f"--max_steps {tcfg.max_steps:,}; pass a larger --max_steps to continue")
     except (ValueError, TypeError, FileNotFoundError) as e:
         raise SystemExit(f"train.py: {e}") from None
-    changed = {k: (getattr(before, k), v) for k, v in train_given.items()
-               if k not in ("resume", "out_dir") and getattr(before, k) != v}
+    changed = {k: (getattr(before, k), getattr(tcfg, k)) for k in given
+               if k in known and k not in ("resume", "out_dir") and getattr(before, k) != getattr(tcfg, k)}
     if announce and changed:
         log(f"resume: the saved run's settings, except " + ", ".join(
             f"--{k} {new} (was {old})" for k, (old, new) in changed.items())
             + (f"; this re-plans the LR schedule and the data mixture from step {saved['step']:,}"
                if REPLANS & set(changed) else ""))
-    return tcfg, mcfg, given
+    return tcfg, mcfg, set(given)
 
 
 def tpu_micro_batches(tcfg: TrainConfig, given: set[str]) -> TrainConfig:
@@ -644,7 +677,8 @@ def xla_worker(index: int, argv):
     rt = Runtime("xla", xla_cache=cache)
     if rt.tpu:
         tcfg = tpu_micro_batches(tcfg, given)
-    train(tcfg, mcfg, rt)
+    if train(tcfg, mcfg, rt).stopping:
+        raise SystemExit(STOP.exit_code())  # xmp.spawn raises it again in the parent
 
 
 def main(argv=None):
@@ -657,9 +691,11 @@ def main(argv=None):
     install_stop_handlers()
     rt = Runtime(kind, tcfg.compile)
     try:
-        train(tcfg, mcfg, rt)
+        run = train(tcfg, mcfg, rt)
     finally:
         rt.close()
+    if run.stopping:
+        raise SystemExit(STOP.exit_code())
 
 
 if __name__ == "__mp_main__":
