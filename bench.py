@@ -6,6 +6,7 @@
     python bench.py eval       # perplexity-evaluation throughput vs HF forward with labels
     python bench.py data       # tokenize + pack throughput vs bare Tokenizer.encode_batch; CPU
     python bench.py tpu        # the TPU step's memory plan: XLA's buffer assignment on XLA:CPU
+    python bench.py speculative  # target alone vs target + draft (ours) vs HF assisted; GPU
 
 Each configuration runs in its own subprocess (clean peak-memory figures); the parent prints a
 table and writes JSON with --json FILE. transformers is needed here as the reference only.
@@ -256,6 +257,88 @@ def eval_one(impl: str, device: str, batch: int, seq: int, batches: int, dtype: 
 
 
 # ---------------------------------------------------------------------------------------------
+# Speculative decoding
+
+# A 1.1B target of TinyLlama's shape with the Portimbria vocabulary, as train.py options.
+TARGET_SHAPE = ["--hidden_size", "2048", "--num_hidden_layers", "22", "--num_attention_heads", "32",
+                "--num_key_value_heads", "4", "--intermediate_size", "5632"]
+SPEC_PROMPTS = ["ROMEO:", "KING HENRY:\nNow, lords,", "def main(argv):\n    ", "import os\nimport sys\n\n",
+                "First Citizen:\nBefore we proceed any further,"]
+
+
+def train_pair(work: Path, steps: int) -> tuple[Path, Path]:
+    """A 1.1B target and a Portimbria-150M draft trained for `steps` steps each on the demo data."""
+    if not (ROOT / "data" / "demo" / "meta.json").is_file():
+        subprocess.run([sys.executable, str(ROOT / "data.py")], check=True, cwd=ROOT)
+    common = ["--seq_len", "2048", "--max_position_embeddings", "2048", "--max_steps", str(steps),
+              "--eval_interval", str(steps), "--log_interval", "50", "--warmup_frac", "0.1"]
+    for name, extra in (("target", [*TARGET_SHAPE, "--batch_size", "8", "--lr", "4e-4"]),
+                        ("draft", ["--batch_size", "16", "--lr", "8e-4"])):
+        t0 = time.time()
+        p = subprocess.run([sys.executable, str(ROOT / "train.py"), *common, *extra, "--out_dir", str(work / name)],
+                           cwd=ROOT, capture_output=True, text=True)
+        if p.returncode:
+            raise SystemExit(f"training the {name} failed:\n{p.stdout[-2000:]}{p.stderr[-2000:]}")
+        print(f"trained the {name}: {steps} steps in {time.time() - t0:.0f}s; {p.stdout.splitlines()[-2]}",
+              flush=True)
+    return work / "target" / "latest", work / "draft" / "latest"
+
+
+def speculative_one(impl: str, target: str, draft: str, new_tokens: int, draft_tokens: int = 0) -> dict:
+    """Greedy decoding (bf16, batch 1) of SPEC_PROMPTS: 'alone' (the target, compiled), 'draft'
+    (the draft alone, compiled), 'ours' (target + draft, compiled) or 'hf' (HF generate with
+    assistant_model); the second pass over the prompts is timed (the first compiles)."""
+    import torch
+
+    import checkpoint
+    import sample
+    from config import BOS_ID, SampleConfig
+
+    tok = checkpoint.data.load_tokenizer(Path(target) / "tokenizer.json")
+    prompts = [[BOS_ID] + tok.encode(p, add_special_tokens=False).ids for p in SPEC_PROMPTS]
+    settings = SampleConfig(max_new_tokens=new_tokens, temperature=0, repetition_penalty=1.0)
+    if impl == "hf":
+        from transformers import LlamaForCausalLM
+
+        t = LlamaForCausalLM.from_pretrained(target, torch_dtype=torch.bfloat16).cuda().eval()
+        d = LlamaForCausalLM.from_pretrained(draft, torch_dtype=torch.bfloat16).cuda().eval()
+
+        def run(ids):
+            x = torch.tensor([ids], device="cuda")
+            y = t.generate(x, assistant_model=d, do_sample=False, max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0)
+            return y[0, len(ids):].tolist()
+    else:
+        load = lambda path: checkpoint.load_for_inference(path, "cuda", "bf16")[0]  # noqa: E731
+        if impl == "alone":
+            gen = sample.Generator(load(target), compile=True)
+        elif impl == "draft":
+            gen = sample.Generator(load(draft), compile=True)
+        else:
+            gen = sample.SpeculativeGenerator(load(target), load(draft), draft_tokens, compile=True)
+
+        def run(ids):
+            return gen.generate(ids, settings, eos_id=-1)[0]
+    with torch.no_grad():
+        for ids in prompts:  # compile and warm up
+            run(ids)
+        if impl == "ours":
+            gen.stats = dict(rounds=0, proposed=0, accepted=0, tokens=0)
+        torch.cuda.synchronize()
+        t0 = time.time()
+        outs = [run(ids) for ids in prompts]
+        torch.cuda.synchronize()
+        dt = time.time() - t0
+    r = {"impl": impl, "draft_tokens": draft_tokens, "tokens": sum(len(o) for o in outs),
+         "tok_s": round(sum(len(o) for o in outs) / dt, 1), "outputs": outs}
+    if impl == "ours":
+        st = gen.stats
+        r.update(acceptance=round(st["accepted"] / st["proposed"], 4),
+                 tokens_per_target_forward=round(st["tokens"] / st["rounds"], 3))
+    return r
+
+
+# ---------------------------------------------------------------------------------------------
 # Data preparation
 
 
@@ -395,7 +478,7 @@ def tpu_plan_one(batch: int, seq: int, grad_accum: int, checkpointing: bool, att
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("what", choices=["train", "decode", "eval", "data", "attention", "tpu"])
+    ap.add_argument("what", choices=["train", "decode", "eval", "data", "attention", "tpu", "speculative"])
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a child's configuration
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=4096)
@@ -408,13 +491,19 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--dtypes", default=None, help="decode: e.g. fp32,bf16 (default bf16 on GPU, fp32 on CPU)")
     ap.add_argument("--mb", type=int, default=200)
+    ap.add_argument("--target", default=None, help="speculative: target folder (default: train one)")
+    ap.add_argument("--draft", default=None, help="speculative: draft folder (default: train one)")
+    ap.add_argument("--train_steps", type=int, default=300, help="speculative: steps per model when training")
+    ap.add_argument("--draft_tokens", default="1,2,4", help="speculative: K values to measure")
+    ap.add_argument("--train_only", action="store_true", help="speculative: train the pair (into "
+                    "$BENCH_SPEC_DIR) and stop")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
     if args.one:  # child process: one configuration, one JSON line
         c = json.loads(args.one)
         fn = {"train": train_one, "decode": decode_one, "eval": eval_one, "data": data_one,
-              "tpu": tpu_plan_one}[args.what]
+              "tpu": tpu_plan_one, "speculative": speculative_one}[args.what]
         if args.what == "data":
             c = {**c, "corpus": Path(c["corpus"]), "out": Path(c["out"])}
         print(json.dumps(fn(**c)))
@@ -477,6 +566,37 @@ def main():
         if all("tok_s" in r for r in rows):
             print(f"\neval throughput ({shape}): HF {rows[0]['tok_s']:,} tokens/s, ours {rows[1]['tok_s']:,} "
                   f"tokens/s ({rows[1]['tok_s'] / rows[0]['tok_s']:.2f}x)")
+    elif args.what == "speculative":
+        target, draft = args.target, args.draft
+        if not (target and draft):
+            work = Path(os.environ.get("BENCH_SPEC_DIR") or tempfile.mkdtemp(prefix="bench_spec_"))
+            target, draft = (str(p) for p in train_pair(work, args.train_steps))
+            if args.train_only:
+                return
+        base = dict(target=target, draft=draft, new_tokens=args.new_tokens)
+        configs = [("alone", 0), ("draft", 0), ("hf", 0)] + [("ours", int(k)) for k in args.draft_tokens.split(",")]
+        for impl, k in configs:
+            r = child(["speculative", "--one", json.dumps({**base, "impl": impl, "draft_tokens": k})], timeout=1800)
+            r.setdefault("impl", impl)
+            rows.append(r)
+            print(json.dumps({k2: v for k2, v in r.items() if k2 != "outputs"}), flush=True)
+        alone = next(r for r in rows if r["impl"] == "alone")
+        step = next(r for r in rows if r["impl"] == "draft")
+        c = alone["tok_s"] / step["tok_s"]  # a draft step's cost in target steps
+        print(f"\ntarget alone {alone['tok_s']:,} tok/s, draft alone {step['tok_s']:,} tok/s: c = {c:.3f}")
+        print(f"{'config':<16}{'tok/s':>9}{'vs alone':>10}{'vs HF':>8}{'accept':>8}{'predicted':>11}{'equal':>8}")
+        hf = next(r for r in rows if r["impl"] == "hf")
+        for r in rows:
+            if "tok_s" not in r:
+                print(f"{r['impl']:<16} failed: {r.get('error', '')[-400:]}")
+                continue
+            equal = sum(a == b for o, w in zip(r["outputs"], alone["outputs"]) for a, b in zip(o, w))
+            a, k = r.get("acceptance"), r.get("draft_tokens", 0)
+            # Leviathan et al. 2023, eq. 1 and Theorem 3.8: (1 - a^(k+1)) / ((1 - a)(k c + 1))
+            pred = f"{(1 - a ** (k + 1)) / ((1 - a) * (k * c + 1)):.2f}x" if a is not None and a < 1 else "-"
+            vs_hf = f"{r['tok_s'] / hf['tok_s']:.2f}x" if "tok_s" in hf else "-"
+            print(f"{r['impl'] + (f' K={k}' if k else ''):<16}{r['tok_s']:>9,}{r['tok_s'] / alone['tok_s']:>9.2f}x"
+                  f"{vs_hf:>8}{(f'{a:.1%}' if a is not None else '-'):>8}{pred:>11}{equal:>5}/{alone['tokens']}")
     elif args.what == "tpu":
         # Portimbria-150M at 8 x 4096 tokens per chip, as whole batches or micro-batches.
         for batch, accum, ckpt in ((8, 1, False), (8, 1, True), (2, 4, False), (2, 4, True), (1, 8, False)):

@@ -118,9 +118,11 @@ def load_config(path) -> ModelConfig:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{f}: not valid JSON ({e})") from None
     arch = hf.get("architectures") or []
-    if hf.get("model_type") != "llama" and "LlamaForCausalLM" not in arch:
+    # Mistral's architecture is Llama's plus an optional sliding window: with none (v0.3) or one
+    # at least the context, the same weights compute the same function.
+    if hf.get("model_type") not in ("llama", "mistral") and not {"LlamaForCausalLM", "MistralForCausalLM"} & set(arch):
         raise ValueError(f"{f}: model_type={hf.get('model_type')!r}, architectures={arch}; "
-                         f"only Llama checkpoints (model_type 'llama') can be loaded")
+                         f"only Llama checkpoints (model_type 'llama' or 'mistral') can be loaded")
     missing = [k for k in _REQUIRED if k not in hf]
     if missing:
         raise ValueError(f"{f}: missing field(s) {', '.join(missing)}")
@@ -132,6 +134,10 @@ def load_config(path) -> ModelConfig:
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         problems.append(f"rope scaling {rope} (only plain RoPE)")
+    window, context = hf.get("sliding_window"), hf.get("max_position_embeddings", 2048)
+    if window is not None and window < context:
+        problems.append(f"sliding_window={window} < max_position_embeddings={context} (only full "
+                        f"attention: set max_position_embeddings to {window} to use it within one window)")
     if hf.get("head_dim") not in (None, hf["hidden_size"] // hf["num_attention_heads"]):
         problems.append(f"head_dim={hf['head_dim']} != hidden_size/num_attention_heads")
     if problems:

@@ -200,9 +200,13 @@ class SampleConfig(InferenceConfig):
     seed: typing.Optional[int] = arg(None, "random seed for sampling")
     compile: bool = arg(False, "compile the decode step (CUDA graphs on a GPU); the first call "
                         "compiles (about 25-40 s)")
+    draft: typing.Optional[str] = arg(None, "a smaller model with the same tokenizer that proposes "
+                                      "tokens for this one to check (speculative decoding)")
+    draft_tokens: int = arg(4, "tokens the draft proposes per round (README, Speculative decoding)")
 
     def __post_init__(self):
         super().__post_init__()
+        require(self, ("draft_tokens",), lambda v: v >= 1, ">= 1")
         require(self, ("max_new_tokens", "num_samples"), lambda v: v >= 1, ">= 1")
         require(self, ("temperature", "top_k"), lambda v: v >= 0, ">= 0")
         require(self, ("top_p",), lambda v: 0 < v <= 1, "in (0, 1]")

@@ -83,6 +83,12 @@ class DecodeLinear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
+def use_decode_linears(model: nn.Module):
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = DecodeLinear  # same weights, the decode-time forward
+
+
 class Generator:
     """Batched decoding with the model's static KV cache. A decode step (model, repetition
     penalty, sampling, bookkeeping) has fixed shapes and runs all on the device, so with
@@ -94,9 +100,7 @@ class Generator:
         self.cuda_graphs = compile and model.lm_head.weight.is_cuda
         self.decode = self._decode
         if compile:
-            for module in model.modules():
-                if type(module) is nn.Linear:
-                    module.__class__ = DecodeLinear  # same weights, the decode-time forward
+            use_decode_linears(model)
             self.decode = torch.compile(self._decode, fullgraph=True,
                                         mode="reduce-overhead" if self.cuda_graphs else None)
 
@@ -151,6 +155,141 @@ class Generator:
         return [o[:-1] if o and o[-1] == eos_id else o for o in out]
 
 
+# ---------------------------------------------------------------------------------------------
+# Speculative decoding (Leviathan et al. 2023; Chen et al. 2023): a small draft model proposes
+# K tokens one at a time, the target scores all of them in one forward pass, and an accept/reject
+# rule keeps a prefix of them plus one token of its own, so the output is distributed exactly as
+# the target's (token for token the target's at temperature 0).
+
+
+class SpeculativeGenerator:
+    """Decoding with a draft model, one sequence at a time. Both models keep their static KV
+    caches; a rejected draft token's cache entries are not removed: they sit at positions past
+    the accepted ones, which the position mask hides and the next round overwrites."""
+
+    def __init__(self, target: Llama, draft: Llama, draft_tokens: int = 4, compile: bool = False):
+        if draft.config.vocab_size != target.config.vocab_size:
+            raise ValueError(f"the draft's vocabulary ({draft.config.vocab_size} ids) is not the "
+                             f"target's ({target.config.vocab_size}); a draft must share its tokenizer")
+        self.target, self.draft, self.k = target, draft, draft_tokens
+        self.compiled, self.cuda_graphs = compile, compile and target.lm_head.weight.is_cuda
+        self.calls = {}
+        for name, m in (("target", target), ("draft", draft)):
+            self.calls[name] = m
+            if compile:
+                use_decode_linears(m)
+                self.calls[name + "-compiled"] = torch.compile(
+                    m, fullgraph=True, dynamic=False, mode="reduce-overhead" if self.cuda_graphs else None)
+        self.stats = dict(rounds=0, proposed=0, accepted=0, tokens=0)
+
+    def _logits(self, name: str, tokens: torch.Tensor, pos: int) -> torch.Tensor:
+        """(n, V) float32 logits of tokens (1, n) fed at positions pos.. . The steady shapes (one
+        token, two, k + 1) run compiled; the prompt's prefill runs eagerly."""
+        n = tokens.shape[1]
+        compiled = self.calls.get(name + "-compiled") if n in (1, 2, self.k + 1) else None
+        start = torch.tensor(pos, device=tokens.device)
+        logits = (compiled or self.calls[name])(tokens, start_pos=start)[0].float()
+        return logits.clone() if compiled is not None and self.cuda_graphs else logits
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[int], cfg: SampleConfig, eos_id: int, on_token=None) -> list[list[int]]:
+        if cfg.seed is not None:
+            torch.manual_seed(cfg.seed)
+        return [self._one(prompt_ids, cfg, eos_id, on_token if b == 0 else None)
+                for b in range(cfg.num_samples)]
+
+    def _one(self, prompt_ids, cfg: SampleConfig, eos_id: int, on_token) -> list[int]:
+        T, D = self.target, self.draft
+        dev, V = T.lm_head.weight.device, T.config.vocab_size
+        P, max_new = len(prompt_ids), cfg.max_new_tokens
+        for m in (T, D):
+            if P + max_new > m.config.max_position_embeddings:
+                raise ValueError(f"prompt {P} + {max_new} new tokens exceed the "
+                                 f"{m.config.max_position_embeddings}-token context")
+            m.setup_cache(1, P + max_new)
+        settings = (cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty)
+        ids = list(prompt_ids)
+        seen = torch.zeros(1, V, dtype=torch.bool, device=dev)
+        seen[0, torch.tensor(ids, device=dev)] = True
+        target_done = draft_done = 0  # leading tokens of ids whose keys/values each cache holds
+        out = []
+        while len(out) < max_new and (not out or out[-1] != eos_id):
+            k = min(self.k, max_new - len(out) - 1)
+            drafted, q = [], []
+            if k:  # the draft catches up on the tokens it has not seen, then proposes k, one at a time
+                logits = self._logits("draft", torch.tensor([ids[draft_done:]], device=dev), draft_done)[-1:]
+                draft_seen = seen.clone()
+                for i in range(k):
+                    if cfg.temperature > 0:
+                        q.append(process_logits(logits, draft_seen, *settings).softmax(-1))
+                        tok = (q[-1] / torch.empty_like(q[-1]).exponential_(1)).argmax(-1)
+                    else:
+                        tok = apply_repetition_penalty(logits, draft_seen, cfg.repetition_penalty).argmax(-1)
+                    drafted.append(tok)
+                    draft_seen = draft_seen.scatter(1, tok[:, None], True)
+                    if i < k - 1:
+                        logits = self._logits("draft", tok[:, None], len(ids) + i)
+            d = torch.cat(drafted) if k else torch.zeros(0, dtype=torch.long, device=dev)
+            # The target scores the last token and the k proposals in one pass: rows 0..k.
+            feed = torch.cat([torch.tensor(ids[target_done:], device=dev), d])[None]
+            p_logits = self._logits("target", feed, target_done)[-(k + 1):]
+            # Row i's penalty sees the context and the proposals before it.
+            row_seen = seen.repeat(k + 1, 1)
+            for i in range(k):
+                row_seen[i + 1:, d[i]] = True
+            j, new = accept(p_logits, row_seen, d, q, settings)
+            j, new, *d = torch.cat([j[None], new[None], d]).tolist()  # the round's one host read
+            accepted = d[:j] + [new]
+            self.stats["rounds"] += 1
+            self.stats["proposed"] += k
+            self.stats["accepted"] += j
+            target_done = len(ids) + j
+            if k:
+                draft_done = len(ids) + min(j, k - 1)
+            ids += accepted
+            seen[0, torch.tensor(accepted, device=dev)] = True
+            out += accepted
+            if eos_id in out:
+                out = out[:out.index(eos_id) + 1]
+            out = out[:max_new]
+            if on_token:
+                on_token([out])
+        self.stats["tokens"] += len(out)
+        T.clear_cache()
+        D.clear_cache()
+        return out[:-1] if out and out[-1] == eos_id else out
+
+
+def accept(p_logits, row_seen, d, q, settings):
+    """How many of the k proposals d the target keeps (j), and its own next token.
+
+    p_logits (k+1, V): the target's logits at the k proposals and one past them; q: the draft's
+    k processed distributions (None at temperature 0). Greedy: keep proposals while they are the
+    target's choice. Sampling: keep d_i with probability min(1, p_i(d_i) / q_i(d_i)); at the first
+    rejection draw from max(0, p_i - q_i) renormalised, after k acceptances from p_{k+1}: the
+    result is distributed as the target alone would sample (Leviathan et al. 2023, Theorem 1)."""
+    temperature, top_k, top_p, penalty = settings
+    k = d.shape[0]
+    if temperature <= 0:
+        best = apply_repetition_penalty(p_logits, row_seen, penalty).argmax(-1)  # (k+1,)
+        agree = torch.cat([best[:k] == d, torch.zeros(1, dtype=torch.bool, device=d.device)])
+        j = agree.int().cumprod(0).sum()
+        return j, best[j]
+    p = process_logits(p_logits, row_seen, temperature, top_k, top_p, penalty).softmax(-1)  # (k+1, V)
+    if k:
+        q = torch.cat(q)  # (k, V)
+        rows = torch.arange(k, device=d.device)
+        ratio = p[rows, d] / q[rows, d]
+        keep = torch.rand(k, device=d.device) < ratio
+        j = torch.cat([keep, torch.zeros(1, dtype=torch.bool, device=d.device)]).int().cumprod(0).sum()
+        residual = torch.cat([(p[:k] - q).clamp(min=0), p[k:]])  # row j is where the new token comes from
+    else:
+        j, residual = torch.zeros((), dtype=torch.long, device=d.device), p
+    row = residual[j]
+    row = row / row.sum()
+    return j, (row / torch.empty_like(row).exponential_(1)).argmax()
+
+
 def fit_prompt(ids: list[int], ctx: int, max_new: int) -> tuple[list[int], int]:
     """Keep the last tokens of a prompt too long for the context (warn), and cap max_new."""
     max_new = min(max_new, ctx - 1)
@@ -185,7 +324,11 @@ def main(argv=None):
         raise SystemExit(f"sample.py: {e}") from None
     dev = model.lm_head.weight
     warn(f"loaded {path} ({model.num_params():,} parameters) on {dev.device} in {str(dev.dtype)[6:]}")
-    gen = Generator(model, compile=cfg.compile)
+    if cfg.draft:
+        draft = load_draft(cfg, model, tok)
+        gen = SpeculativeGenerator(model, draft, cfg.draft_tokens, compile=cfg.compile)
+    else:
+        gen = Generator(model, compile=cfg.compile)
     eos = model.config.eos_token_id
     for n, prompt in enumerate(prompts):
         ids, max_new = fit_prompt([model.config.bos_token_id] + tok.encode(prompt, add_special_tokens=False).ids,
@@ -223,6 +366,26 @@ def main(argv=None):
         count = sum(len(o) for o in outs)
         warn(f"[{count} tokens in {dt:.2f}s, {count / max(dt, 1e-9):.1f} tokens/s"
              + (", including the one-time compilation]" if gen.compiled and n == 0 else "]"))
+    if cfg.draft:
+        st = gen.stats
+        warn(f"[draft: {st['accepted']:,} of {st['proposed']:,} proposed tokens accepted "
+             f"({st['accepted'] / max(st['proposed'], 1):.1%}); {st['tokens'] / max(st['rounds'], 1):.2f} "
+             f"tokens per target forward over {st['rounds']:,} forwards]")
+
+
+def load_draft(cfg: SampleConfig, target: Llama, tok) -> Llama:
+    """The draft model, refused unless it shares the target's vocabulary and tokenizer."""
+    try:
+        draft, draft_tok, path = checkpoint.load_for_inference(cfg.draft, cfg.device, cfg.dtype)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"sample.py: --draft: {e}") from None
+    if draft.config.vocab_size != target.config.vocab_size or draft_tok.get_vocab() != tok.get_vocab():
+        raise SystemExit(f"sample.py: --draft {path}: its vocabulary ({draft.config.vocab_size} ids, "
+                         f"{draft_tok.get_vocab_size()} in its tokenizer) is not the target's "
+                         f"({target.config.vocab_size}, {tok.get_vocab_size()}); a draft must use the "
+                         f"target's tokenizer")
+    warn(f"draft {path} ({draft.num_params():,} parameters), {cfg.draft_tokens} tokens per round")
+    return draft
 
 
 if __name__ == "__main__":

@@ -1346,3 +1346,132 @@ def test_a_source_with_no_held_out_document_warns(tmp_path, capsys):
     (tmp_path / "one.txt").write_text("A single short document.")
     data.prepare({"web": [tmp_path / "one.txt"]}, tmp_path / "out", val_frac=0.001, shard_tokens=10**6)
     assert "[web] warning: none of its 1 documents was held out at --val_frac 0.001" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Speculative decoding
+
+
+def random_llama(seed, **kw):
+    """A random untied model with spread logits (clear greedy winners)."""
+    torch.manual_seed(seed)
+    m = Llama(small_config(tie_word_embeddings=False, fp32_edge_blocks=False, **kw)).eval()
+    with torch.no_grad():
+        m.model.embed_tokens.weight.normal_(0, 1.0)
+        m.lm_head.weight.normal_(0, 1.0)
+    return m
+
+
+def half_agreeing_draft(target, seed=1):
+    """A copy of the target with a noisy head: it agrees with the target on some tokens only."""
+    draft = random_llama(0)
+    draft.load_state_dict(target.state_dict())
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        draft.lm_head.weight.add_(torch.randn_like(draft.lm_head.weight) * 0.2)
+    return draft
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.1])
+@pytest.mark.parametrize("draft_kind", ["unrelated", "half-agreeing", "the target itself"])
+def test_speculative_greedy_is_the_targets_greedy_output(draft_kind, penalty):
+    """Token for token the target's own greedy decoding (and HF generate's) whatever the draft
+    proposes: rejected proposals leave cache entries behind that must not change later tokens."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    target = random_llama(0)
+    draft = {"unrelated": lambda: random_llama(7, num_hidden_layers=1), "half-agreeing": lambda: half_agreeing_draft(target),
+             "the target itself": lambda: target}[draft_kind]()
+    prompt = [1, 5, 9, 33, 7]
+    settings = SampleConfig(max_new_tokens=40, temperature=0, repetition_penalty=penalty)
+    want = sample.Generator(target).generate(prompt, settings, eos_id=-1)[0]
+    hf = LlamaForCausalLM(LlamaConfig(**SMALL, tie_word_embeddings=False)).eval()
+    hf.load_state_dict(target.state_dict(), strict=False)
+    assert hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=40, repetition_penalty=penalty,
+                       eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist() == want
+    for k in (1, 3, 6):
+        gen = sample.SpeculativeGenerator(target, draft, k)
+        assert gen.generate(prompt, settings, eos_id=-1)[0] == want, (draft_kind, k)
+        rate = gen.stats["accepted"] / gen.stats["proposed"]
+        assert {"unrelated": rate < 0.2, "half-agreeing": 0.2 < rate < 0.9,
+                "the target itself": rate == 1.0}[draft_kind], (draft_kind, k, rate)
+    eos = want[12]
+    gen = sample.SpeculativeGenerator(target, draft, 3)
+    assert gen.generate(prompt, settings, eos_id=eos)[0] == want[:want.index(eos)]
+
+
+def test_speculative_sampling_keeps_the_targets_distribution():
+    """Accept/reject sampling: the first token's frequencies match the target's processed
+    distribution and the second token's match target-only sampling, though the draft's own
+    distribution is far from the target's (the test could tell them apart)."""
+    V, n = 16, 3000
+    target = random_llama(0, vocab_size=V)
+    draft = random_llama(3, vocab_size=V, num_hidden_layers=1)
+    prompt = [1, 5, 9]
+    settings = SampleConfig(max_new_tokens=3, temperature=1.0, top_p=0.9, repetition_penalty=1.1,
+                            num_samples=n, seed=0)
+    seen = torch.zeros(1, V, dtype=torch.bool)
+    seen[0, prompt] = True
+
+    def first_token_probs(model):
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt]))[:, -1].float()
+        return sample.process_logits(logits, seen, 1.0, 0, 0.9, 1.1).softmax(-1)[0]
+
+    def freq(samples, i):
+        return torch.bincount(torch.tensor([s[i] for s in samples]), minlength=V).float() / len(samples)
+
+    def tv(a, b):
+        return 0.5 * (a - b).abs().sum().item()
+
+    exact = first_token_probs(target)
+    assert tv(exact, first_token_probs(draft)) > 0.3
+    gen = sample.SpeculativeGenerator(target, draft, 2)
+    spec = gen.generate(prompt, settings, eos_id=-1)
+    plain = sample.Generator(target).generate(prompt, dataclasses.replace(settings, seed=1), eos_id=-1)
+    assert 0 < gen.stats["accepted"] < gen.stats["proposed"]  # both branches ran
+    assert tv(freq(spec, 0), exact) < 0.05
+    assert tv(freq(spec, 1), freq(plain, 1)) < 0.07
+    assert tv(freq(plain, 0), exact) < 0.05  # the same tolerance holds for the plain sampler
+
+
+def test_sample_cli_with_a_draft(hf_folder, tmp_path):
+    args = ["--ckpt", str(hf_folder), "--prompt", "Hello", "--temperature", "0", "--max_new_tokens", "20"]
+    alone = run_script("sample.py", *args)
+    p = run_script("sample.py", *args, "--draft", str(hf_folder), "--draft_tokens", "3")
+    assert alone.returncode == 0 and p.returncode == 0, p.stderr
+    assert p.stdout == alone.stdout
+    assert "proposed tokens accepted (100.0%)" in p.stderr and "tokens per target forward" in p.stderr
+    other = tmp_path / "other_vocab"  # 40,000 ids: the shipped tokenizer plus padding, not the target's
+    save_model(Llama(small_config(vocab_size=40000)), other)
+    shutil.copy(data.TOKENIZER_FILE, other / "tokenizer.json")
+    p = run_script("sample.py", *args, "--draft", str(other))
+    assert p.returncode != 0 and "a draft must use the target's tokenizer" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_our_checkpoint_as_hf_assistant_model(tmp_path):
+    """HF assisted generation with our checkpoint as the draft gives the HF target's greedy output."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    target = LlamaForCausalLM(LlamaConfig(**SMALL, tie_word_embeddings=False)).eval()
+    save_model(half_agreeing_draft(random_llama(0)), tmp_path / "draft")
+    assistant = LlamaForCausalLM.from_pretrained(tmp_path / "draft").eval()
+    x = torch.tensor([[1, 5, 9, 33, 7]])
+    kw = dict(do_sample=False, max_new_tokens=30, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(target.generate(x, assistant_model=assistant, **kw), target.generate(x, **kw))
+
+
+def test_mistral_folders_load_as_llama(tmp_path):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    MistralForCausalLM(MistralConfig(**SMALL, sliding_window=None)).save_pretrained(tmp_path / "m")
+    idx = torch.randint(0, 256, (1, 40))
+    ours = load_model(tmp_path / "m")
+    hf = MistralForCausalLM.from_pretrained(tmp_path / "m", torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx), hf(idx).logits, rtol=0, atol=1e-5)
+    MistralForCausalLM(MistralConfig(**SMALL, sliding_window=32)).save_pretrained(tmp_path / "w")
+    with pytest.raises(ValueError, match="sliding_window=32 < max_position_embeddings=128"):
+        load_model(tmp_path / "w")
