@@ -495,6 +495,7 @@ def main():
     ap.add_argument("--draft", default=None, help="speculative: draft folder (default: train one)")
     ap.add_argument("--train_steps", type=int, default=300, help="speculative: steps per model when training")
     ap.add_argument("--draft_tokens", default="1,2,4", help="speculative: K values to measure")
+    ap.add_argument("--no_hf", action="store_true", help="speculative: leave out HF assisted generation")
     ap.add_argument("--train_only", action="store_true", help="speculative: train the pair (into "
                     "$BENCH_SPEC_DIR) and stop")
     ap.add_argument("--json", default=None)
@@ -574,7 +575,8 @@ def main():
             if args.train_only:
                 return
         base = dict(target=target, draft=draft, new_tokens=args.new_tokens)
-        configs = [("alone", 0), ("draft", 0), ("hf", 0)] + [("ours", int(k)) for k in args.draft_tokens.split(",")]
+        configs = [("alone", 0), ("draft", 0)] + [("ours", int(k)) for k in args.draft_tokens.split(",")]
+        configs += [("hf", 0)] if not args.no_hf else []
         for impl, k in configs:
             r = child(["speculative", "--one", json.dumps({**base, "impl": impl, "draft_tokens": k})], timeout=1800)
             r.setdefault("impl", impl)
@@ -585,7 +587,7 @@ def main():
         c = alone["tok_s"] / step["tok_s"]  # a draft step's cost in target steps
         print(f"\ntarget alone {alone['tok_s']:,} tok/s, draft alone {step['tok_s']:,} tok/s: c = {c:.3f}")
         print(f"{'config':<16}{'tok/s':>9}{'vs alone':>10}{'vs HF':>8}{'accept':>8}{'predicted':>11}{'equal':>8}")
-        hf = next(r for r in rows if r["impl"] == "hf")
+        hf = next((r for r in rows if r["impl"] == "hf"), {})
         for r in rows:
             if "tok_s" not in r:
                 print(f"{r['impl']:<16} failed: {r.get('error', '')[-400:]}")

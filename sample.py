@@ -183,12 +183,14 @@ class SpeculativeGenerator:
         self.stats = dict(rounds=0, proposed=0, accepted=0, tokens=0)
 
     def _logits(self, name: str, tokens: torch.Tensor, pos: int) -> torch.Tensor:
-        """(n, V) float32 logits of tokens (1, n) fed at positions pos.. . The steady shapes (one
-        token, two, k + 1) run compiled; the prompt's prefill runs eagerly."""
+        """(n, V) float32 logits of tokens (1, n) fed at positions pos.. . Two shapes run compiled,
+        a draft step (one token) and a verification (k + 1 tokens); the rest (the prompt, the last
+        shorter rounds) eagerly, so each model compiles one graph."""
         n = tokens.shape[1]
-        compiled = self.calls.get(name + "-compiled") if n in (1, 2, self.k + 1) else None
+        steady = n == 1 if name == "draft" else n == self.k + 1
+        compiled = self.calls.get(name + "-compiled") if steady else None
         start = torch.tensor(pos, device=tokens.device)
-        logits = (compiled or self.calls[name])(tokens, start_pos=start)[0].float()
+        logits = (compiled if compiled is not None else self.calls[name])(tokens, start_pos=start)[0].float()
         return logits.clone() if compiled is not None and self.cuda_graphs else logits
 
     @torch.no_grad()
@@ -203,10 +205,14 @@ class SpeculativeGenerator:
         dev, V = T.lm_head.weight.device, T.config.vocab_size
         P, max_new = len(prompt_ids), cfg.max_new_tokens
         for m in (T, D):
-            if P + max_new > m.config.max_position_embeddings:
-                raise ValueError(f"prompt {P} + {max_new} new tokens exceed the "
-                                 f"{m.config.max_position_embeddings}-token context")
-            m.setup_cache(1, P + max_new)
+            context = m.config.max_position_embeddings
+            if P + max_new > context:
+                raise ValueError(f"prompt {P} + {max_new} new tokens exceed the {context}-token context")
+            cache = m.model.layers[0].self_attn.kv_cache
+            if cache is None or cache.k.shape[2] < P + max_new:
+                # Kept from prompt to prompt: new cache tensors would make the compiled graphs
+                # (and their CUDA graphs) recompile. Rounded up so a longer prompt rarely needs one.
+                m.setup_cache(1, min(context, -(-(P + max_new) // 512) * 512))
         settings = (cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty)
         ids = list(prompt_ids)
         seen = torch.zeros(1, V, dtype=torch.bool, device=dev)
@@ -217,7 +223,10 @@ class SpeculativeGenerator:
             k = min(self.k, max_new - len(out) - 1)
             drafted, q = [], []
             if k:  # the draft catches up on the tokens it has not seen, then proposes k, one at a time
-                logits = self._logits("draft", torch.tensor([ids[draft_done:]], device=dev), draft_done)[-1:]
+                behind = torch.tensor([ids[draft_done:]], device=dev)
+                for i in ([0] if behind.shape[1] > 2 else range(behind.shape[1])):  # the prompt at once
+                    part = behind[:, i:] if behind.shape[1] > 2 else behind[:, i:i + 1]
+                    logits = self._logits("draft", part, draft_done + i)[-1:]
                 draft_seen = seen.clone()
                 for i in range(k):
                     if cfg.temperature > 0:
@@ -255,8 +264,6 @@ class SpeculativeGenerator:
             if on_token:
                 on_token([out])
         self.stats["tokens"] += len(out)
-        T.clear_cache()
-        D.clear_cache()
         return out[:-1] if out and out[-1] == eos_id else out
 
 
