@@ -655,7 +655,7 @@ def parse(argv, announce: bool = False) -> tuple[TrainConfig, ModelConfig, set[s
     changed = {k: (getattr(before, k), getattr(tcfg, k)) for k in given
                if k in known and k not in ("resume", "out_dir") and getattr(before, k) != getattr(tcfg, k)}
     if announce and changed:
-        log(f"resume: the saved run's settings, except " + ", ".join(
+        log("resume: the saved run's settings, except " + ", ".join(
             f"--{k} {new} (was {old})" for k, (old, new) in changed.items())
             + (f"; this re-plans the LR schedule and the data mixture from step {saved['step']:,}"
                if REPLANS & set(changed) else ""))
