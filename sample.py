@@ -223,10 +223,12 @@ class SpeculativeGenerator:
             k = min(self.k, max_new - len(out) - 1)
             drafted, q = [], []
             if k:  # the draft catches up on the tokens it has not seen, then proposes k, one at a time
-                behind = torch.tensor([ids[draft_done:]], device=dev)
-                for i in ([0] if behind.shape[1] > 2 else range(behind.shape[1])):  # the prompt at once
-                    part = behind[:, i:] if behind.shape[1] > 2 else behind[:, i:i + 1]
-                    logits = self._logits("draft", part, draft_done + i)[-1:]
+                behind = ids[draft_done:]
+                if len(behind) > 2:  # the prompt: one pass
+                    logits = self._logits("draft", torch.tensor([behind], device=dev), draft_done)[-1:]
+                else:  # the last round's one or two tokens: the compiled one-token step
+                    for i, t in enumerate(behind):
+                        logits = self._logits("draft", torch.tensor([[t]], device=dev), draft_done + i)
                 draft_seen = seen.clone()
                 for i in range(k):
                     if cfg.temperature > 0:
