@@ -743,6 +743,8 @@ def test_train_kill_and_resume_gives_identical_losses(tmp_path, demo_data):
     got = losses(out)
     for s in range(saved + 1, 9):
         assert got[s] == want[s], (s, got[s], want[s])
+    logged = [json.loads(line)["step"] for line in open(out / "metrics.jsonl") if '"loss"' in line]
+    assert logged == list(range(1, 9))  # the killed run's rows past its checkpoint were dropped
     # The checkpoints are HF folders: transformers loads model and tokenizer as they are.
     from transformers import AutoTokenizer, LlamaForCausalLM
 

@@ -572,9 +572,14 @@ class Run:
 def drop_metrics_after(path: Path, step: int):
     """A resumed run redoes the steps after its checkpoint: drop their rows from the killed run,
     so metrics.jsonl has one row per step and evaluation."""
+    def kept(line: str) -> bool:
+        try:
+            return json.loads(line)["step"] <= step
+        except (ValueError, KeyError, TypeError):
+            return False  # a row cut short by the kill
+
     if path.is_file():
-        rows = [line for line in path.read_text().splitlines(keepends=True)
-                if line.strip() and json.loads(line)["step"] <= step]
+        rows = [line for line in path.read_text(errors="replace").splitlines(keepends=True) if kept(line)]
         with data.AtomicFile(path, "w") as f:
             f.writelines(rows)
 
