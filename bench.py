@@ -291,10 +291,11 @@ def speculative_one(impl: str, target: str, draft: str, new_tokens: int, draft_t
     import torch
 
     import checkpoint
+    import data
     import sample
     from config import BOS_ID, SampleConfig
 
-    tok = checkpoint.data.load_tokenizer(Path(target) / "tokenizer.json")
+    tok = data.load_tokenizer(Path(target) / "tokenizer.json")
     prompts = [[BOS_ID] + tok.encode(p, add_special_tokens=False).ids for p in SPEC_PROMPTS]
     settings = SampleConfig(max_new_tokens=new_tokens, temperature=0, repetition_penalty=1.0)
     if impl == "hf":
@@ -323,7 +324,7 @@ def speculative_one(impl: str, target: str, draft: str, new_tokens: int, draft_t
         for ids in prompts:  # compile and warm up
             run(ids)
         if impl == "ours":
-            gen.stats = dict(rounds=0, proposed=0, accepted=0, tokens=0)
+            gen.reset_stats()
         torch.cuda.synchronize()
         t0 = time.time()
         outs = [run(ids) for ids in prompts]

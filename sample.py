@@ -61,14 +61,23 @@ def process_logits(logits, seen, temperature: float, top_k: int, top_p: float, p
     return logits
 
 
+def draw(probs):
+    """A draw from each row of probs (..., V), by the exponential-race trick (argmax of p / Exp(1)
+    noise is a draw from p): no host sync, and it can live inside a CUDA graph."""
+    return (probs / torch.empty_like(probs).exponential_(1)).argmax(-1)
+
+
 def choose(logits, seen, temperature: float, top_k: int, top_p: float, penalty: float):
-    """logits (B, V) float32 -> next ids (B,); temperature 0 is greedy. Sampling draws with the
-    exponential-race trick (argmax of p / Exp(1) noise is a draw from p): no host sync, and it
-    can live inside a CUDA graph."""
+    """logits (B, V) float32 -> next ids (B,); temperature 0 is greedy."""
     if temperature <= 0:
         return apply_repetition_penalty(logits, seen, penalty).argmax(-1)
-    probs = process_logits(logits, seen, temperature, top_k, top_p, penalty).softmax(-1)
-    return (probs / torch.empty_like(probs).exponential_(1)).argmax(-1)
+    return draw(process_logits(logits, seen, temperature, top_k, top_p, penalty).softmax(-1))
+
+
+def check_room(model: Llama, prompt_len: int, max_new: int):
+    context = model.config.max_position_embeddings
+    if prompt_len + max_new > context:
+        raise ValueError(f"prompt {prompt_len} + {max_new} new tokens exceed the {context}-token context")
 
 
 class DecodeLinear(nn.Linear):
@@ -121,9 +130,7 @@ class Generator:
         sync_every = sync_every or (32 if dev.type == "cuda" else 1)
         if cfg.seed is not None:
             torch.manual_seed(cfg.seed)
-        if P + max_new > m.config.max_position_embeddings:
-            raise ValueError(f"prompt {P} + {max_new} new tokens exceed the "
-                             f"{m.config.max_position_embeddings}-token context")
+        check_room(m, P, max_new)
         m.setup_cache(B, P + max_new)
         ids = torch.tensor([prompt_ids] * B, device=dev)
         seen = torch.zeros(B, m.config.vocab_size, dtype=torch.bool, device=dev)
@@ -180,6 +187,9 @@ class SpeculativeGenerator:
                 use_decode_linears(m)
                 self.calls[name + "-compiled"] = torch.compile(
                     m, fullgraph=True, dynamic=False, mode="reduce-overhead" if self.cuda_graphs else None)
+        self.reset_stats()
+
+    def reset_stats(self):
         self.stats = dict(rounds=0, proposed=0, accepted=0, tokens=0)
 
     def _logits(self, name: str, tokens: torch.Tensor, pos: int) -> torch.Tensor:
@@ -205,14 +215,12 @@ class SpeculativeGenerator:
         dev, V = T.lm_head.weight.device, T.config.vocab_size
         P, max_new = len(prompt_ids), cfg.max_new_tokens
         for m in (T, D):
-            context = m.config.max_position_embeddings
-            if P + max_new > context:
-                raise ValueError(f"prompt {P} + {max_new} new tokens exceed the {context}-token context")
+            check_room(m, P, max_new)
             cache = m.model.layers[0].self_attn.kv_cache
             if cache is None or cache.k.shape[2] < P + max_new:
                 # Kept from prompt to prompt: new cache tensors would make the compiled graphs
                 # (and their CUDA graphs) recompile. Rounded up so a longer prompt rarely needs one.
-                m.setup_cache(1, min(context, -(-(P + max_new) // 512) * 512))
+                m.setup_cache(1, min(m.config.max_position_embeddings, -(-(P + max_new) // 512) * 512))
         settings = (cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty)
         ids = list(prompt_ids)
         seen = torch.zeros(1, V, dtype=torch.bool, device=dev)
@@ -233,7 +241,7 @@ class SpeculativeGenerator:
                 for i in range(k):
                     if cfg.temperature > 0:
                         q.append(process_logits(logits, draft_seen, *settings).softmax(-1))
-                        tok = (q[-1] / torch.empty_like(q[-1]).exponential_(1)).argmax(-1)
+                        tok = draw(q[-1])
                     else:
                         tok = apply_repetition_penalty(logits, draft_seen, cfg.repetition_penalty).argmax(-1)
                     drafted.append(tok)
@@ -295,8 +303,7 @@ def accept(p_logits, row_seen, d, q, settings):
     else:
         j, residual = torch.zeros((), dtype=torch.long, device=d.device), p
     row = residual[j]
-    row = row / row.sum()
-    return j, (row / torch.empty_like(row).exponential_(1)).argmax()
+    return j, draw(row / row.sum())
 
 
 def fit_prompt(ids: list[int], ctx: int, max_new: int) -> tuple[list[int], int]:
