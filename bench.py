@@ -7,6 +7,7 @@
     python bench.py data       # tokenize + pack throughput vs bare Tokenizer.encode_batch; CPU
     python bench.py tpu        # the TPU step's memory plan: XLA's buffer assignment on XLA:CPU
     python bench.py speculative  # target alone vs target + draft (ours) vs HF assisted; GPU
+    python bench.py gguf       # llama.cpp's GGUF conversion of a checkpoint: tokens and speed vs ours; CPU
 
 Each configuration runs in its own subprocess (clean peak-memory figures); the parent prints a
 table and writes JSON with --json FILE. transformers is needed here as the reference only.
@@ -340,6 +341,68 @@ def speculative_one(impl: str, target: str, draft: str, new_tokens: int, draft_t
 
 
 # ---------------------------------------------------------------------------------------------
+# llama.cpp interop: our checkpoint converted to GGUF by llama.cpp's own converter, then run by
+# llama.cpp (through llama-cpp-python, which builds it from source) beside ours on the CPU.
+
+# Indentation, runs of spaces and tabs, Unicode and numbers: where tokenizers part ways.
+GGUF_PROMPTS = ["def fib(n):\n    return", "ROMEO:\nBut soft, what light", "class A:\n\tdef f(self):\n\t\tpass",
+                "    four spaces, then   three", "naïve café, Ünïcödé 日本語 😀", "3.14159 * 2 = 6.28318; 1e-9",
+                "KING HENRY:\nNow, lords, for France!", "x = [1, 2, 3]\nfor i in x:\n        print(i)  # 8",
+                "  leading  and trailing  ", "First Citizen:\n\nBefore we proceed any further, hear me speak."]
+
+
+def convert_to_gguf(llama_cpp: Path, ckpt: str, work: Path, outtype: str) -> tuple[Path, float]:
+    out = work / f"model-{outtype}.gguf"
+    t0 = time.time()
+    p = subprocess.run([sys.executable, str(llama_cpp / "convert_hf_to_gguf.py"), ckpt, "--outfile", str(out),
+                        "--outtype", outtype], capture_output=True, text=True)
+    if p.returncode:
+        sys.exit(f"convert_hf_to_gguf.py --outtype {outtype} failed:\n{p.stderr[-2000:]}")
+    return out, time.time() - t0
+
+
+def gguf_one(impl: str, ckpt: str, gguf: str, new_tokens: int, compile_: bool = False) -> dict:
+    """Greedy continuations of GGUF_PROMPTS (fed as our token ids, so a tokenizer difference
+    cannot hide a model difference) by 'ours' (fp32 on the CPU, sample.py's default, optionally
+    compiled) or 'llama.cpp' (the GGUF file), and, for llama.cpp, its own tokenization of each
+    prompt. The second pass is timed."""
+    import data
+    from config import BOS_ID
+
+    tok = data.load_tokenizer(Path(ckpt) / "tokenizer.json")
+    prompts = [[BOS_ID] + tok.encode(p, add_special_tokens=False).ids for p in GGUF_PROMPTS]
+    r = {"impl": impl}
+    if impl == "llama.cpp":
+        import llama_cpp
+
+        llm = llama_cpp.Llama(gguf, n_ctx=512, n_threads=os.cpu_count(), verbose=False)
+        r["tokenized"] = [llm.tokenize(p.encode(), add_bos=False, special=False) for p in GGUF_PROMPTS]
+
+        def run(ids):
+            out = []
+            for t in llm.generate(ids, temp=0.0, repeat_penalty=1.0):  # temp 0: greedy sampler
+                out.append(t)
+                if len(out) == new_tokens:
+                    return out
+    else:
+        import checkpoint
+        import sample
+        from config import SampleConfig
+
+        gen = sample.Generator(checkpoint.load_for_inference(ckpt, "cpu", "fp32")[0], compile=compile_)
+        settings = SampleConfig(max_new_tokens=new_tokens, temperature=0, repetition_penalty=1.0)
+
+        def run(ids):
+            return gen.generate(ids, settings, eos_id=-1)[0]
+    for ids in prompts:  # warm up (and compile)
+        run(ids)
+    t0 = time.time()
+    r["outputs"] = [run(ids) for ids in prompts]
+    r["tok_s"] = round(len(prompts) * new_tokens / (time.time() - t0), 1)
+    return r
+
+
+# ---------------------------------------------------------------------------------------------
 # Data preparation
 
 
@@ -477,9 +540,57 @@ def tpu_plan_one(batch: int, seq: int, grad_accum: int, checkpointing: bool, att
             "graphs_gib": sorted(round(v / 2**30, 2) for v in plans.values()), "compile_s": round(compile_s, 1)}
 
 
+def gguf_table(args) -> list[dict]:
+    import data
+
+    converter = Path(args.llama_cpp or "-") / "convert_hf_to_gguf.py"
+    if not converter.is_file():
+        sys.exit("bench.py gguf needs llama.cpp's converter: `pip download --no-deps --no-binary :all: "
+                 "llama-cpp-python==0.3.36`, unpack it and pass --llama_cpp "
+                 "llama_cpp_python-0.3.36/vendor/llama.cpp; and `pip install llama-cpp-python==0.3.36` "
+                 "(builds llama.cpp, about 7 minutes on 2 cores)")
+    if not (Path(args.ckpt) / "tokenizer.json").is_file():
+        sys.exit(f"{args.ckpt}: no checkpoint folder with tokenizer.json; train one first (README, Quick start)")
+    tok = data.load_tokenizer(Path(args.ckpt) / "tokenizer.json")
+    ours_tokens = [tok.encode(p, add_special_tokens=False).ids for p in GGUF_PROMPTS]
+    work = Path(tempfile.mkdtemp(prefix="bench_gguf_"))
+    base = dict(ckpt=args.ckpt, new_tokens=args.new_tokens)
+    ours, compiled = (child(["gguf", "--one", json.dumps({**base, "impl": "ours", "gguf": "", "compile_": c})])
+                      for c in (False, True))
+    rows = [{**ours, "outtype": "-"}, {**compiled, "outtype": "-", "compile": True}]
+    for outtype in ("f32", "q8_0"):
+        path, seconds = convert_to_gguf(Path(args.llama_cpp), args.ckpt, work, outtype)
+        r = child(["gguf", "--one", json.dumps({**base, "impl": "llama.cpp", "gguf": str(path)})])
+        r.update(outtype=outtype, convert_s=round(seconds, 1), file_mb=round(path.stat().st_size / 1e6, 1))
+        if "outputs" in r:
+            r["tokenize_equal"] = sum(a == b for a, b in zip(r["tokenized"], ours_tokens))
+            r["greedy_equal_prompts"] = sum(a == b for a, b in zip(r["outputs"], ours["outputs"]))
+            r["greedy_equal_tokens"] = sum(x == y for a, b in zip(r["outputs"], ours["outputs"])
+                                           for x, y in zip(a, b))  # at the same position
+            r["first_difference"] = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+                                     for a, b in zip(r["outputs"], ours["outputs"])]
+        rows.append(r)
+        print(json.dumps({k: v for k, v in r.items() if k not in ("outputs", "tokenized")}), flush=True)
+    n, total = len(GGUF_PROMPTS), len(GGUF_PROMPTS) * args.new_tokens
+    print(f"\n{args.ckpt}, {n} prompts, {args.new_tokens} greedy tokens each, {os.cpu_count()} CPU cores")
+    print(f"{'config':<18}{'tokenize equal':>16}{'greedy equal':>14}{'tokens equal':>14}{'tok/s':>9}{'MB':>8}")
+    for name, r in (("ours fp32", ours), ("ours fp32 compile", compiled)):
+        print(f"{name:<18}{'-':>16}{'-':>14}{'-':>14}{r.get('tok_s', r.get('error', '')[-200:]):>9}{'-':>8}")
+    for r in rows[2:]:
+        if "outputs" not in r:
+            print(f"llama.cpp {r['outtype']:<6} failed: {r.get('error', '')[-400:]}")
+            continue
+        print(f"{'llama.cpp ' + r['outtype']:<18}{r['tokenize_equal']:>13}/{n:<2}{r['greedy_equal_prompts']:>11}/{n:<2}"
+              f"{r['greedy_equal_tokens']:>9}/{total:<4}{r['tok_s']:>9}{r['file_mb']:>8}")
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("what", choices=["train", "decode", "eval", "data", "attention", "tpu", "speculative"])
+    ap.add_argument("what", choices=["train", "decode", "eval", "data", "attention", "tpu", "speculative", "gguf"])
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a child's configuration
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=4096)
@@ -499,13 +610,17 @@ def main():
     ap.add_argument("--no_hf", action="store_true", help="speculative: leave out HF assisted generation")
     ap.add_argument("--train_only", action="store_true", help="speculative: train the pair (into "
                     "$BENCH_SPEC_DIR) and stop")
+    ap.add_argument("--ckpt", default="out/best", help="gguf: the checkpoint folder to convert")
+    ap.add_argument("--llama_cpp", default=os.environ.get("LLAMA_CPP_DIR"),
+                    help="gguf: a llama.cpp source tree (convert_hf_to_gguf.py, gguf-py/), e.g. the "
+                    "vendor/llama.cpp folder of the llama-cpp-python==0.3.36 sdist")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
     if args.one:  # child process: one configuration, one JSON line
         c = json.loads(args.one)
         fn = {"train": train_one, "decode": decode_one, "eval": eval_one, "data": data_one,
-              "tpu": tpu_plan_one, "speculative": speculative_one}[args.what]
+              "tpu": tpu_plan_one, "speculative": speculative_one, "gguf": gguf_one}[args.what]
         if args.what == "data":
             c = {**c, "corpus": Path(c["corpus"]), "out": Path(c["out"])}
         print(json.dumps(fn(**c)))
@@ -600,6 +715,8 @@ def main():
             vs_hf = f"{r['tok_s'] / hf['tok_s']:.2f}x" if "tok_s" in hf else "-"
             print(f"{r['impl'] + (f' K={k}' if k else ''):<16}{r['tok_s']:>9,}{r['tok_s'] / alone['tok_s']:>9.2f}x"
                   f"{vs_hf:>8}{(f'{a:.1%}' if a is not None else '-'):>8}{pred:>11}{equal:>5}/{alone['tokens']}")
+    elif args.what == "gguf":
+        rows = gguf_table(args)
     elif args.what == "tpu":
         # Portimbria-150M at 8 x 4096 tokens per chip, as whole batches or micro-batches.
         for batch, accum, ckpt in ((8, 1, False), (8, 1, True), (2, 4, False), (2, 4, True), (1, 8, False)):

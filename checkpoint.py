@@ -31,7 +31,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 def save_model(model: Llama, path, dtype: torch.dtype | None = None):
     """Write config.json, model.safetensors and, when the model uses the shipped tokenizer's
-    vocabulary, tokenizer.json + tokenizer_config.json (AutoTokenizer then adds <s> itself)."""
+    vocabulary, tokenizer.json + tokenizer_config.json (AutoTokenizer then adds <s> itself) and
+    tokenizer.model, the sentencepiece file, as Mistral's own folders carry it (for llama.cpp)."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -49,6 +50,7 @@ def save_model(model: Llama, path, dtype: torch.dtype | None = None):
     (path / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     if data.load_tokenizer().get_vocab_size() == model.config.vocab_size:
         shutil.copyfile(data.TOKENIZER_FILE, path / "tokenizer.json")
+        shutil.copyfile(data.SENTENCEPIECE_FILE, path / "tokenizer.model")
         (path / "tokenizer_config.json").write_text(json.dumps({
             "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
             "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False,

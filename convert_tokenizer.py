@@ -26,10 +26,10 @@ import argparse
 import json
 from pathlib import Path
 
+from data import SENTENCEPIECE_FILE
+
 NORMAL = 1  # sentencepiece's piece type for ordinary pieces
 
-
-SP_MODEL = Path(__file__).parent / "reference" / "mistral_instruct_tokenizer_240323.model.v3"
 
 
 def convert(model_path: Path):
@@ -66,7 +66,7 @@ def convert(model_path: Path):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", type=Path, default=SP_MODEL)
+    ap.add_argument("--model", type=Path, default=SENTENCEPIECE_FILE)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "tokenizer.json")
     args = ap.parse_args()
     model = args.model

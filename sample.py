@@ -74,10 +74,15 @@ def choose(logits, seen, temperature: float, top_k: int, top_p: float, penalty: 
     return draw(process_logits(logits, seen, temperature, top_k, top_p, penalty).softmax(-1))
 
 
-def check_room(model: Llama, prompt_len: int, max_new: int):
+def cache_length(model: Llama, prompt_len: int, max_new: int) -> int:
+    """KV cache positions for a prompt and its new tokens, rounded up to a multiple of 512: the
+    compiled decode step is specialised to the cache's shape, so prompts of similar length share
+    one graph (unrounded, every prompt length compiled anew or fell back to a dynamic-shape graph
+    that ran 10x slower on the CPU)."""
     context = model.config.max_position_embeddings
     if prompt_len + max_new > context:
         raise ValueError(f"prompt {prompt_len} + {max_new} new tokens exceed the {context}-token context")
+    return min(context, -(-(prompt_len + max_new) // 512) * 512)
 
 
 class DecodeLinear(nn.Linear):
@@ -110,7 +115,7 @@ class Generator:
         self.decode = self._decode
         if compile:
             use_decode_linears(model)
-            self.decode = torch.compile(self._decode, fullgraph=True,
+            self.decode = torch.compile(self._decode, fullgraph=True, dynamic=False,
                                         mode="reduce-overhead" if self.cuda_graphs else None)
 
     def _decode(self, tok, pos, seen, temperature: float, top_k: int, top_p: float, penalty: float):
@@ -130,8 +135,7 @@ class Generator:
         sync_every = sync_every or (32 if dev.type == "cuda" else 1)
         if cfg.seed is not None:
             torch.manual_seed(cfg.seed)
-        check_room(m, P, max_new)
-        m.setup_cache(B, P + max_new)
+        m.setup_cache(B, cache_length(m, P, max_new))
         ids = torch.tensor([prompt_ids] * B, device=dev)
         seen = torch.zeros(B, m.config.vocab_size, dtype=torch.bool, device=dev)
         seen[:, ids[0]] = True
@@ -215,12 +219,12 @@ class SpeculativeGenerator:
         dev, V = T.lm_head.weight.device, T.config.vocab_size
         P, max_new = len(prompt_ids), cfg.max_new_tokens
         for m in (T, D):
-            check_room(m, P, max_new)
+            length = cache_length(m, P, max_new)
             cache = m.model.layers[0].self_attn.kv_cache
-            if cache is None or cache.k.shape[2] < P + max_new:
+            if cache is None or cache.k.shape[2] < length:
                 # Kept from prompt to prompt: new cache tensors would make the compiled graphs
-                # (and their CUDA graphs) recompile. Rounded up so a longer prompt rarely needs one.
-                m.setup_cache(1, min(m.config.max_position_embeddings, -(-(P + max_new) // 512) * 512))
+                # (and their CUDA graphs) recompile.
+                m.setup_cache(1, length)
         settings = (cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty)
         ids = list(prompt_ids)
         seen = torch.zeros(1, V, dtype=torch.bool, device=dev)

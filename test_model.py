@@ -181,10 +181,11 @@ def test_saved_files_follow_the_umask_and_carry_the_tokenizer(tmp_path):
         save_model(Llama(model_config("stentor2-12m")), tmp_path / "stentor")
     finally:
         os.umask(umask)
-    for f in ("model.safetensors", "config.json", "tokenizer.json"):
+    for f in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer.model"):
         assert (tmp_path / "tiny" / f).stat().st_mode & 0o777 == 0o644, f
     # The shipped tokenizer goes only with a model of its vocabulary (not Stentor's 8064).
     assert not (tmp_path / "stentor" / "tokenizer.json").exists()
+    assert not (tmp_path / "stentor" / "tokenizer.model").exists()
 
 
 def test_sharded_index_without_weight_map_is_named(tmp_path):
@@ -460,6 +461,28 @@ def test_tokenizer_matches_sentencepiece():
         ids = tok.encode(s, add_special_tokens=False).ids
         assert ids == sp.encode(s), repr(s[:80])
         assert tok.decode(ids, skip_special_tokens=False) == s, repr(s[:80])
+
+
+def test_saved_folder_gives_llama_cpp_the_sentencepiece_vocabulary(tmp_path):
+    """llama.cpp's convert_hf_to_gguf.py takes its vocabulary from tokenizer.model when the folder
+    has one (LlamaModel.set_vocab: _set_vocab_sentencepiece, else tokenizer.json), reading it with
+    sentencepiece and the special ids with gguf-py's SpecialVocab. Both, on a folder we save."""
+    import gguf
+    import sentencepiece as spm
+
+    from bench import GGUF_PROMPTS
+
+    save_model(Llama(model_config("tiny")), tmp_path)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
+    tok = data.load_tokenizer(tmp_path / "tokenizer.json")
+    assert sp.vocab_size() == tok.get_vocab_size() == json.loads((tmp_path / "config.json").read_text())["vocab_size"]
+    assert [sp.id_to_piece(i) for i in range(sp.vocab_size())] == [tok.id_to_token(i) for i in range(sp.vocab_size())]
+    assert sp.is_unknown(0) and sp.is_control(1) and sp.is_control(2) and sp.is_byte(771)
+    for prompt in GGUF_PROMPTS:
+        assert sp.encode(prompt) == tok.encode(prompt, add_special_tokens=False).ids, prompt
+    special = gguf.SpecialVocab(tmp_path, n_vocab=sp.vocab_size())
+    assert special.special_token_ids == {"bos": data.BOS_ID, "eos": data.EOS_ID}
+    assert special.add_special_token["bos"] and not special.add_special_token["eos"]
 
 
 def test_clean_web_and_code():
@@ -1026,6 +1049,23 @@ def test_decode_linear_single_token_compiled_equals_matmul():
     x = torch.randn(2, 1, 64)
     y = torch.compile(lin)(x)
     assert y.shape == (2, 1, 96) and torch.allclose(y, x @ lin.weight.T, atol=1e-5)
+
+
+def test_compiled_decoding_shares_one_graph_across_prompt_lengths():
+    """The KV cache is sized in steps of 512 positions, so prompts of different lengths reuse the
+    compiled decode step instead of recompiling it (or falling back to a slower dynamic graph)."""
+    torch.manual_seed(0)
+    model = Llama(small_config(max_position_embeddings=1024)).eval()
+    settings = SampleConfig(max_new_tokens=8, temperature=0, repetition_penalty=1.0)
+    plain, compiled = sample.Generator(model), sample.Generator(model, compile=True)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    graphs = []
+    for n in (3, 10, 40, 600):
+        prompt = torch.randint(3, 256, (n,)).tolist()
+        assert compiled.generate(prompt, settings, eos_id=-1) == plain.generate(prompt, settings, eos_id=-1)
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    assert graphs == [1, 1, 1, 2]  # 600 + 8 positions need the 1024-position cache
 
 
 def test_sample_prints_the_decoded_whole_sequence(hf_folder):
