@@ -111,12 +111,16 @@ def minimal_llama(cfg):
 
 
 def train_one(impl: str, compile_: bool, batch: int, seq: int, steps: int, warmup: int, recipe: bool,
-              profile: bool = False):
+              profile: bool = False, memory_budget: float = 1.0):
     import torch
 
     from config import model_config
     from train import flops_per_token
 
+    if memory_budget < 1:
+        import torch._functorch.config as functorch_config
+
+        functorch_config.activation_memory_budget = memory_budget  # as train.py --memory_budget
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     dev = "cuda"
@@ -810,7 +814,8 @@ def main():
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--configs", default="ours-compile,ours-compile-norecipe,minimal-compile,hf-compile",
-                    help="ours|minimal|hf, -compile, -norecipe (no fp32 edge blocks)")
+                    help="ours|minimal|hf, -compile, -norecipe (no fp32 edge blocks), -memF "
+                    "(train.py --memory_budget F, e.g. ours-compile-mem0.9)")
     ap.add_argument("--profile", action="store_true", help="train: also each configuration's 30 "
                     "largest GPU kernels (torch.profiler, ms per step), to stderr and --json")
     ap.add_argument("--device", default="auto")
@@ -854,7 +859,8 @@ def main():
         for name in args.configs.split(","):
             impl = name.split("-")[0]
             c = dict(impl=impl, compile_="compile" in name, batch=args.batch, seq=args.seq, steps=args.steps,
-                     warmup=args.warmup, recipe="norecipe" not in name, profile=args.profile)
+                     warmup=args.warmup, recipe="norecipe" not in name, profile=args.profile,
+                     memory_budget=float(name.split("-mem")[1]) if "-mem" in name else 1.0)
             r = child(["train", "--one", json.dumps(c)])
             r["config"] = name
             rows.append(r)

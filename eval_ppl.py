@@ -57,9 +57,6 @@ def score(model, windows: list[tuple[list[int], int]], batch_size: int, device, 
         rows = order[k:k + batch_size]
         group = [windows[i] for i in rows]
         T = max(len(w) for w, _ in group)
-        if T > 1:  # inputs padded to a multiple of 16: a new shape costs the attention kernel a
-            # new plan (cuDNN's, on an H100), and eval_tasks.py's answers come in many lengths
-            T = 1 + max(T - 1, min(-(-(T - 1) // 16) * 16, model.config.max_position_embeddings))
         x = torch.zeros(len(group), T, dtype=torch.long)
         y = torch.full((len(group), T), -100, dtype=torch.long)
         for r, (w, n_target) in enumerate(group):
@@ -67,11 +64,17 @@ def score(model, windows: list[tuple[list[int], int]], batch_size: int, device, 
             x[r, :len(w)] = w
             y[r, len(w) - 1 - n_target:len(w) - 1] = w[len(w) - n_target:]
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        logits = model(x[:, :-1] if T > 1 else x)
+        h = model.hidden(x[:, :-1] if T > 1 else x)  # (B, T-1, d)
         yy = y[:, :-1] if T > 1 else y
-        per_token = F.cross_entropy(logits.float().transpose(1, 2), yy, ignore_index=-100, reduction="none")
-        nll[rows] = per_token.sum(1).double().cpu().numpy()
-        count += int((yy != -100).sum())
+        scored = yy != -100
+        # The head on the scored positions only: eval_tasks.py scores a few answer tokens per
+        # window, and (B, T, vocab) fp32 logits of a long batch run to gigabytes.
+        logits = model.lm_head(h[scored]).float()  # (N, vocab)
+        per_token = F.cross_entropy(logits, yy[scored], reduction="none")
+        rows_nll = torch.zeros(len(group), dtype=torch.float32, device=h.device)
+        rows_nll.index_add_(0, scored.nonzero()[:, 0], per_token)
+        nll[rows] = rows_nll.double().cpu().numpy()
+        count += int(scored.sum())
         now = time.time()
         if progress and (now - last > 2 or k + batch_size >= len(order)):
             last = now

@@ -324,6 +324,19 @@ class Llama(nn.Module):
         positions start_pos .. start_pos+T-1 and the KV cache (see setup_cache) holds the rest.
         """
         B, T = idx.shape
+        x = self.hidden(idx, start_pos)  # (B, T, d)
+        if targets is None:
+            return self.lm_head(x)  # (B, T, vocab)
+        if self.loss_chunk:
+            return chunked_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1),
+                                         self.loss_chunk)
+        logits = self.lm_head(x)
+        return F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(-1), ignore_index=-100)
+
+    def hidden(self, idx, start_pos=None):
+        """idx (B, T) -> the final norm's output (B, T, d), what the head turns into logits.
+        eval_ppl.score applies the head to the scored positions only."""
+        B, T = idx.shape
         if start_pos is None:
             if T > self.config.max_position_embeddings:
                 raise ValueError(f"sequence length {T} exceeds max_position_embeddings="
@@ -344,14 +357,7 @@ class Llama(nn.Module):
                 x = self.checkpoint(block, x, cos, sin)
             else:
                 x = block(x, cos, sin, pos, mask)
-        x = self.model.norm(x)
-        if targets is None:
-            return self.lm_head(x)  # (B, T, vocab)
-        if self.loss_chunk:
-            return chunked_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1),
-                                         self.loss_chunk)
-        logits = self.lm_head(x)
-        return F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(-1), ignore_index=-100)
+        return self.model.norm(x)
 
     def setup_cache(self, batch_size: int, max_len: int, dtype=None, device=None):
         """Preallocate a KV cache for batch_size sequences of up to max_len positions."""

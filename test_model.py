@@ -1234,6 +1234,7 @@ BAD_OPTIONS = [
     ("train.py", ["--ckpt_interval", "-5"], "train.py: --ckpt_interval must be > 0"),
     ("train.py", ["--schedule", "linear"], "train.py: --schedule 'linear': choose cosine | wsd"),
     ("train.py", ["--precision", "fp8"], "train.py: --precision 'fp8': choose bf16 | fp32"),
+    ("train.py", ["--memory_budget", "1.5"], "train.py: --memory_budget must be in (0, 1], got 1.5"),
     ("train.py", ["--preset", "tiny", "--hidden_size", "250"], "num_attention_heads=4 must divide hidden_size=250"),
     ("train.py", ["--max_step", "5"], "unrecognized arguments: --max_step 5 (did you mean --max_steps"),
     ("sample.py", ["--max_new_tokens", "-5"], "sample.py: --max_new_tokens must be >= 1, got -5"),

@@ -78,9 +78,15 @@ class Runtime:
         signal.signal(signal.SIGINT, forward)
         xmp.spawn(worker, args=args)
 
-    def __init__(self, kind: str, compile_model: bool = False, xla_cache: str | None = None):
+    def __init__(self, kind: str, compile_model: bool = False, xla_cache: str | None = None,
+                 memory_budget: float = 1.0):
         self.kind = kind  # "xla" | "cuda" | "cpu"
         self.compile = compile_model and kind == "cuda"
+        if self.compile and memory_budget < 1:
+            import torch._functorch.config as functorch_config
+
+            # The partitioner keeps this share of the activations and recomputes the cheapest rest.
+            functorch_config.activation_memory_budget = memory_budget
         self.ddp = False
         if kind == "xla":
             import torch_xla
@@ -680,7 +686,7 @@ def main(argv=None):
         Runtime.spawn(xla_worker, (argv,))
         return
     install_stop_handlers()
-    rt = Runtime(kind, tcfg.compile)
+    rt = Runtime(kind, tcfg.compile, memory_budget=tcfg.memory_budget)
     try:
         run = train(tcfg, mcfg, rt)
     finally:
