@@ -230,9 +230,9 @@ def reuse_freed_host_memory():
 
 
 def load_for_inference(ckpt: str | None, device: str = "auto", dtype: str = "auto"):
-    """(model in eval mode, its tokenizer, the folder) for sample.py, eval_ppl.py and eval_tasks.py. The
-    tokenizer is the folder's tokenizer.json, else the shipped one. Raises ValueError or
-    FileNotFoundError with a message that names the folder."""
+    """(model in eval mode, its tokenizer, the folder) for sample.py, eval_ppl.py and
+    eval_tasks.py. The tokenizer is the folder's tokenizer.json, else the shipped one. Raises
+    ValueError or FileNotFoundError with a message that names the folder."""
     device, dtype = device_and_dtype(device, dtype)
     if device == "cpu":
         reuse_freed_host_memory()
