@@ -639,6 +639,20 @@ import sys  # noqa: E402
 import train  # noqa: E402
 
 REPO = Path(__file__).parent
+
+
+@pytest.fixture(autouse=True)
+def no_inherited_pjrt_device(monkeypatch):
+    """The same for code a test runs in this process (train.Runtime.detect): CPU unless asked."""
+    monkeypatch.delenv("PJRT_DEVICE", raising=False)
+
+
+def child_env(**extra) -> dict:
+    """The environment of a script the tests start. Without PJRT_DEVICE: importing transformers
+    imports accelerate, which imports torch_xla, which sets PJRT_DEVICE=CPU in this process, and
+    train.py takes that for an XLA machine (its xmp.spawn child then outlives a SIGKILL)."""
+    env = {k: v for k, v in os.environ.items() if k != "PJRT_DEVICE"}
+    return {**env, "PYTHONUNBUFFERED": "1", **extra}
 # A model small enough for a CPU test run; the vocab stays 32768 (the shipped tokenizer).
 MICRO = ["--preset", "tiny", "--hidden_size", "64", "--intermediate_size", "128",
          "--num_hidden_layers", "2", "--num_attention_heads", "2", "--num_key_value_heads", "1",
@@ -654,7 +668,7 @@ def demo_data(tmp_path_factory):
 
 
 def run_train(args, out, data_dir, env_extra=None, check=True):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
+    env = child_env(**(env_extra or {}))
     cmd = [sys.executable, str(REPO / "train.py"), *MICRO, "--data_dir", str(data_dir),
            "--out_dir", str(out), *args]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
@@ -753,7 +767,7 @@ def test_train_kill_and_resume_gives_identical_losses(tmp_path, demo_data):
     cmd = [sys.executable, str(REPO / "train.py"), *MICRO, "--data_dir", str(demo_data),
            "--out_dir", str(out), *args]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
-                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                         env=child_env())
     for line in p.stdout:
         if line.startswith("step       4/"):
             p.send_signal(signal.SIGKILL)
@@ -822,7 +836,8 @@ def test_resume_continues_the_saved_run_with_only_the_given_flags(tmp_path, demo
               out, demo_data)
     # None of the first run's flags repeated: preset, shapes, data and lr come from latest/.
     p = subprocess.run([sys.executable, str(REPO / "train.py"), "--out_dir", str(out), "--resume",
-                        "--max_steps", "6"], capture_output=True, text=True, timeout=600, cwd=REPO)
+                        "--max_steps", "6"], capture_output=True, text=True, timeout=600, cwd=REPO,
+                       env=child_env())
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert ("resume: the saved run's settings, except --max_steps 6 (was 4); this re-plans the LR "
             "schedule and the data mixture from step 4") in p.stdout
@@ -853,7 +868,7 @@ def test_xla_path_trains_and_compiles_a_bounded_set_of_graphs(tmp_path, demo_dat
 def test_xla_graph_has_no_full_attention_scores():
     pytest.importorskip("torch_xla")
     p = subprocess.run([sys.executable, str(REPO / "test_model.py"), "xla-hlo-check"], capture_output=True,
-                       text=True, timeout=300, cwd=REPO, env={**os.environ, "PJRT_DEVICE": "CPU"})
+                       text=True, timeout=300, cwd=REPO, env=child_env(PJRT_DEVICE="CPU"))
     assert p.returncode == 0, p.stderr[-3000:]
     found = json.loads(p.stdout.strip().splitlines()[-1])
     assert found == {"sdpa": True, "xla": False}  # SDPA builds (B, H, T, T); train.py's XLA kernel does not
@@ -907,7 +922,7 @@ def test_xla_sigterm_saves_and_resume_continues_exactly(tmp_path, demo_data):
 def _signal_mid_run(cmd, env_extra, signum=signal.SIGTERM) -> int:
     """Start a training run, send it signum after step 4 is logged; it must save latest/ and exit 0."""
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
-                         env={**os.environ, "PYTHONUNBUFFERED": "1", **env_extra})
+                         env=child_env(**env_extra))
     for line in p.stdout:
         if line.startswith("step       4/"):
             p.send_signal(signum)
@@ -928,7 +943,7 @@ def test_torchrun_two_cpu_ranks(tmp_path, demo_data):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
            str(REPO / "test_model.py"), "ddp-check", str(out), str(demo_data)]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+                       env=child_env(OMP_NUM_THREADS="1"))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     r0, r1 = (json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["world"] == r1["world"] == 2
@@ -947,13 +962,13 @@ def test_torchrun_sigterm_saves_and_a_failed_save_stops_every_rank(tmp_path, dem
                 str(REPO / "train.py"), *MICRO, *args, "--out_dir", str(out), *extra]
 
     p = subprocess.run(torchrun(tmp_path / "ref"), capture_output=True, text=True, timeout=600, cwd=REPO,
-                       env={**os.environ, **env})
+                       env=child_env(**env))
     assert p.returncode == 0, p.stderr[-3000:]
     want = losses(tmp_path / "ref")
     out = tmp_path / "stopped"
     saved = _signal_mid_run(torchrun(out), env)  # SIGTERM to torchrun, which passes it on
     p = subprocess.run(torchrun(out, "--resume"), capture_output=True, text=True, timeout=600, cwd=REPO,
-                       env={**os.environ, **env})
+                       env=child_env(**env))
     assert p.returncode == 0, p.stderr[-3000:]
     got = losses(out)
     assert all(got[s] == want[s] for s in range(saved + 2, 13, 2)), (got, want)
@@ -963,7 +978,7 @@ def test_torchrun_sigterm_saves_and_a_failed_save_stops_every_rank(tmp_path, dem
     bad.mkdir()
     (bad / "latest.tmp").write_text("in the way")
     p = subprocess.run(torchrun(bad, "--ckpt_interval", "2"), capture_output=True, text=True, timeout=300,
-                       cwd=REPO, env={**os.environ, **env})
+                       cwd=REPO, env=child_env(**env))
     assert p.returncode != 0
     assert f"could not write {bad}/latest" in p.stderr and "rank 1: stopping, rank 0 could not write" in p.stderr
 
@@ -1106,7 +1121,7 @@ def test_logits_processing_equals_hf_warpers():
 
 def run_script(script, *args):
     return subprocess.run([sys.executable, str(REPO / script), *args], capture_output=True, text=True,
-                          timeout=300, cwd=REPO)
+                          timeout=300, cwd=REPO, env=child_env())
 
 
 def test_sample_cli_inputs(hf_folder, tmp_path):
@@ -1588,12 +1603,13 @@ def task_files(tmp_path_factory):
     return root, unpacked
 
 
-def test_eval_tasks_equal_lm_evaluation_harness(tmp_path, task_files):
+def test_eval_tasks_equal_lm_evaluation_harness(tmp_path, task_files, monkeypatch):
     """Per answer, the log-likelihood lm-evaluation-harness's HF backend (transformers'
     LlamaForCausalLM) gives on the same files; per task, the same scores. The context is 256
     tokens, so the long PIQA item is cut from the left, as the harness cuts it."""
     import bench
 
+    monkeypatch.setenv("PJRT_DEVICE", "CPU")  # accelerate asks torch_xla for its device when it is installed
     root, unpacked = task_files
     torch.manual_seed(0)
     model = Llama(small_config(vocab_size=32768, hidden_size=32, intermediate_size=64, max_position_embeddings=256))
