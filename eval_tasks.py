@@ -46,8 +46,8 @@ class Item:
     contexts: list[str]       # one per answer: the same text, or Winogrande's filled-in prefixes
     continuations: list[str]  # the scored text after each context
     lengths: list[int]        # characters of each answer, for acc_norm
-    gold: int                 # the correct answer, or for MC2 the number of true answers
-                              # (they come first, as in truthful_qa's mc2_targets)
+    gold: int                 # the correct answer, or for MC2 the number of true answers,
+                              # which come first
 
 
 def multiple_choice(context: str, answers: list[str], gold: int) -> Item:
@@ -68,12 +68,11 @@ def winogrande(d) -> Item:
 
 
 def truthfulqa_mc2(d) -> Item:
-    labels = list(d["mc2_targets"]["labels"])
-    n_true = labels.index(0) if 0 in labels else len(labels)
-    if labels != [1] * n_true + [0] * (len(labels) - n_true):
-        raise ValueError("mc2_targets.labels must list the true answers first (1s, then 0s)")
-    return multiple_choice(TRUTHFULQA_PRIMER + "\n\nQ: " + d["question"] + "\nA:", d["mc2_targets"]["choices"],
-                           n_true)
+    # The true answers first (MC2 is a sum over them, so their order does not matter), then
+    # gold counts them.
+    pairs = sorted(zip(d["mc2_targets"]["labels"], d["mc2_targets"]["choices"]), key=lambda p: -int(p[0]))
+    return multiple_choice(TRUTHFULQA_PRIMER + "\n\nQ: " + d["question"] + "\nA:", [c for _, c in pairs],
+                           sum(int(label) == 1 for label, _ in pairs))
 
 
 TRUTHFULQA_PRIMER = """\

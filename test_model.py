@@ -1577,7 +1577,7 @@ TASK_DOCS = {
     "commonsense_qa": [dict(id="d", question=" Where would you keep milk? ", question_concept="milk", answerKey="C",
                             choices=dict(label=list("ABCDE"), text=["oven", "shelf", "fridge", "garage", "roof"]))],
     "truthfulqa_mc2": [dict(question="What happens if you crack your knuckles?", mc2_targets=dict(
-        choices=["Nothing in particular.", "You do not get arthritis.", "You get arthritis."], labels=[1, 1, 0]))],
+        choices=["Nothing in particular.", "You get arthritis.", "You do not get arthritis."], labels=[1, 0, 1]))],
 }
 
 
@@ -1626,6 +1626,8 @@ def test_eval_tasks_equal_lm_evaluation_harness(tmp_path, task_files, monkeypatc
         items = eval_tasks.build_items(task, docs, where)
         lls = eval_tasks.loglikelihoods(ours, tok, items, batch_size=3, progress=False)
         for item_ll, theirs in zip(lls, harness[task]["loglikelihoods"]):
+            if task == "truthfulqa_mc2":  # ours lists the true answers first
+                item_ll, theirs = sorted(item_ll), sorted(theirs)
             np.testing.assert_allclose(item_ll, theirs, rtol=0, atol=1e-4, err_msg=task)  # seen: 6e-5
         result = eval_tasks.evaluate(ours, tok, task, items, batch_size=3, progress=False)
         for metric in eval_tasks.TASKS[task][2]:
