@@ -115,12 +115,9 @@ def train_one(impl: str, compile_: bool, batch: int, seq: int, steps: int, warmu
     import torch
 
     from config import model_config
-    from train import flops_per_token
+    from train import flops_per_token, set_memory_budget
 
-    if memory_budget < 1:
-        import torch._functorch.config as functorch_config
-
-        functorch_config.activation_memory_budget = memory_budget  # as train.py --memory_budget
+    set_memory_budget(memory_budget)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     dev = "cuda"
@@ -485,6 +482,55 @@ def gguf_one(impl: str, ckpt: str, gguf: str, new_tokens: int, compile_: bool = 
     return r
 
 
+def gguf_table(args) -> list[dict]:
+    import data
+
+    args.ckpt = args.ckpt or "out/best"
+    converter = Path(args.llama_cpp or "-") / "convert_hf_to_gguf.py"
+    if not converter.is_file():
+        sys.exit("bench.py gguf needs llama.cpp's converter: `pip download --no-deps --no-binary :all: "
+                 "llama-cpp-python==0.3.36`, unpack it and pass --llama_cpp "
+                 "llama_cpp_python-0.3.36/vendor/llama.cpp; and `pip install llama-cpp-python==0.3.36` "
+                 "(builds llama.cpp, about 7 minutes on 2 cores)")
+    if not (Path(args.ckpt) / "tokenizer.json").is_file():
+        sys.exit(f"{args.ckpt}: no checkpoint folder with tokenizer.json; train one first (README, Quick start)")
+    tok = data.load_tokenizer(Path(args.ckpt) / "tokenizer.json")
+    ours_tokens = [tok.encode(p, add_special_tokens=False).ids for p in GGUF_PROMPTS]
+    work = Path(tempfile.mkdtemp(prefix="bench_gguf_"))
+    base = dict(ckpt=args.ckpt, new_tokens=args.new_tokens)
+    ours, compiled = (child(["gguf", "--one", json.dumps({**base, "impl": "ours", "gguf": "", "compile_": c})])
+                      for c in (False, True))
+    rows = [{**ours, "outtype": "-"}, {**compiled, "outtype": "-", "compile": True}]
+    for outtype in ("f32", "q8_0"):
+        path, seconds = convert_to_gguf(Path(args.llama_cpp), args.ckpt, work, outtype)
+        r = child(["gguf", "--one", json.dumps({**base, "impl": "llama.cpp", "gguf": str(path)})])
+        r.update(outtype=outtype, convert_s=round(seconds, 1), file_mb=round(path.stat().st_size / 1e6, 1))
+        if "outputs" in r:
+            r["tokenize_equal"] = sum(a == b for a, b in zip(r["tokenized"], ours_tokens))
+            r["greedy_equal_prompts"] = sum(a == b for a, b in zip(r["outputs"], ours["outputs"]))
+            r["greedy_equal_tokens"] = sum(x == y for a, b in zip(r["outputs"], ours["outputs"])
+                                           for x, y in zip(a, b))  # at the same position
+            r["first_difference"] = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+                                     for a, b in zip(r["outputs"], ours["outputs"])]
+        rows.append(r)
+        print(json.dumps({k: v for k, v in r.items() if k not in ("outputs", "tokenized")}), flush=True)
+    n, total = len(GGUF_PROMPTS), len(GGUF_PROMPTS) * args.new_tokens
+    print(f"\n{args.ckpt}, {n} prompts, {args.new_tokens} greedy tokens each, {os.cpu_count()} CPU cores")
+    print(f"{'config':<18}{'tokenize equal':>16}{'greedy equal':>14}{'tokens equal':>14}{'tok/s':>9}{'MB':>8}")
+    for name, r in (("ours fp32", ours), ("ours fp32 compile", compiled)):
+        print(f"{name:<18}{'-':>16}{'-':>14}{'-':>14}{r.get('tok_s', r.get('error', '')[-200:]):>9}{'-':>8}")
+    for r in rows[2:]:
+        if "outputs" not in r:
+            print(f"llama.cpp {r['outtype']:<6} failed: {r.get('error', '')[-400:]}")
+            continue
+        print(f"{'llama.cpp ' + r['outtype']:<18}{r['tokenize_equal']:>13}/{n:<2}{r['greedy_equal_prompts']:>11}/{n:<2}"
+              f"{r['greedy_equal_tokens']:>9}/{total:<4}{r['tok_s']:>9}{r['file_mb']:>8}")
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------
 # Zero-shot tasks: eval_tasks.py vs lm-evaluation-harness's HF backend on the same files
 
@@ -752,55 +798,6 @@ def tpu_plan_one(batch: int, seq: int, grad_accum: int, checkpointing: bool, att
     return {"batch": batch, "seq": seq, "grad_accum": grad_accum, "checkpointing": checkpointing,
             "attention": attention, "plan_gib": round(max(plans.values()) / 2**30, 2),
             "graphs_gib": sorted(round(v / 2**30, 2) for v in plans.values()), "compile_s": round(compile_s, 1)}
-
-
-def gguf_table(args) -> list[dict]:
-    import data
-
-    args.ckpt = args.ckpt or "out/best"
-    converter = Path(args.llama_cpp or "-") / "convert_hf_to_gguf.py"
-    if not converter.is_file():
-        sys.exit("bench.py gguf needs llama.cpp's converter: `pip download --no-deps --no-binary :all: "
-                 "llama-cpp-python==0.3.36`, unpack it and pass --llama_cpp "
-                 "llama_cpp_python-0.3.36/vendor/llama.cpp; and `pip install llama-cpp-python==0.3.36` "
-                 "(builds llama.cpp, about 7 minutes on 2 cores)")
-    if not (Path(args.ckpt) / "tokenizer.json").is_file():
-        sys.exit(f"{args.ckpt}: no checkpoint folder with tokenizer.json; train one first (README, Quick start)")
-    tok = data.load_tokenizer(Path(args.ckpt) / "tokenizer.json")
-    ours_tokens = [tok.encode(p, add_special_tokens=False).ids for p in GGUF_PROMPTS]
-    work = Path(tempfile.mkdtemp(prefix="bench_gguf_"))
-    base = dict(ckpt=args.ckpt, new_tokens=args.new_tokens)
-    ours, compiled = (child(["gguf", "--one", json.dumps({**base, "impl": "ours", "gguf": "", "compile_": c})])
-                      for c in (False, True))
-    rows = [{**ours, "outtype": "-"}, {**compiled, "outtype": "-", "compile": True}]
-    for outtype in ("f32", "q8_0"):
-        path, seconds = convert_to_gguf(Path(args.llama_cpp), args.ckpt, work, outtype)
-        r = child(["gguf", "--one", json.dumps({**base, "impl": "llama.cpp", "gguf": str(path)})])
-        r.update(outtype=outtype, convert_s=round(seconds, 1), file_mb=round(path.stat().st_size / 1e6, 1))
-        if "outputs" in r:
-            r["tokenize_equal"] = sum(a == b for a, b in zip(r["tokenized"], ours_tokens))
-            r["greedy_equal_prompts"] = sum(a == b for a, b in zip(r["outputs"], ours["outputs"]))
-            r["greedy_equal_tokens"] = sum(x == y for a, b in zip(r["outputs"], ours["outputs"])
-                                           for x, y in zip(a, b))  # at the same position
-            r["first_difference"] = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
-                                     for a, b in zip(r["outputs"], ours["outputs"])]
-        rows.append(r)
-        print(json.dumps({k: v for k, v in r.items() if k not in ("outputs", "tokenized")}), flush=True)
-    n, total = len(GGUF_PROMPTS), len(GGUF_PROMPTS) * args.new_tokens
-    print(f"\n{args.ckpt}, {n} prompts, {args.new_tokens} greedy tokens each, {os.cpu_count()} CPU cores")
-    print(f"{'config':<18}{'tokenize equal':>16}{'greedy equal':>14}{'tokens equal':>14}{'tok/s':>9}{'MB':>8}")
-    for name, r in (("ours fp32", ours), ("ours fp32 compile", compiled)):
-        print(f"{name:<18}{'-':>16}{'-':>14}{'-':>14}{r.get('tok_s', r.get('error', '')[-200:]):>9}{'-':>8}")
-    for r in rows[2:]:
-        if "outputs" not in r:
-            print(f"llama.cpp {r['outtype']:<6} failed: {r.get('error', '')[-400:]}")
-            continue
-        print(f"{'llama.cpp ' + r['outtype']:<18}{r['tokenize_equal']:>13}/{n:<2}{r['greedy_equal_prompts']:>11}/{n:<2}"
-              f"{r['greedy_equal_tokens']:>9}/{total:<4}{r['tok_s']:>9}{r['file_mb']:>8}")
-    import shutil
-
-    shutil.rmtree(work, ignore_errors=True)
-    return rows
 
 
 def main():

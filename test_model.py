@@ -446,8 +446,7 @@ TOKENIZER_SAMPLES = [
 
 def test_tokenizer_matches_sentencepiece():
     spm = pytest.importorskip("sentencepiece")
-    sp = spm.SentencePieceProcessor(
-        model_file=str(Path(__file__).parent / "reference" / "mistral_instruct_tokenizer_240323.model.v3"))
+    sp = spm.SentencePieceProcessor(model_file=str(data.SENTENCEPIECE_FILE))
     tok = data.load_tokenizer()
     assert tok.get_vocab_size() == 32768 and tok.get_added_tokens_decoder() == {}
     assert [tok.id_to_token(i) for i in (0, 1, 2, 771, 1026)] == ["<unk>", "<s>", "</s>", "<0x00>", "<0xFF>"]

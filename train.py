@@ -82,11 +82,8 @@ class Runtime:
                  memory_budget: float = 1.0):
         self.kind = kind  # "xla" | "cuda" | "cpu"
         self.compile = compile_model and kind == "cuda"
-        if self.compile and memory_budget < 1:
-            import torch._functorch.config as functorch_config
-
-            # The partitioner keeps this share of the activations and recomputes the cheapest rest.
-            functorch_config.activation_memory_budget = memory_budget
+        if self.compile:
+            set_memory_budget(memory_budget)
         self.ddp = False
         if kind == "xla":
             import torch_xla
@@ -258,6 +255,15 @@ class Runtime:
     def close(self):
         if self.ddp:
             dist.destroy_process_group()
+
+
+def set_memory_budget(budget: float):
+    """--memory_budget: torch.compile's partitioner keeps this share of the activations for
+    backward and recomputes the cheapest rest (1: keep all, its default)."""
+    if budget < 1:
+        import torch._functorch.config as functorch_config
+
+        functorch_config.activation_memory_budget = budget
 
 
 def pallas_attention(q, k, v):
