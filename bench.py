@@ -1,8 +1,7 @@
 """Benchmarks: this project side by side with its reference, in one run, reported as ratios.
 
     python bench.py train      # training step vs HF LlamaForCausalLM (eager and compiled); GPU
-    python bench.py decode     # batch-1 greedy decoding vs HF generate; GPU or CPU
-                               #   (BENCH_PROFILE=1: a profile of our decode, to stderr)
+    python bench.py decode     # batch-1 decoding: 150M and the 7B shape vs HF generate and plain CUDA graphs
     python bench.py eval       # perplexity-evaluation throughput vs HF forward with labels
     python bench.py data       # tokenize + pack throughput vs bare Tokenizer.encode_batch; CPU
     python bench.py tpu        # the TPU step's memory plan: XLA's buffer assignment on XLA:CPU
@@ -17,6 +16,7 @@ table and writes JSON with --json FILE. transformers is needed here as the refer
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -240,62 +240,108 @@ def attention_table(batch: int, seq: int):
 # Decoding
 
 
-def decode_one(impl: str, device: str, compile_: bool, new_tokens: int, prompt_len: int, runs: int,
-               dtype: str):
+# Mistral-7B's shape with the Portimbria vocabulary: the card's speculative-decoding target.
+SHAPE_7B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=8, tie_word_embeddings=False)
+
+
+def random_model(shape: str, device: str, dtype, hf: bool = False):
+    """Portimbria-150M ('150m') or the 7B shape ('7b'), random weights made on the device."""
     import torch
 
     from config import model_config
 
     cfg = model_config("portimbria-150m")
-    from checkpoint import DTYPES
-
-    dtype = DTYPES[dtype]
+    cfg.fp32_edge_blocks = False
+    if shape == "7b":
+        cfg = dataclasses.replace(cfg, **SHAPE_7B)
     torch.manual_seed(0)
-    prompt = torch.randint(3, cfg.vocab_size, (1, prompt_len))
-    times = []
-    if impl == "ours":
-        from model import Llama
-        from config import SampleConfig
-        from sample import Generator
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            if hf:
+                return cfg, hf_llama(cfg).eval()
+            from model import Llama
 
-        cfg.fp32_edge_blocks = False
-        model = Llama(cfg).to(device=device, dtype=dtype).eval()
-        gen = Generator(model, compile=compile_)
-        settings = SampleConfig(max_new_tokens=new_tokens, temperature=0, repetition_penalty=1.0)
+            return cfg, Llama(cfg).eval()
+    finally:
+        torch.set_default_dtype(default)
+
+
+def gpu_profile(run, tokens: int) -> dict:
+    """Kernels and GPU-busy time per token of run() (prefill included), and the largest kernels."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_name = {}
+    for e in kernels:
+        by_name[e.name] = by_name.get(e.name, 0.0) + e.time_range.elapsed_us()
+    busy = sum(by_name.values())
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:12]
+    return {"kernels_per_token": round(len(kernels) / tokens, 1), "gpu_busy_us_per_token": round(busy / tokens, 1),
+            "top_kernels_us_per_token": [[n[:80], round(t / tokens, 1)] for n, t in top]}
+
+
+def decode_one(impl: str, device: str, shape: str, new_tokens: int, prompt_len: int, runs: int, dtype: str,
+               sampling: bool = False, profile: bool = False):
+    """Batch-1 decoding of new_tokens after a random prompt: 'ours' (sample.py --compile: compiled
+    step, decode kernels, CUDA graphs), 'eager' (sample.py), 'plain-graph' (the plain model's
+    step, cuBLAS and SDPA, eager, under the same CUDA graphs: what plain PyTorch gives) or 'hf'
+    (HF generate)."""
+    import torch
+
+    import kernels
+    from checkpoint import DTYPES
+    from config import SampleConfig
+    from sample import Generator
+
+    dt = DTYPES[dtype]
+    cfg, model = random_model(shape, device, dt, hf=impl == "hf")
+    prompt = torch.randint(3, cfg.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+    settings = SampleConfig(max_new_tokens=new_tokens, seed=0, **(
+        {} if sampling else dict(temperature=0, repetition_penalty=1.0)))
+    extra = {}
+    if impl == "hf":
+        x = prompt.to(device)
+        hf_args = dict(do_sample=True, temperature=settings.temperature, top_p=settings.top_p,
+                       repetition_penalty=settings.repetition_penalty) if sampling else dict(do_sample=False)
 
         def run():
-            return gen.generate(prompt[0].tolist(), settings, eos_id=-1)
+            return model.generate(x, max_new_tokens=new_tokens, min_new_tokens=new_tokens, eos_token_id=None,
+                                  pad_token_id=0, **hf_args)[0, prompt_len:].tolist()
+    else:
+        gen = Generator(model)
+        if impl == "ours":
+            extra["projections_us"] = {f"{o}x{i}": t for (o, i), t in kernels.compile_generator(gen).items()}
+        elif impl == "plain-graph":
+            for block in model.model.layers:
+                block.self_attn.attend = kernels.decode_attention_reference  # SDPA over expanded heads
+            gen.steps, gen.sync_every = kernels.GraphedSteps(gen.step, [model]), 32
+
+        def run():
+            return gen.generate(prompt[0].tolist(), settings, eos_id=-1)[0]
+    times = []
+    with torch.no_grad():
         for _ in range(runs):
+            if device == "cuda":
+                torch.cuda.synchronize()
             t0 = time.time()
             out = run()
             if device == "cuda":
                 torch.cuda.synchronize()
             times.append(time.time() - t0)
-        n = len(out[0])
-        if os.environ.get("BENCH_PROFILE"):  # where a decode step's time goes, to stderr
-            from torch.profiler import ProfilerActivity, profile
-
-            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-            with profile(activities=acts) as prof:
-                run()
-            key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
-            print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60), file=sys.stderr)
-    else:
-        model = hf_llama(cfg).to(device=device, dtype=dtype).eval()
-        x = prompt.to(device)
-        with torch.no_grad():
-            for _ in range(runs):
-                t0 = time.time()
-                out = model.generate(x, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                     eos_token_id=None, pad_token_id=0)
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                times.append(time.time() - t0)
-        n = out.shape[1] - prompt_len
+        if profile and device == "cuda":
+            extra.update(gpu_profile(run, len(out)))
     best = min(times[1:] if len(times) > 1 else times)
-    return {"impl": impl, "device": device, "dtype": str(dtype)[6:], "compile": compile_, "new_tokens": n,
-            "tok_s": round(n / best, 1), "first_run_tok_s": round(n / times[0], 1),
-            "runs_s": [round(t, 3) for t in times]}
+    return {"impl": impl, "shape": shape, "device": device, "dtype": dtype, "prompt": prompt_len,
+            "sampling": sampling, "new_tokens": len(out), "tok_s": round(len(out) / best, 1),
+            "us_per_token": round(best / len(out) * 1e6, 1), "first_run_s": round(times[0], 2),
+            "runs_s": [round(t, 3) for t in times], "tokens": out[:64], **extra}
 
 
 def eval_one(impl: str, device: str, batch: int, seq: int, batches: int, dtype: str):
@@ -752,6 +798,7 @@ def tpu_plan_one(batch: int, seq: int, grad_accum: int, checkpointing: bool, att
     import torch
     import torch_xla
 
+    import kernels
     import train
     from config import TrainConfig, model_config
     from model import Llama
@@ -763,7 +810,7 @@ def tpu_plan_one(batch: int, seq: int, grad_accum: int, checkpointing: bool, att
     model = Llama(model_config("portimbria-150m"))
     rt.prepare(model, tcfg)
     if attention == "pallas-footprint":
-        model.set_attention(PallasFootprint.attention)
+        kernels.use_attention(model, PallasFootprint.attention)
     opt = rt.optimizer(train.param_groups(model, 0.01), 8e-4, (0.9, 0.95), 1e-8)
     for p in model.parameters():  # as after the first step: gradients and AdamW state exist
         p.grad = torch.zeros(p.shape).to(rt.device)
@@ -800,6 +847,57 @@ def tpu_plan_one(batch: int, seq: int, grad_accum: int, checkpointing: bool, att
             "graphs_gib": sorted(round(v / 2**30, 2) for v in plans.values()), "compile_s": round(compile_s, 1)}
 
 
+def decode_table(args) -> list[dict]:
+    """Batch-1 decoding. On a GPU: Portimbria-150M greedy and sampling at a short prompt and greedy
+    at a 4,000-token context (ours, with a profile), HF generate; the 7B shape, ours beside the
+    plain step under CUDA graphs and HF generate. On the CPU: HF, eager and compiled, 150M."""
+    import torch
+
+    from checkpoint import device_and_dtype
+
+    device = device_and_dtype(args.device)[0]
+    dtype = "bf16" if device == "cuda" else "fp32"
+    n = args.new_tokens
+    if device == "cuda":
+        configs = [("ours", "150m", 16, n, False, True), ("ours", "150m", 16, n, True, True),
+                   ("ours", "150m", 4000, 96, False, True), ("plain-graph", "150m", 16, n, False, False),
+                   ("hf", "150m", 16, n, False, False),
+                   ("ours", "7b", 16, n, False, True), ("plain-graph", "7b", 16, n, False, False),
+                   ("ours", "7b", 4000, 96, False, False), ("hf", "7b", 16, n, False, False)]
+    else:
+        configs = [("hf", "150m", 16, n, False, False), ("eager", "150m", 16, n, False, False),
+                   ("ours", "150m", 16, n, False, False)]
+    rows = []
+    for impl, shape, prompt, new, sampling, prof in configs:
+        c = dict(impl=impl, device=device, shape=shape, new_tokens=new, prompt_len=prompt, dtype=dtype,
+                 runs=2 if impl == "hf" and shape == "7b" else args.runs, sampling=sampling, profile=prof)
+        r = child(["decode", "--one", json.dumps(c)])
+        r.update(config=f"{impl} {shape} {'sample' if sampling else 'greedy'} prompt {prompt}")
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    print(f"\nbatch-1 decoding on {name}, {dtype}, random weights")
+    print(f"{'config':<36}{'us/token':>10}{'tok/s':>9}{'vs ref':>9}{'kernels':>9}{'GPU us':>8}")
+    for r in rows:
+        if "tok_s" not in r:
+            print(f"{r['config']:<36} failed: {r['error'][-300:]}")
+            continue
+        ref = next((q for q in rows if q.get("impl") == ("plain-graph" if r["shape"] == "7b" else "hf")
+                    and q.get("shape") == r["shape"] and "tok_s" in q), None)
+        ratio = f"{r['tok_s'] / ref['tok_s']:.2f}x" if ref else "-"
+        print(f"{r['config']:<36}{r['us_per_token']:>10,}{r['tok_s']:>9,}{ratio:>9}"
+              f"{r.get('kernels_per_token', '-'):>9}{r.get('gpu_busy_us_per_token', '-'):>8}")
+    print("vs ref: the 150M against HF generate, the 7B shape against the plain step under CUDA graphs")
+    same = [r for r in rows if r.get("impl") in ("ours", "plain-graph", "eager") and "tokens" in r
+            and not r["sampling"] and r["prompt"] == 16]
+    for shape in ("150m", "7b"):
+        outs = [r["tokens"] for r in same if r["shape"] == shape]
+        if len(outs) > 1:
+            agree = min(next((i for i, (a, b) in enumerate(zip(outs[0], o)) if a != b), len(o)) for o in outs[1:])
+            print(f"{shape}: greedy tokens equal across implementations for the first {agree} of {len(outs[0])}")
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("what", choices=["train", "decode", "eval", "data", "attention", "tpu", "speculative", "gguf", "tasks"])
@@ -816,7 +914,6 @@ def main():
     ap.add_argument("--device", default="auto")
     ap.add_argument("--new_tokens", type=int, default=256)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--dtypes", default=None, help="decode: e.g. fp32,bf16 (default bf16 on GPU, fp32 on CPU)")
     ap.add_argument("--mb", type=int, default=200)
     ap.add_argument("--target", default=None, help="speculative: target folder (default: train one)")
     ap.add_argument("--draft", default=None, help="speculative: draft folder (default: train one)")
@@ -871,27 +968,7 @@ def main():
             else:
                 print(f"{r['config']:<26} failed: {r['error'][-300:]}")
     elif args.what == "decode":
-        from checkpoint import device_and_dtype
-
-        device = device_and_dtype(args.device)[0]
-        dtypes = args.dtypes.split(",") if args.dtypes else ["bf16" if device == "cuda" else "fp32"]
-        configs = [("hf", False), ("ours", False), ("ours", True)]
-        for dt in dtypes:
-            for impl, comp in configs:
-                c = dict(impl=impl, device=device, compile_=comp, new_tokens=args.new_tokens, prompt_len=16,
-                         runs=args.runs, dtype=dt)
-                r = child(["decode", "--one", json.dumps(c)])
-                r["config"] = f"{impl}{'-compile' if comp else ''}-{dt}"
-                rows.append(r)
-                print(json.dumps(r), flush=True)
-        print(f"\n{'config':<20}{'tok/s':>10}{'vs HF generate, same dtype':>28}")
-        for r in rows:
-            ref = next((q for q in rows if q.get("config") == "hf-" + r["config"].rsplit("-", 1)[-1]
-                        and "tok_s" in q), None)
-            if "tok_s" in r:
-                print(f"{r['config']:<20}{r['tok_s']:>10,}{(r['tok_s'] / ref['tok_s'] if ref else 0):>27.2f}x")
-            else:
-                print(f"{r['config']:<20} failed: {r['error'][-300:]}")
+        rows = decode_table(args)
     elif args.what == "eval":
         from checkpoint import device_and_dtype
 

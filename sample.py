@@ -16,10 +16,10 @@ import sys
 import time
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import checkpoint
+import kernels
 from config import SampleConfig, parse_config
 from model import Llama
 
@@ -85,85 +85,73 @@ def cache_length(model: Llama, prompt_len: int, max_new: int) -> int:
     return min(context, -(-(prompt_len + max_new) // 512) * 512)
 
 
-class DecodeLinear(nn.Linear):
-    """nn.Linear for compiled decoding. At one token x @ W.T is a matrix-vector product, bound by
-    reading W once; written as multiply-and-sum, inductor compiles it to one loop that streams W,
-    faster than the BLAS GEMV it replaces on the GPU and the CPU (README, Benchmarks). Inductor's
-    own rewrite (coordinate_descent_tuning) is GPU-only."""
-
-    def forward(self, x):
-        if x.shape[-2] == 1 and self.bias is None and torch.compiler.is_compiling():
-            return (x.unsqueeze(-2) * self.weight).sum(-1)  # (B, 1, 1, in) * (out, in) -> (B, 1, out)
-        return F.linear(x, self.weight, self.bias)
-
-
-def use_decode_linears(model: nn.Module):
-    for module in model.modules():
-        if type(module) is nn.Linear:
-            module.__class__ = DecodeLinear  # same weights, the decode-time forward
-
-
 class Generator:
     """Batched decoding with the model's static KV cache. A decode step (model, repetition
-    penalty, sampling, bookkeeping) has fixed shapes and runs all on the device, so with
-    compile=True it is one CUDA graph replay on a GPU (one compiled C++ call on the CPU). The host
-    reads tokens back every `sync_every` tokens, to stream them and to stop at EOS."""
+    penalty, sampling, bookkeeping) has fixed shapes, runs all on the device and updates its state
+    in place, so it can be compiled and replayed (kernels.compile_generator: on a GPU the steps
+    between two host reads are one CUDA graph). The host reads the tokens back every `sync_every`
+    steps, to stream them and to stop at EOS."""
 
-    def __init__(self, model: Llama, compile: bool = False):
-        self.model, self.compiled = model, compile
-        self.cuda_graphs = compile and model.lm_head.weight.is_cuda
-        self.decode = self._decode
-        if compile:
-            use_decode_linears(model)
-            self.decode = torch.compile(self._decode, fullgraph=True, dynamic=False,
-                                        mode="reduce-overhead" if self.cuda_graphs else None)
+    def __init__(self, model: Llama, sync_every: int = 1):
+        self.model, self.sync_every = model, sync_every
+        self.steps = self.run_steps
+        self.compiled = False
 
-    def _decode(self, tok, pos, seen, temperature: float, top_k: int, top_p: float, penalty: float):
-        # tok (B, 1), pos 0-d tensor, seen (B, V) bool -> next tok (B, 1), pos, seen
+    def step(self, tok, pos, seen, out, temperature: float, top_k: int, top_p: float, penalty: float):
+        """One step, in place: tok (B, 1) the last token, at position pos (0-d), becomes the next;
+        pos + 1; seen (B, V) bool marks it; out (B, cache length) gets it at its position."""
         logits = self.model(tok, start_pos=pos)[:, -1].float()
-        tok = choose(logits, seen, temperature, top_k, top_p, penalty)[:, None]
-        return tok, pos + 1, seen.scatter(1, tok, True)
+        nxt = choose(logits, seen, temperature, top_k, top_p, penalty)[:, None]
+        pos += 1
+        tok.copy_(nxt)
+        seen.scatter_(1, nxt, True)
+        out.index_copy_(1, pos.view(1), nxt)
+
+    def run_steps(self, n: int, *state_and_settings):
+        for _ in range(n):
+            self.step(*state_and_settings)
 
     @torch.no_grad()
-    def generate(self, prompt_ids: list[int], cfg: SampleConfig, eos_id: int, on_token=None,
-                 sync_every: int | None = None) -> list[list[int]]:
+    def generate(self, prompt_ids: list[int], cfg: SampleConfig, eos_id: int, on_token=None) -> list[list[int]]:
         """cfg.num_samples continuations of prompt_ids, each up to cfg.max_new_tokens and without
         the final eos_id; on_token(tokens so far, per sample) after each read-back."""
         m, dev = self.model, self.model.lm_head.weight.device
         B, P, max_new = cfg.num_samples, len(prompt_ids), cfg.max_new_tokens
-        # Each read-back drains the GPU's queue: every 32 tokens, not every 8 (README, Benchmarks).
-        sync_every = sync_every or (32 if dev.type == "cuda" else 1)
         if cfg.seed is not None:
             torch.manual_seed(cfg.seed)
-        m.setup_cache(B, cache_length(m, P, max_new))
+        length = cache_length(m, P, max_new)
+        m.setup_cache(B, length, keep_larger=True)
         ids = torch.tensor([prompt_ids] * B, device=dev)
         seen = torch.zeros(B, m.config.vocab_size, dtype=torch.bool, device=dev)
         seen[:, ids[0]] = True
-        settings = (cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty)
+        settings = sampling_settings(cfg)
         logits = m(ids, start_pos=0)[:, -1].float()  # prefill the prompt in one pass
         tok = choose(logits, seen, *settings)[:, None]
-        seen = seen.scatter(1, tok, True)
+        seen.scatter_(1, tok, True)
         pos = torch.tensor(P, device=dev)
-        out, done, pending, made = [[] for _ in range(B)], [False] * B, [tok], 1
+        out = torch.zeros(B, m.cache_len, dtype=torch.long, device=dev)  # tokens by position
+        out[:, P] = tok[:, 0]
+        made, read, texts, done = 1, 0, [[] for _ in range(B)], [False] * B
         while True:
-            if len(pending) >= sync_every or made >= max_new:
-                for b, row in enumerate(torch.cat(pending, 1).tolist()):
-                    for x in row:
-                        if not done[b] and len(out[b]) < max_new:
-                            out[b].append(x)
-                            done[b] = x == eos_id
-                pending = []
-                if on_token:
-                    on_token(out)
-                if all(done) or made >= max_new:
-                    break
-            tok, pos, seen = self.decode(tok, pos, seen, *settings)
-            if self.cuda_graphs:  # CUDA-graph outputs are overwritten by the next replay: keep copies
-                tok, pos, seen = tok.clone(), pos.clone(), seen.clone()
-            pending.append(tok)
-            made += 1
-        m.clear_cache()
-        return [o[:-1] if o and o[-1] == eos_id else o for o in out]
+            for b, row in enumerate(out[:, P + read:P + made].tolist()):
+                for x in row:
+                    if not done[b]:
+                        texts[b].append(x)
+                        done[b] = x == eos_id
+            read = made
+            if on_token:
+                on_token(texts)
+            if all(done) or made >= max_new:
+                break
+            n = min(self.sync_every, max_new - made)
+            self.steps(n, tok, pos, seen, out, *settings)
+            made += n
+        return [t[:-1] if t and t[-1] == eos_id else t for t in texts]
+
+
+def sampling_settings(cfg: SampleConfig) -> tuple:
+    """The logits-processing settings in the order choose() and process_logits() take them."""
+    return cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,38 +162,70 @@ class Generator:
 
 
 class SpeculativeGenerator:
-    """Decoding with a draft model, one sequence at a time. Both models keep their static KV
-    caches; a rejected draft token's cache entries are not removed: they sit at positions past
-    the accepted ones, which the position mask hides and the next round overwrites."""
+    """Decoding with a draft model, one sequence at a time, in rounds that run all on the device:
+    the draft proposes K tokens, the target scores them in one forward, accept() keeps a prefix
+    of them and adds one token of the target's own. A round has fixed shapes and keeps its state
+    in device tensors (the sequence by position, its length, the seen-token mask, counters), so
+    rounds can be compiled and replayed with no host work (kernels.compile_speculative: on a GPU
+    the rounds between two host reads are one CUDA graph); the host reads the sequence back every
+    `sync_every` rounds, to stream it and to stop at EOS. Both models keep static KV caches; a
+    rejected proposal's cache entries are not removed: they sit past the accepted positions,
+    which attention's position bound hides and later rounds overwrite."""
 
-    def __init__(self, target: Llama, draft: Llama, draft_tokens: int = 4, compile: bool = False):
+    def __init__(self, target: Llama, draft: Llama, draft_tokens: int = 4, sync_every: int = 1):
         if draft.config.vocab_size != target.config.vocab_size:
             raise ValueError(f"the draft's vocabulary ({draft.config.vocab_size} ids) is not the "
                              f"target's ({target.config.vocab_size}); a draft must share its tokenizer")
-        self.target, self.draft, self.k = target, draft, draft_tokens
-        self.compiled, self.cuda_graphs = compile, compile and target.lm_head.weight.is_cuda
-        self.calls = {}
-        for name, m in (("target", target), ("draft", draft)):
-            self.calls[name] = m
-            if compile:
-                use_decode_linears(m)
-                self.calls[name + "-compiled"] = torch.compile(
-                    m, fullgraph=True, dynamic=False, mode="reduce-overhead" if self.cuda_graphs else None)
+        self.target, self.draft, self.k, self.sync_every = target, draft, draft_tokens, sync_every
+        self.forward = {"target": target, "draft": draft}  # the calls a round makes (compiled from outside)
+        self.rounds = self.run_rounds
+        self.compiled = False
         self.reset_stats()
 
     def reset_stats(self):
         self.stats = dict(rounds=0, proposed=0, accepted=0, tokens=0)
 
-    def _logits(self, name: str, tokens: torch.Tensor, pos: int) -> torch.Tensor:
-        """(n, V) float32 logits of tokens (1, n) fed at positions pos.. . Two shapes run compiled,
-        a draft step (one token) and a verification (k + 1 tokens); the rest (the prompt, the last
-        shorter rounds) eagerly, so each model compiles one graph."""
-        n = tokens.shape[1]
-        steady = n == 1 if name == "draft" else n == self.k + 1
-        compiled = self.calls.get(name + "-compiled") if steady else None
-        start = torch.tensor(pos, device=tokens.device)
-        logits = (compiled if compiled is not None else self.calls[name])(tokens, start_pos=start)[0].float()
-        return logits.clone() if compiled is not None and self.cuda_graphs else logits
+    def round(self, seq, n, seen, counts, temperature: float, top_k: int, top_p: float, penalty: float,
+              k: int | None = None):
+        """One round, in place. seq (1, L): the tokens by position; n (0-d): their count, the last
+        one not yet in either cache; seen (1, V): the tokens of seq; counts (3,): rounds, proposed
+        and accepted tokens so far. k: proposals (self.k; fewer at the end of the context)."""
+        k = self.k if k is None else k
+        steady = k == self.k  # the compiled shapes; the end of the context runs the plain models
+        draft = self.forward["draft"] if steady else self.draft
+        target = self.forward["target"] if steady else self.target
+        settings, dev = (temperature, top_k, top_p, penalty), seq.device
+        row_seen, proposals, q = [seen], [], []
+        if k:
+            # The draft catches up on the last two tokens in one forward (the one before the last
+            # is new to it after a round that accepted every proposal), then proposes k, one at a time.
+            logits = draft(seq[:, n - 2 + torch.arange(2, device=dev)], start_pos=n - 2)[0, -1:].float()
+            for i in range(k):
+                if temperature > 0:
+                    q.append(process_logits(logits, row_seen[-1], *settings).softmax(-1))
+                    tok = draw(q[-1])
+                else:
+                    tok = apply_repetition_penalty(logits, row_seen[-1], penalty).argmax(-1)
+                proposals.append(tok)
+                row_seen.append(row_seen[-1].scatter(1, tok[:, None], True))  # row i+1 sees d_0..d_i
+                if i < k - 1:
+                    logits = draft(tok[:, None], start_pos=n + i)[0].float()
+            d = torch.cat(proposals)  # (k,)
+            seq.index_copy_(1, n + torch.arange(k, device=dev), d[None])
+        else:
+            d = torch.zeros(0, dtype=torch.long, device=dev)
+        # The target scores the last token and the k proposals in one forward: rows 0..k.
+        p_logits = target(seq[:, n - 1 + torch.arange(k + 1, device=dev)], start_pos=n - 1)[0].float()
+        row_seen = torch.cat(row_seen)  # (k+1, V)
+        j, new = accept(p_logits, row_seen, d, q, settings)
+        seq.index_copy_(1, (n + j).view(1), new.view(1, 1))
+        seen.copy_(row_seen.index_select(0, j.view(1)).scatter(1, new.view(1, 1), True))
+        n += j + 1
+        counts += torch.stack([torch.ones_like(j), torch.full_like(j, k), j])
+
+    def run_rounds(self, rounds: int, *state_and_settings):
+        for _ in range(rounds):
+            self.round(*state_and_settings)
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[int], cfg: SampleConfig, eos_id: int, on_token=None) -> list[list[int]]:
@@ -215,68 +235,47 @@ class SpeculativeGenerator:
                 for b in range(cfg.num_samples)]
 
     def _one(self, prompt_ids, cfg: SampleConfig, eos_id: int, on_token) -> list[int]:
-        T, D = self.target, self.draft
-        dev, V = T.lm_head.weight.device, T.config.vocab_size
+        target, draft, K = self.target, self.draft, self.k
+        dev, V = target.lm_head.weight.device, target.config.vocab_size
         P, max_new = len(prompt_ids), cfg.max_new_tokens
-        for m in (T, D):
-            length = cache_length(m, P, max_new)
-            cache = m.model.layers[0].self_attn.kv_cache
-            if cache is None or cache.k.shape[2] < length:
-                # Kept from prompt to prompt: new cache tensors would make the compiled graphs
-                # (and their CUDA graphs) recompile.
-                m.setup_cache(1, length)
-        settings = (cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty)
-        ids = list(prompt_ids)
+        context = min(target.config.max_position_embeddings, draft.config.max_position_embeddings)
+        length = min(context, cache_length(target, P, max_new) + 512)  # room for the last round's proposals
+        for m in (target, draft):
+            m.setup_cache(1, length, keep_larger=True)
+        length = min(target.cache_len, draft.cache_len)
+        settings = sampling_settings(cfg)
+        seq = torch.zeros(1, length, dtype=torch.long, device=dev)
+        seq[0, :P] = torch.tensor(prompt_ids, device=dev)
         seen = torch.zeros(1, V, dtype=torch.bool, device=dev)
-        seen[0, torch.tensor(ids, device=dev)] = True
-        target_done = draft_done = 0  # leading tokens of ids whose keys/values each cache holds
-        out = []
-        while len(out) < max_new and (not out or out[-1] != eos_id):
-            k = min(self.k, max_new - len(out) - 1)
-            drafted, q = [], []
-            if k:  # the draft catches up on the tokens it has not seen, then proposes k, one at a time
-                behind = ids[draft_done:]
-                if len(behind) > 2:  # the prompt: one pass
-                    logits = self._logits("draft", torch.tensor([behind], device=dev), draft_done)[-1:]
-                else:  # the last round's one or two tokens: the compiled one-token step
-                    for i, t in enumerate(behind):
-                        logits = self._logits("draft", torch.tensor([[t]], device=dev), draft_done + i)
-                draft_seen = seen.clone()
-                for i in range(k):
-                    if cfg.temperature > 0:
-                        q.append(process_logits(logits, draft_seen, *settings).softmax(-1))
-                        tok = draw(q[-1])
-                    else:
-                        tok = apply_repetition_penalty(logits, draft_seen, cfg.repetition_penalty).argmax(-1)
-                    drafted.append(tok)
-                    draft_seen = draft_seen.scatter(1, tok[:, None], True)
-                    if i < k - 1:
-                        logits = self._logits("draft", tok[:, None], len(ids) + i)
-            d = torch.cat(drafted) if k else torch.zeros(0, dtype=torch.long, device=dev)
-            # The target scores the last token and the k proposals in one pass: rows 0..k.
-            feed = torch.cat([torch.tensor(ids[target_done:], device=dev), d])[None]
-            p_logits = self._logits("target", feed, target_done)[-(k + 1):]
-            # Row i's penalty sees the context and the proposals before it.
-            row_seen = seen.repeat(k + 1, 1)
-            for i in range(k):
-                row_seen[i + 1:, d[i]] = True
-            j, new = accept(p_logits, row_seen, d, q, settings)
-            j, new, *d = torch.cat([j[None], new[None], d]).tolist()  # the round's one host read
-            accepted = d[:j] + [new]
-            self.stats["rounds"] += 1
-            self.stats["proposed"] += k
-            self.stats["accepted"] += j
-            target_done = len(ids) + j
-            if k:
-                draft_done = len(ids) + min(j, k - 1)
-            ids += accepted
-            seen[0, torch.tensor(accepted, device=dev)] = True
-            out += accepted
+        seen[0, seq[0, :P]] = True
+        # Prefill: the target scores the prompt and picks the first new token; the draft reads the prompt.
+        first = choose(target(seq[:, :P], start_pos=0)[0, -1:].float(), seen, *settings)
+        draft(seq[:, :P], start_pos=0)
+        seq[0, P] = first[0]
+        seen[0, first] = True
+        n = torch.tensor(P + 1, device=dev)
+        counts = torch.zeros(3, dtype=torch.long, device=dev)
+        count, out = P + 1, []
+        while True:
+            out = seq[0, P:count].tolist()
             if eos_id in out:
                 out = out[:out.index(eos_id) + 1]
             out = out[:max_new]
             if on_token:
                 on_token([out])
+            if len(out) >= max_new or (out and out[-1] == eos_id):
+                break
+            if count + self.sync_every * (K + 1) + K < length:
+                self.rounds(self.sync_every, seq, n, seen, counts, *settings)
+            elif count < length:  # near the end of the caches: one round at a time, fewer proposals at the end
+                self.round(seq, n, seen, counts, *settings, k=min(K, length - 1 - count))
+            else:
+                break
+            count = n.item()
+        rounds, proposed, accepted = counts.tolist()
+        self.stats["rounds"] += rounds
+        self.stats["proposed"] += proposed
+        self.stats["accepted"] += accepted
         self.stats["tokens"] += len(out)
         return out[:-1] if out and out[-1] == eos_id else out
 
@@ -346,9 +345,13 @@ def main(argv=None):
     warn(f"loaded {path} ({model.num_params():,} parameters) on {dev.device} in {str(dev.dtype)[6:]}")
     if cfg.draft:
         draft = load_draft(cfg, model, tok)
-        gen = SpeculativeGenerator(model, draft, cfg.draft_tokens, compile=cfg.compile)
+        gen = SpeculativeGenerator(model, draft, cfg.draft_tokens)
+        if cfg.compile:
+            kernels.compile_speculative(gen)
     else:
-        gen = Generator(model, compile=cfg.compile)
+        gen = Generator(model)
+        if cfg.compile:
+            kernels.compile_generator(gen)
     eos = model.config.eos_token_id
     for n, prompt in enumerate(prompts):
         ids, max_new = fit_prompt([model.config.bos_token_id] + tok.encode(prompt, add_special_tokens=False).ids,

@@ -9,8 +9,10 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import checkpoint
+import kernels
 from checkpoint import load_model, save_model
 from config import MODEL_PRESETS, ModelConfig, SampleConfig, TrainConfig, configure, model_config, parse_args
 from model import Llama, RMSNorm
@@ -295,9 +297,10 @@ def test_bf16_autocast_runs_edge_blocks_in_fp32():
 
     sdpa, dtypes = model_module.F.scaled_dot_product_attention, []
 
-    def spy(q, *a, **k):
-        dtypes.append(q.dtype)
-        return sdpa(q, *a, **k)
+    def spy(*a, **k):  # the dtype autocast runs the core in (it casts inside the call)
+        y = sdpa(*a, **k)
+        dtypes.append(y.dtype)
+        return y
 
     model_module.F.scaled_dot_product_attention = spy
     try:
@@ -319,9 +322,7 @@ def test_bf16_autocast_runs_edge_blocks_in_fp32():
 
 
 def test_blockwise_attention_equals_sdpa():
-    import torch.nn.functional as F
-
-    from model import blockwise_attention
+    from kernels import blockwise_attention, use_attention
 
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 4, 200, 32, requires_grad=True) for _ in range(3))
@@ -337,17 +338,48 @@ def test_blockwise_attention_equals_sdpa():
     model, idx = Llama(small_config()), torch.randint(0, 256, (2, 48))
     want = model(idx, targets=idx)
     want_grads = torch.autograd.grad(want, list(model.parameters()))
-    model.set_attention(lambda q, k, v: blockwise_attention(q, k, v, 16))
+    use_attention(model, lambda q, k, v: blockwise_attention(q, k, v, 16))
     got = model(idx, targets=idx)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     for a, b in zip(torch.autograd.grad(got, list(model.parameters())), want_grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+DECODE_ATTENTION_CHECK = """
+import json, torch, kernels
+torch.manual_seed(0)
+worst = {}
+# (B, H, KV, hd, cache slots, positions of the new tokens): one token at the start, the middle and
+# the last slot of a cache; a speculative verification of 5 tokens; GQA 6/2 and 32/8; plain MHA
+for B, H, KV, hd, S, pos in [(1, 6, 2, 128, 512, [0]), (1, 6, 2, 128, 512, [37]), (1, 6, 2, 128, 512, [511]),
+                             (1, 6, 2, 128, 512, [300, 301, 302, 303, 304]), (2, 4, 4, 32, 256, [129, 130, 131]),
+                             (1, 32, 8, 64, 384, [380, 381, 382, 383])]:
+    T = len(pos)
+    q = torch.randn(B, T, H, hd).transpose(1, 2)  # strided, as the model makes it
+    k, v = torch.randn(B, KV, S, hd), torch.randn(B, KV, S, hd)
+    pos = torch.tensor(pos)
+    got = kernels.decode_attention(q, k, v, pos)
+    want = kernels.decode_attention_reference(q, k, v, pos)
+    worst[f"{H}/{KV} T={T} S={S} pos={pos[-1].item()}"] = (got - want).abs().max().item()
+print(json.dumps(worst))
+"""
+
+
+def test_decode_attention_kernel_equals_plain_attention():
+    """The Triton decode attention, run by Triton's interpreter on the CPU, against the model's
+    attention over the expanded KV heads: fp32, 1e-5."""
+    pytest.importorskip("triton")
+    p = subprocess.run([sys.executable, "-c", DECODE_ATTENTION_CHECK], capture_output=True, text=True,
+                       timeout=600, cwd=REPO, env=child_env(TRITON_INTERPRET="1"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    worst = json.loads(p.stdout.strip().splitlines()[-1])
+    assert len(worst) == 6 and all(err < 1e-5 for err in worst.values()), worst
+
+
 def test_chunked_cross_entropy_equals_plain_loss_and_gradients():
     import torch.nn.functional as F
 
-    from model import chunked_cross_entropy
+    from kernels import chunked_cross_entropy
 
     torch.manual_seed(0)
     x, w = torch.randn(300, 32, requires_grad=True), torch.randn(500, 32, requires_grad=True)
@@ -877,7 +909,7 @@ def _xla_hlo_check():
     """The backward graph of a T=1024 step on XLA: does any (B, H, T, T) tensor appear in it?"""
     import torch_xla
 
-    import model as model_module
+    import kernels
 
     cfg = small_config(max_position_embeddings=1024, num_attention_heads=2, num_key_value_heads=1)
     found = {}
@@ -886,7 +918,7 @@ def _xla_hlo_check():
         m = Llama(cfg)
         rt.prepare(m, TrainConfig(precision="fp32"))
         if name == "sdpa":
-            m.set_attention(model_module.sdpa_attention)
+            kernels.use_attention(m, lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True))
         idx = torch.randint(0, 256, (1, 1024)).to(rt.device)
         m(idx, targets=idx).backward()
         hlo = torch_xla._XLAC._get_xla_tensors_hlo([p.grad for p in m.parameters()])
@@ -1041,7 +1073,7 @@ def hf_folder(tmp_path_factory):
 @pytest.mark.parametrize("penalty, compile", [(1.0, False), (1.1, False), (1.1, True)])
 def test_greedy_equals_hf_generate(hf_folder, penalty, compile):
     """compile=True is sample.py --compile on the CPU: inductor compiles the decode step, in which
-    every projection of the single new token is a multiply-and-sum (sample.DecodeLinear)."""
+    every projection of the single new token is a multiply-and-sum (kernels.DecodeLinear)."""
     from transformers import LlamaForCausalLM
 
     hf = LlamaForCausalLM.from_pretrained(hf_folder, torch_dtype=torch.float32).eval()
@@ -1049,7 +1081,7 @@ def test_greedy_equals_hf_generate(hf_folder, penalty, compile):
     prompt = [1, 415, 2936, 9060, 285, 1142]
     want = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=40,
                        repetition_penalty=penalty, eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
-    gen = sample.Generator(ours, compile=compile)
+    gen = generator(ours, compile)
     settings = SampleConfig(max_new_tokens=40, temperature=0, repetition_penalty=penalty)
     got = gen.generate(prompt, settings, eos_id=-1)[0]
     assert got == want
@@ -1059,8 +1091,16 @@ def test_greedy_equals_hf_generate(hf_folder, penalty, compile):
     assert stopped == want[:want.index(eos)]
 
 
+def generator(model, compile=False):
+    """sample.py's Generator, compiled as --compile does it."""
+    gen = sample.Generator(model)
+    if compile:
+        kernels.compile_generator(gen)
+    return gen
+
+
 def test_decode_linear_single_token_compiled_equals_matmul():
-    lin = sample.DecodeLinear(64, 96, bias=False)
+    lin = kernels.DecodeLinear(64, 96, bias=False)
     x = torch.randn(2, 1, 64)
     y = torch.compile(lin)(x)
     assert y.shape == (2, 1, 96) and torch.allclose(y, x @ lin.weight.T, atol=1e-5)
@@ -1072,7 +1112,7 @@ def test_compiled_decoding_shares_one_graph_across_prompt_lengths():
     torch.manual_seed(0)
     model = Llama(small_config(max_position_embeddings=1024)).eval()
     settings = SampleConfig(max_new_tokens=8, temperature=0, repetition_penalty=1.0)
-    plain, compiled = sample.Generator(model), sample.Generator(model, compile=True)
+    plain, compiled = sample.Generator(model), generator(model, compile=True)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     graphs = []

@@ -31,7 +31,8 @@ import torch.distributed as dist
 import checkpoint
 import data
 from config import ModelConfig, TrainConfig, configure, model_config, parse_args
-from model import Llama, blockwise_attention
+import kernels
+from model import Llama
 
 # Dense bf16 peak FLOP/s per device, for MFU. Unknown devices report no MFU.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "TPU v5e": 197e12,
@@ -129,8 +130,8 @@ class Runtime:
         if model.config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight  # .to() on XLA can untie
         if self.kind == "xla":
-            model.set_attention(pallas_attention if self.tpu else blockwise_attention)
-            model.loss_chunk = 1024  # the step's full logits would be 4.3 GB in fp32
+            kernels.use_attention(model, kernels.pallas_attention if self.tpu else kernels.blockwise_attention)
+            kernels.use_chunked_loss(model, 1024)  # the step's full logits would be 4.3 GB in fp32
             if model.config.fp32_edge_blocks and tcfg.precision == "bf16":
                 # A TPU multiplies fp32 matrices in one bf16 pass by default
                 # (torch_xla/backends); "highest" makes the edge blocks' matmuls really fp32.
@@ -144,7 +145,7 @@ class Runtime:
                 from torch_xla.utils.checkpoint import checkpoint as recompute
             else:
                 from torch.utils.checkpoint import checkpoint as recompute
-            model.checkpoint = functools.partial(recompute, use_reentrant=self.kind == "xla")
+            recompute_blocks(model, functools.partial(recompute, use_reentrant=self.kind == "xla"))
 
     def to_device(self, array: np.ndarray) -> torch.Tensor:
         """A host batch on the device. On CUDA from pinned memory without waiting, so the copy
@@ -266,15 +267,14 @@ def set_memory_budget(budget: float):
         functorch_config.activation_memory_budget = budget
 
 
-def pallas_attention(q, k, v):
-    """torch_xla's Pallas flash-attention kernel (TPU only): O(T) memory in forward and backward.
-    k and v come with as many heads as q (Attention repeats the KV heads for GQA). Its sm_scale
-    defaults to 1.0, not 1/sqrt(head_dim)."""
-    try:
-        from torch_xla.experimental.custom_kernel import flash_attention
-    except ImportError as e:
-        raise SystemExit(f"the TPU attention kernel needs jax: pip install 'torch_xla[pallas]==2.9.0' ({e})")
-    return flash_attention(q, k, v, causal=True, sm_scale=q.shape[-1] ** -0.5)
+def recompute_blocks(model: Llama, recompute):
+    """Activation checkpointing: in training, each block's activations are recomputed in backward
+    (recompute(fn, *args), torch's or torch_xla's checkpoint) instead of kept."""
+    for block in model.model.layers:
+        def forward(*args, _block=block, _forward=block.forward):
+            return recompute(_forward, *args) if _block.training else _forward(*args)
+
+        block.forward = forward
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,442 @@
+"""The machine room: attention, loss and projection kernels for particular devices, and the
+functions that install them on a plain model.py Llama from outside. Each kernel says its math, its
+shapes and the plain-torch form it is tested against (test_model.py).
+
+    use_attention(model, fn)      causal attention over whole sequences (TPU: Pallas; XLA:CPU: blockwise)
+    use_chunked_loss(model, n)    the loss n rows at a time, without the full logits (XLA)
+    use_decode_kernels(model)     one-token decoding: the decode attention and per-shape projections
+
+Triton ships with torch's CUDA wheels; without it (a CPU-only torch) the GPU kernels are absent and
+decoding keeps the plain attention.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import model as plain
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # a CPU-only torch
+    triton = None
+
+
+def expand_kv(k, n_head: int):
+    """(B, KV, S, hd) -> (B, H, S, hd): each KV head repeated for its H/KV query heads, in HF's
+    repeat_kv order, for kernels that take as many KV heads as query heads."""
+    return k.repeat_interleave(n_head // k.shape[1], dim=1)
+
+
+def in_autocast_dtype(q, k, v):
+    """A custom kernel is not on autocast's op list: cast its inputs as autocast casts SDPA's."""
+    dev = q.device.type
+    if torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        q, k, v = q.to(dt), k.to(dt), v.to(dt)
+    return q, k, v
+
+
+def use_attention(model: plain.Llama, kernel):
+    """Causal attention over whole sequences through kernel(q, k, v) -> (B, H, T, hd), with q
+    (B, H, T, hd) and k, v (B, H, T, hd) (KV heads expanded, in the autocast dtype). Cached
+    decoding (pos given) keeps the model's attention."""
+    def attend(q, k, v, pos=None):
+        if pos is not None:
+            return plain.attention(q, k, v, pos)
+        q, k, v = in_autocast_dtype(q, expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1]))
+        return kernel(q, k, v)
+
+    for block in model.model.layers:
+        block.self_attn.attend = attend
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention over whole sequences, for XLA
+
+
+class BlockwiseAttention(torch.autograd.Function):
+    """Causal attention one block of queries at a time, in plain torch: the (T, T) score matrix
+    never exists, only (block, T) slices of it. As in FlashAttention (Dao et al. 2022), backward
+    keeps just q, k, v, the output and the log-sum-exp of each row, and recomputes the
+    probabilities block by block. It is the stand-in for the Pallas kernel wherever XLA compiles
+    the step but Pallas cannot run (XLA:CPU, in the tests): torch_xla's own SDPA builds the full
+    (B, H, T, T) scores, gigabytes per layer at 8 x 4096 tokens.
+    Equal to F.scaled_dot_product_attention(q, k, v, is_causal=True), output and gradients."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, block: int):
+        # q, k, v (B, H, T, hd); scores and softmax in fp32, matmuls in the input dtype
+        T, scale = q.shape[2], q.shape[-1] ** -0.5
+        out, lse = [], []
+        for i in range(0, T, block):
+            e = min(i + block, T)  # causal: queries i..e-1 see keys 0..e-1
+            p, row_lse = _block_probs(q[:, :, i:e], k[:, :, :e], i, scale)
+            out.append((p.to(v.dtype) @ v[:, :, :e]))
+            lse.append(row_lse)
+        o, lse = torch.cat(out, 2), torch.cat(lse, 2)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.block = block
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        T, scale, block = q.shape[2], q.shape[-1] ** -0.5, ctx.block
+        delta = (do.float() * o.float()).sum(-1, keepdim=True)  # (B, H, T, 1): rowsum(dO * O)
+        dq = []
+        dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+        dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+        for i in range(0, T, block):
+            e = min(i + block, T)
+            qi, doi = q[:, :, i:e], do[:, :, i:e].float()
+            p, _ = _block_probs(qi, k[:, :, :e], i, scale, lse[:, :, i:e])
+            dv[:, :, :e] += p.transpose(-1, -2) @ doi
+            ds = p * (doi @ v[:, :, :e].float().transpose(-1, -2) - delta[:, :, i:e]) * scale
+            dq.append(ds @ k[:, :, :e].float())
+            dk[:, :, :e] += ds.transpose(-1, -2) @ qi.float()
+        return torch.cat(dq, 2).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+
+
+def _block_probs(qi, k, start, scale, lse=None):
+    """Softmax probabilities (fp32) of the queries at start.. against keys 0..k.shape[2]-1, and the
+    rows' log-sum-exp (given in backward, where only the exponent is recomputed)."""
+    s = (qi @ k.transpose(-1, -2)).float() * scale  # (B, H, bq, e)
+    causal = torch.ones(qi.shape[2], k.shape[2], dtype=torch.bool, device=qi.device).tril(start)
+    s = s.masked_fill(~causal, float("-inf"))
+    if lse is None:
+        lse = torch.logsumexp(s, -1, keepdim=True)
+    return torch.exp(s - lse), lse
+
+
+def blockwise_attention(q, k, v, block: int = 512):
+    return BlockwiseAttention.apply(q, k, v, block)
+
+
+def pallas_attention(q, k, v):
+    """torch_xla's Pallas flash-attention kernel (TPU only): O(T) memory in forward and backward.
+    q, k, v (B, H, T, hd), as many KV heads as query heads. Its sm_scale defaults to 1.0, not
+    1/sqrt(head_dim)."""
+    try:
+        from torch_xla.experimental.custom_kernel import flash_attention
+    except ImportError as e:
+        raise SystemExit(f"the TPU attention kernel needs jax: pip install 'torch_xla[pallas]==2.9.0' ({e})")
+    return flash_attention(q, k, v, causal=True, sm_scale=q.shape[-1] ** -0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss without the full logits, for XLA
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of the logits x @ w.T against targets (-100: ignored), computed `chunk`
+    rows at a time so the full logits never exist: at 8 x 4096 tokens they are 1.07G values.
+    The gradients of x and w are computed chunk by chunk in forward and only scaled in backward,
+    the trick of fused linear cross-entropy kernels (Liger-Kernel): a loss is always the last op,
+    so its incoming gradient is a scalar. Softmax in fp32; the matmuls in the ambient dtype (bf16
+    under autocast), as nn.Linear. Equal to F.cross_entropy(F.linear(x, w).float(), targets,
+    ignore_index=-100), loss and gradients."""
+
+    @staticmethod
+    def forward(ctx, x, w, targets, chunk: int, with_grad: bool):
+        # x (N, d), w (V, d), targets (N,)
+        count = (targets != -100).sum().clamp(min=1)
+        loss = torch.zeros((), dtype=torch.float32, device=x.device)
+        dx, dw = [], torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+        for i in range(0, x.shape[0], chunk):
+            xi, ti = x[i:i + chunk], targets[i:i + chunk]
+            raw = xi @ w.T  # (n, V), bf16 under autocast
+            logits = raw.float()
+            lse = torch.logsumexp(logits, -1)
+            valid = ti != -100
+            tgt = ti.clamp(min=0)
+            loss = loss + ((lse - logits.gather(1, tgt[:, None])[:, 0]) * valid).sum()
+            if with_grad:  # d loss / d logits = softmax - onehot(target), on the counted rows
+                g = torch.exp(logits - lse[:, None]) * valid[:, None]
+                g = g.scatter_add(1, tgt[:, None], -valid[:, None].to(g.dtype))
+                g = g.to(raw.dtype)  # as the .float() cast's backward rounds it
+                dx.append(g @ w)
+                dw += g.T @ xi
+        if with_grad:
+            ctx.save_for_backward(torch.cat(dx) / count, dw / count)
+            ctx.x_dtype = x.dtype
+        return loss / count
+
+    @staticmethod
+    def backward(ctx, grad):
+        dx, dw = ctx.saved_tensors
+        return (dx * grad).to(ctx.x_dtype), dw * grad, None, None, None
+
+
+def chunked_cross_entropy(x, w, targets, chunk: int = 1024):
+    return ChunkedCrossEntropy.apply(x, w, targets, chunk, torch.is_grad_enabled() and
+                                     (x.requires_grad or w.requires_grad))
+
+
+def use_chunked_loss(model: plain.Llama, chunk: int = 1024):
+    """model.loss through chunked_cross_entropy, `chunk` rows at a time."""
+    model.loss = lambda x, targets: chunked_cross_entropy(x.flatten(0, 1), model.lm_head.weight,
+                                                          targets.flatten(), chunk)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding: attention over a static KV cache, and the projections of a few tokens
+
+
+def decode_attention_reference(q, k, v, pos):
+    """The plain-torch form of decode_attention: model.attention with the KV heads expanded."""
+    return plain.attention(q, expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1]), pos)
+
+
+if triton is not None:
+    @triton.jit
+    def _decode_attention_split(Q, K, V, POS, O_PART, LSE_PART, sqb, sqh, sqt, skb, skh, sks, svb, svh, svs,
+                                T, KV, sm_scale, G: tl.constexpr, HD: tl.constexpr, BLOCK_M: tl.constexpr,
+                                BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr):
+        """One (sequence, KV head, split of SPLIT cache slots): the G query heads that share the KV
+        head and the T new tokens are the BLOCK_M rows of one tile (row m = g * T + t), so each key
+        is read once for all of them. Writes the split's normalised output and log2-sum-exp."""
+        bk, s = tl.program_id(0), tl.program_id(1)
+        b, kv = bk // KV, bk % KV
+        m = tl.arange(0, BLOCK_M)
+        g, t = m // T, m % T
+        row = m < G * T
+        pos = tl.load(POS + t, mask=row, other=-1)  # query t sees slots 0..pos[t]
+        last = tl.load(POS + T - 1)  # positions increase: no row sees past the last one
+        d = tl.arange(0, HD)
+        q = tl.load(Q + b * sqb + (kv * G + g)[:, None] * sqh + t[:, None] * sqt + d[None, :],
+                    mask=row[:, None], other=0.0)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HD], tl.float32)
+        qk_scale = sm_scale * 1.4426950408889634  # exp(x) = exp2(x * log2(e))
+        start = s * SPLIT
+        for i in range(0, SPLIT, BLOCK_N):
+            n0 = start + i
+            if n0 <= last:  # the blocks past the last position are skipped
+                n = n0 + tl.arange(0, BLOCK_N)
+                kt = tl.load(K + b * skb + kv * skh + n[:, None] * sks + d[None, :], mask=(n <= last)[:, None],
+                             other=0.0)
+                if IEEE:
+                    sc = tl.dot(q, tl.trans(kt), input_precision="ieee")
+                else:
+                    sc = tl.dot(q, tl.trans(kt))
+                sc = tl.where(n[None, :] <= pos[:, None], sc * qk_scale, float("-inf"))  # (BLOCK_M, BLOCK_N)
+                m_new = tl.maximum(m_i, tl.max(sc, 1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet
+                alpha = tl.exp2(m_i - m_safe)
+                p = tl.exp2(sc - m_safe[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                vt = tl.load(V + b * svb + kv * svh + n[:, None] * svs + d[None, :], mask=(n <= last)[:, None],
+                             other=0.0)
+                if IEEE:
+                    acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision="ieee")
+                else:
+                    acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+                m_i = m_new
+        nonempty = l_i > 0
+        out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
+        lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
+        part = bk * tl.num_programs(1) + s
+        tl.store(O_PART + (part * BLOCK_M + m)[:, None] * HD + d[None, :], out)
+        tl.store(LSE_PART + part * BLOCK_M + m, lse)
+
+    @triton.jit
+    def _decode_attention_combine(O_PART, LSE_PART, OUT, sob, soh, sot, T, KV, NUM_SPLITS, G: tl.constexpr,
+                                  HD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr):
+        """One output row: the splits' outputs weighted by their share of the softmax sum."""
+        bk, m = tl.program_id(0), tl.program_id(1)
+        b, kv, g, t = bk // KV, bk % KV, m // T, m % T
+        s = tl.arange(0, BLOCK_S)
+        part = (bk * NUM_SPLITS + s) * BLOCK_M + m
+        lse = tl.load(LSE_PART + part, mask=s < NUM_SPLITS, other=float("-inf"))
+        w = tl.exp2(lse - tl.max(lse, 0))  # split 0 always holds slot 0: the max is finite
+        d = tl.arange(0, HD)
+        o = tl.load(O_PART + part[:, None] * HD + d[None, :], mask=(s < NUM_SPLITS)[:, None], other=0.0)
+        y = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)
+        tl.store(OUT + b * sob + (kv * G + g) * soh + t * sot + d, y.to(OUT.dtype.element_ty))
+
+
+def decode_attention(q, k, v, pos, split: int = 128, block_n: int = 64):
+    """Attention of a few new tokens over a static KV cache, flash-decoding style (Dao et al.
+    2023): the cache is cut into splits of `split` slots, each split's partial softmax is computed
+    by its own program, and a second kernel combines them with their log-sum-exp. Splits past the
+    last position return at once, so the work follows the filled part of the cache while every
+    shape stays static (one CUDA graph at any prompt length). The G query heads of a KV head share
+    its loads (no expanded copies).
+
+    q (B, H, T, hd); k, v (B, KV, S, hd), the cache; pos (T,) increasing positions, query t sees
+    slots 0..pos[t]. Returns (B, H, T, hd) in q's dtype; equal to decode_attention_reference."""
+    B, H, T, hd = q.shape
+    KV, S = k.shape[1], k.shape[2]
+    G = H // KV
+    block_m = max(16, triton.next_power_of_2(G * T))
+    n_split = triton.cdiv(S, split)
+    o_part = torch.empty(B * KV, n_split, block_m, hd, dtype=torch.float32, device=q.device)
+    lse_part = torch.empty(B * KV, n_split, block_m, dtype=torch.float32, device=q.device)
+    _decode_attention_split[(B * KV, n_split)](
+        q, k, v, pos, o_part, lse_part, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
+        k.stride(2), v.stride(0), v.stride(1), v.stride(2), T, KV, hd ** -0.5, G=G, HD=hd, BLOCK_M=block_m,
+        BLOCK_N=block_n, SPLIT=split, IEEE=q.dtype == torch.float32)
+    out = torch.empty(B, H, T, hd, dtype=q.dtype, device=q.device)
+    _decode_attention_combine[(B * KV, G * T)](
+        o_part, lse_part, out, out.stride(0), out.stride(1), out.stride(2), T, KV, n_split, G=G, HD=hd,
+        BLOCK_M=block_m, BLOCK_S=max(2, triton.next_power_of_2(n_split)))
+    return out
+
+
+class DecodeLinear(nn.Linear):
+    """nn.Linear for compiled decoding. For one token x @ W.T is a matrix-vector product, bound by
+    reading W once. Written as multiply-and-sum, inductor compiles it to one loop that streams W
+    and fuses it with its neighbours: faster than cuBLAS's GEMV for small weights (width 768),
+    slower for large ones (width 4096), so `multiply_sum` is set per weight shape by
+    measure_projections on a GPU. On the CPU it beat the BLAS GEMV at every width measured."""
+
+    multiply_sum = True
+
+    def forward(self, x):
+        if self.multiply_sum and x.shape[-2] == 1 and self.bias is None and torch.compiler.is_compiling():
+            return (x.unsqueeze(-2) * self.weight).sum(-1)  # (B, 1, 1, in) * (out, in) -> (B, 1, out)
+        return F.linear(x, self.weight, self.bias)
+
+
+def _multiply_sum(x, w):
+    return (x.unsqueeze(-2) * w).sum(-1)
+
+
+def measure_projections(model: nn.Module, l2_bytes: int = 2 ** 28) -> dict:
+    """Time a one-token product with each DecodeLinear weight shape both ways, cuBLAS (F.linear)
+    and the compiled multiply-and-sum, each as one CUDA graph over copies of the weight that
+    together exceed the L2 cache (as a decode step's weights do), and set multiply_sum where it
+    is faster. Returns {(out, in): {"cublas_us": .., "multiply_sum_us": ..}}."""
+    linears = [m for m in model.modules() if isinstance(m, DecodeLinear)]
+    w0 = linears[0].weight
+    compiled = torch.compile(_multiply_sum, fullgraph=True, dynamic=False)
+    times = {}
+    for shape in sorted({tuple(m.weight.shape) for m in linears}):
+        copies = min(256, max(2, math.ceil(l2_bytes / (shape[0] * shape[1] * w0.element_size()))))
+        ws = [torch.randn(shape, dtype=w0.dtype, device=w0.device) for _ in range(copies)]
+        x = torch.randn(1, 1, shape[1], dtype=w0.dtype, device=w0.device)
+        times[shape] = {}
+        for name, fn in (("cublas_us", F.linear), ("multiply_sum_us", compiled)):
+            fn(x, ws[0])  # compile, pick the cuBLAS kernel
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for w in ws:
+                    fn(x, w)
+            graph.replay()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(10):
+                graph.replay()
+            end.record()
+            torch.cuda.synchronize()
+            times[shape][name] = round(start.elapsed_time(end) * 1000 / (10 * copies), 2)
+            del graph
+        del ws
+    for m in linears:
+        t = times[tuple(m.weight.shape)]
+        m.multiply_sum = t["multiply_sum_us"] < t["cublas_us"]
+    return times
+
+
+def use_decode_kernels(model: plain.Llama, measure: bool = True) -> dict:
+    """Kernels for decoding a few tokens at a time (compiled): every nn.Linear becomes a
+    DecodeLinear (on a GPU the faster form per weight shape, when measure), and on a GPU with
+    Triton the cached attention of up to 16 new tokens goes through decode_attention. Returns the
+    projection timings (empty on the CPU)."""
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = DecodeLinear  # same weights, the decode-time forward
+    on_gpu = model.lm_head.weight.is_cuda
+    if on_gpu and triton is not None:
+        for block in model.model.layers:
+            block.self_attn.attend = _cached_attention
+    return measure_projections(model) if on_gpu and measure else {}
+
+
+def _cached_attention(q, k, v, pos=None):
+    if pos is None or q.shape[2] > 16:  # whole sequences and long prompts: the model's attention
+        return plain.attention(q, k, v, pos)
+    return decode_attention(q, k, v, pos)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode steps under CUDA graphs
+
+
+def compile_generator(gen, sync_every: int = 32):
+    """Compile a sample.Generator's decode step (use_decode_kernels first). On a GPU, its
+    `sync_every` steps between two host reads become one CUDA graph replay (GraphedSteps), and it
+    reads back every `sync_every` tokens: each read drains the GPU's queue."""
+    timings = use_decode_kernels(gen.model)
+    gen.step = torch.compile(gen.step, fullgraph=True, dynamic=False)
+    gen.compiled = True
+    if gen.model.lm_head.weight.is_cuda:
+        gen.steps, gen.sync_every = GraphedSteps(gen.step, [gen.model]), sync_every
+    return timings
+
+
+def compile_speculative(gen, sync_every: int = 8):
+    """Compile a sample.SpeculativeGenerator's forwards (three shapes: the draft's one and two
+    tokens, the target's k + 1) with the decode kernels; on a GPU, the `sync_every` rounds between
+    two host reads become one CUDA graph replay."""
+    for m in {id(gen.target): gen.target, id(gen.draft): gen.draft}.values():
+        use_decode_kernels(m)
+    gen.forward = {name: torch.compile(m, fullgraph=True, dynamic=False) for name, m in
+                   (("target", gen.target), ("draft", gen.draft))}
+    gen.compiled = True
+    if gen.target.lm_head.weight.is_cuda:
+        gen.rounds, gen.sync_every = GraphedSteps(gen.round, [gen.target, gen.draft]), sync_every
+
+
+class GraphedSteps:
+    """steps(n, *state, *settings) as one CUDA graph of n calls of step(*state, *settings), a
+    function that updates its state tensors in place. The graph reads and writes fixed addresses:
+    its own copies of the state (copied in before a replay and out after it), the models' weights
+    and KV caches. One graph per (n, shapes, settings, caches), captured on first use after one
+    warm-up call whose effects are undone (its cache writes are the ones the first real call
+    makes, and the random state is restored)."""
+
+    def __init__(self, step, models):
+        self.step, self.models, self.graphs = step, models, {}
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def __call__(self, n, *args):
+        state = [a for a in args if isinstance(a, torch.Tensor)]
+        settings = tuple(a for a in args if not isinstance(a, torch.Tensor))
+        caches = tuple((b.self_attn.kv_cache.k.data_ptr(), b.self_attn.kv_cache.k.shape)
+                       for m in self.models for b in m.model.layers[:1])
+        key = (n, tuple((s.shape, s.dtype) for s in state), settings, caches)
+        if key not in self.graphs:
+            self.graphs[key] = self.capture(n, state, settings)
+        graph, static = self.graphs[key]
+        for s, a in zip(static, state):
+            s.copy_(a)
+        graph.replay()
+        for s, a in zip(static, state):
+            a.copy_(s)
+
+    def capture(self, n, state, settings):
+        static = [s.clone() for s in state]
+        rng = torch.cuda.get_rng_state()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: compiles, and CUDA graphs want a first run
+            self.step(*static, *settings)
+        torch.cuda.current_stream().wait_stream(side)
+        for s, a in zip(static, state):
+            s.copy_(a)
+        torch.cuda.set_rng_state(rng)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            for _ in range(n):
+                self.step(*static, *settings)
+        return graph, static
