@@ -290,9 +290,9 @@ def gpu_profile(run, tokens: int) -> dict:
 def decode_one(impl: str, device: str, shape: str, new_tokens: int, prompt_len: int, runs: int, dtype: str,
                sampling: bool = False, profile: bool = False):
     """Batch-1 decoding of new_tokens after a random prompt: 'ours' (sample.py --compile: compiled
-    step, decode kernels, CUDA graphs), 'eager' (sample.py), 'plain-graph' (the plain model's
-    step, cuBLAS and SDPA, eager, under the same CUDA graphs: what plain PyTorch gives) or 'hf'
-    (HF generate)."""
+    step, decode kernels, CUDA graphs), 'eager' (sample.py), 'plain-compiled' (the plain model's
+    step compiled, cuBLAS and SDPA over expanded KV heads, under the same CUDA graphs: plain
+    PyTorch with torch.compile) or 'hf' (HF generate)."""
     import torch
 
     import kernels
@@ -318,9 +318,10 @@ def decode_one(impl: str, device: str, shape: str, new_tokens: int, prompt_len: 
         gen = Generator(model)
         if impl == "ours":
             extra["projections_us"] = {f"{o}x{i}": t for (o, i), t in kernels.compile_generator(gen).items()}
-        elif impl == "plain-graph":
+        elif impl == "plain-compiled":  # torch.compile of the plain model's step: cuBLAS, SDPA
             for block in model.model.layers:
-                block.self_attn.attend = kernels.decode_attention_reference  # SDPA over expanded heads
+                block.self_attn.attend = kernels.decode_attention_reference  # over expanded heads
+            gen.step = torch.compile(gen.step, fullgraph=True, dynamic=False)
             gen.steps, gen.sync_every = kernels.GraphedSteps(gen.step, [model]), 32
 
         def run():
@@ -411,57 +412,123 @@ def train_pair(work: Path, steps: int) -> tuple[Path, Path]:
     return work / "target" / "latest", work / "draft" / "latest"
 
 
-def speculative_one(impl: str, target: str, draft: str, new_tokens: int, draft_tokens: int = 0) -> dict:
-    """Greedy decoding (bf16, batch 1) of SPEC_PROMPTS: 'alone' (the target, compiled), 'draft'
-    (the draft alone, compiled), 'ours' (target + draft, compiled) or 'hf' (HF generate with
-    assistant_model); the second pass over the prompts is timed (the first compiles)."""
+def cuda_graph_ms(fn, reps: int = 20) -> float:
+    """Milliseconds per call of fn() replayed as one CUDA graph of `reps` calls."""
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    t0 = time.time()
+    graph.replay()
+    torch.cuda.synchronize()
+    return (time.time() - t0) * 1000 / reps
+
+
+def speculative_one(impl: str, target: str, draft: str, new_tokens: int, draft_tokens: int = 0,
+                    device: str = "cuda", dtype: str = "bf16") -> dict:
+    """Greedy decoding (batch 1) of SPEC_PROMPTS: 'alone' (the target, compiled), 'draft' (the
+    draft alone, compiled), 'ours' (target + draft, compiled; on a GPU also the target's
+    verification forward timed alone), 'eager' (target + draft, not compiled), 'alone-eager', or
+    'hf' / 'hf-alone' (HF generate with and without assistant_model). target/draft: folders, or
+    'random-7b' / 'random-150m' (random weights of the card's shapes) or 'random-cpu' (a small
+    model, the draft identical to the target); the second pass over the prompts is timed."""
     import torch
 
     import checkpoint
-    import data
+    import kernels
     import sample
-    from config import BOS_ID, SampleConfig
+    from checkpoint import DTYPES
+    from config import BOS_ID, SampleConfig, model_config
 
-    tok = data.load_tokenizer(Path(target) / "tokenizer.json")
-    prompts = [[BOS_ID] + tok.encode(p, add_special_tokens=False).ids for p in SPEC_PROMPTS]
+    dt = DTYPES[dtype]
+    if device == "cpu":
+        checkpoint.reuse_freed_host_memory()  # as sample.py on the CPU
+    if target.startswith("random"):
+        prompts = [[BOS_ID] + torch.randint(3, 32768, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+                   for n in (4, 9, 15, 6, 11)]
+    else:
+        import data
+
+        tok = data.load_tokenizer(Path(target) / "tokenizer.json")
+        prompts = [[BOS_ID] + tok.encode(p, add_special_tokens=False).ids for p in SPEC_PROMPTS]
+
+    def load(path, hf=False):
+        if path == "random-cpu":  # 8 layers of width 384: the draft is the same model as the target
+            cfg = dataclasses.replace(model_config("portimbria-150m"), hidden_size=384, num_hidden_layers=8,
+                                      num_attention_heads=6, intermediate_size=1024, fp32_edge_blocks=False)
+            torch.manual_seed(0)
+            return Llama_(cfg)
+        if path.startswith("random-"):
+            return random_model(path.split("-")[1], device, dt, hf=hf)[1]
+        if hf:
+            from transformers import LlamaForCausalLM
+
+            return LlamaForCausalLM.from_pretrained(path, torch_dtype=dt).to(device).eval()
+        return checkpoint.load_for_inference(path, device, dtype)[0]
+
+    def Llama_(cfg):
+        from model import Llama
+
+        return Llama(cfg).to(device=device, dtype=dt).eval()
+
     settings = SampleConfig(max_new_tokens=new_tokens, temperature=0, repetition_penalty=1.0)
-    if impl == "hf":
-        from transformers import LlamaForCausalLM
-
-        t = LlamaForCausalLM.from_pretrained(target, torch_dtype=torch.bfloat16).cuda().eval()
-        d = LlamaForCausalLM.from_pretrained(draft, torch_dtype=torch.bfloat16).cuda().eval()
+    extra = {}
+    if impl.startswith("hf"):
+        t = load(target, hf=True)
+        d = load(draft, hf=True) if impl == "hf" else None
 
         def run(ids):
-            x = torch.tensor([ids], device="cuda")
+            x = torch.tensor([ids], device=device)
             y = t.generate(x, assistant_model=d, do_sample=False, max_new_tokens=new_tokens,
                            min_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0)
             return y[0, len(ids):].tolist()
     else:
-        load = lambda path: checkpoint.load_for_inference(path, "cuda", "bf16")[0]  # noqa: E731
-        if impl == "alone":
-            gen = sample.Generator(load(target), compile=True)
-        elif impl == "draft":
-            gen = sample.Generator(load(draft), compile=True)
+        t = load(target)
+        if impl in ("alone", "draft", "alone-eager"):
+            gen = sample.Generator(t if impl != "draft" else load(draft))
+            if impl == "alone-eager":  # as sample.py decodes without --compile
+                kernels.use_decode_kernels(t, measure=False)
+            else:
+                kernels.compile_generator(gen)
         else:
-            gen = sample.SpeculativeGenerator(load(target), load(draft), draft_tokens, compile=True)
+            d = t if draft == target and target == "random-cpu" else load(draft)
+            gen = sample.SpeculativeGenerator(t, d, draft_tokens)
+            if impl == "ours":
+                kernels.compile_speculative(gen)
+            else:
+                for m in (t, d):
+                    kernels.use_decode_kernels(m, measure=False)
 
         def run(ids):
             return gen.generate(ids, settings, eos_id=-1)[0]
     with torch.no_grad():
-        for ids in prompts:  # compile and warm up
+        for ids in prompts:  # compile and warm up (the prefills' kernels too)
             run(ids)
-        if impl == "ours":
+        if impl in ("ours", "eager"):
             gen.reset_stats()
-        torch.cuda.synchronize()
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        sync()
         t0 = time.time()
         outs = [run(ids) for ids in prompts]
-        torch.cuda.synchronize()
-        dt = time.time() - t0
-    r = {"impl": impl, "draft_tokens": draft_tokens, "tokens": sum(len(o) for o in outs),
-         "tok_s": round(sum(len(o) for o in outs) / dt, 1), "outputs": outs}
-    if impl == "ours":
+        sync()
+        elapsed = time.time() - t0
+        if impl == "ours" and device == "cuda":  # the target's (K+1)-token forward alone
+            tokens = torch.randint(3, 32768, (1, draft_tokens + 1), device=device)
+            start = torch.tensor(100, device=device)
+            extra["verify_ms"] = round(cuda_graph_ms(lambda: gen.forward["target"](tokens, start_pos=start)), 3)
+    n = sum(len(o) for o in outs)
+    r = {"impl": impl, "draft_tokens": draft_tokens, "tokens": n, "tok_s": round(n / elapsed, 1),
+         "ms_per_token": round(elapsed * 1000 / n, 3), "outputs": outs, **extra}
+    if impl in ("ours", "eager"):
         st = gen.stats
-        r.update(acceptance=round(st["accepted"] / st["proposed"], 4),
+        r.update(acceptance=round(st["accepted"] / max(st["proposed"], 1), 4), rounds=st["rounds"],
+                 round_ms=round(elapsed * 1000 / st["rounds"], 3),
                  tokens_per_target_forward=round(st["tokens"] / st["rounds"], 3))
     return r
 
@@ -847,6 +914,75 @@ def tpu_plan_one(batch: int, seq: int, grad_accum: int, checkpointing: bool, att
             "graphs_gib": sorted(round(v / 2**30, 2) for v in plans.values()), "compile_s": round(compile_s, 1)}
 
 
+def speculative_table(args) -> list[dict]:
+    """Target alone, draft alone, target + draft (ours) at each K, HF generate alone and with
+    assistant_model. Default on a GPU: the card's pair, random weights (a Mistral-7B-shaped target,
+    a Portimbria-150M draft), where acceptance is about 0 and the measured parts give the speedup at
+    any acceptance; --target/--draft: a trained pair, measured. On the CPU (--device cpu): fp32,
+    eager, a draft identical to a small target (acceptance 1), against the target alone."""
+    from checkpoint import device_and_dtype
+
+    device = device_and_dtype(args.device)[0]
+    if args.train_only:
+        work = Path(os.environ.get("BENCH_SPEC_DIR") or tempfile.mkdtemp(prefix="bench_spec_"))
+        print("trained pair: --target {} --draft {}".format(*train_pair(work, args.train_steps)))
+        return []
+    ks = [int(k) for k in args.draft_tokens.split(",")]
+    if device == "cpu":
+        base = dict(target="random-cpu", draft="random-cpu", device="cpu", dtype="fp32")
+        configs = [("alone-eager", 0)] + [("eager", k) for k in ks]
+    else:
+        target, draft = args.target, args.draft
+        if bool(target) != bool(draft):
+            raise SystemExit("bench.py speculative: give both --target and --draft, or neither (random weights)")
+        base = dict(target=target or "random-7b", draft=draft or "random-150m")
+        configs = [("alone", 0), ("draft", 0)] + [("ours", k) for k in ks]
+        configs += [] if args.no_hf else [("hf-alone", 0), ("hf", ks[-1])]
+    rows = []
+    for impl, k in configs:
+        r = child(["speculative", "--one", json.dumps({**base, "impl": impl, "draft_tokens": k,
+                                                       "new_tokens": args.new_tokens})], timeout=1800)
+        r.setdefault("impl", impl)
+        r.setdefault("draft_tokens", k)
+        rows.append(r)
+        print(json.dumps({k2: v for k2, v in r.items() if k2 != "outputs"}), flush=True)
+    ok = {(r["impl"], r["draft_tokens"]): r for r in rows if "tok_s" in r}
+    for r in rows:
+        if "tok_s" not in r:
+            print(f"{r['impl']} K={r['draft_tokens']} failed: {r.get('error', '')[-600:]}")
+    alone = ok.get(("alone-eager" if device == "cpu" else "alone", 0))
+    if not alone:
+        return rows
+    print(f"\ngreedy, batch 1, {base['target']} + {base['draft']}, {args.new_tokens} new tokens x "
+          f"{len(SPEC_PROMPTS)} prompts; target alone {alone['ms_per_token']} ms/token")
+    step = ok.get(("draft", 0))
+    if step:
+        print(f"draft alone {step['ms_per_token']} ms/token: c = {step['ms_per_token'] / alone['ms_per_token']:.3f}")
+    head = f"{'config':<12}{'tok/s':>9}{'vs alone':>10}{'accept':>8}{'round ms':>10}"
+    if step:
+        head += f"{'K*draft+verify':>16}{'ratio':>7}{'eq.1':>7}" + "".join(f"{f'a={a}':>7}" for a in (0.5, 0.6, 0.7, 0.8))
+    print(head + f"{'equal':>12}")
+    for (impl, k), r in ok.items():
+        if impl in ("alone", "alone-eager", "draft"):
+            continue
+        name = impl + (f" K={k}" if impl in ("ours", "eager", "hf") else "")
+        accept = f"{r['acceptance']:.1%}" if "acceptance" in r else "-"
+        line = (f"{name:<12}{r['tok_s']:>9,}{r['tok_s'] / alone['tok_s']:>9.2f}x{accept:>8}"
+                f"{r.get('round_ms', '-'):>10}")
+        if step and "verify_ms" in r:
+            parts = k * step["ms_per_token"] + r["verify_ms"]
+            a, c = r["acceptance"], step["ms_per_token"] / alone["ms_per_token"]
+            # Leviathan et al. 2023, eq. 1 and Theorem 3.8: (1 - a^(k+1)) / ((1 - a)(k c + 1))
+            eq1 = (1 - a ** (k + 1)) / ((1 - a) * (k * c + 1)) if a < 1 else (k + 1) / (k * c + 1)
+            line += f"{parts:>16.2f}{r['round_ms'] / parts:>7.2f}{eq1:>6.2f}x"
+            # the measured round with acceptance a: (1 - a^(k+1)) / (1 - a) tokens per round
+            line += "".join(f"{(1 - a ** (k + 1)) / (1 - a) * alone['ms_per_token'] / r['round_ms']:>6.2f}x"
+                            for a in (0.5, 0.6, 0.7, 0.8))
+        equal = sum(x == y for o, w in zip(r["outputs"], alone["outputs"]) for x, y in zip(o, w))
+        print(line + f"{equal:>7}/{alone['tokens']}")
+    return rows
+
+
 def decode_table(args) -> list[dict]:
     """Batch-1 decoding. On a GPU: Portimbria-150M greedy and sampling at a short prompt and greedy
     at a 4,000-token context (ours, with a profile), HF generate; the 7B shape, ours beside the
@@ -859,14 +995,16 @@ def decode_table(args) -> list[dict]:
     dtype = "bf16" if device == "cuda" else "fp32"
     n = args.new_tokens
     if device == "cuda":
-        configs = [("ours", "150m", 16, n, False, True), ("ours", "150m", 16, n, True, True),
-                   ("ours", "150m", 4000, 96, False, True), ("plain-graph", "150m", 16, n, False, False),
+        configs = [("ours", "150m", 16, n, False, True), ("ours", "150m", 16, n, True, False),
+                   ("ours", "150m", 4000, 96, False, True), ("plain-compiled", "150m", 16, n, False, False),
                    ("hf", "150m", 16, n, False, False),
-                   ("ours", "7b", 16, n, False, True), ("plain-graph", "7b", 16, n, False, False),
+                   ("ours", "7b", 16, n, False, True), ("plain-compiled", "7b", 16, n, False, False),
                    ("ours", "7b", 4000, 96, False, False), ("hf", "7b", 16, n, False, False)]
     else:
         configs = [("hf", "150m", 16, n, False, False), ("eager", "150m", 16, n, False, False),
                    ("ours", "150m", 16, n, False, False)]
+    if args.only:
+        configs = [c for c in configs if any(o in f"{c[0]} {c[1]} {c[2]}" for o in args.only.split(","))]
     rows = []
     for impl, shape, prompt, new, sampling, prof in configs:
         c = dict(impl=impl, device=device, shape=shape, new_tokens=new, prompt_len=prompt, dtype=dtype,
@@ -882,13 +1020,13 @@ def decode_table(args) -> list[dict]:
         if "tok_s" not in r:
             print(f"{r['config']:<36} failed: {r['error'][-300:]}")
             continue
-        ref = next((q for q in rows if q.get("impl") == ("plain-graph" if r["shape"] == "7b" else "hf")
+        ref = next((q for q in rows if q.get("impl") == ("plain-compiled" if r["shape"] == "7b" else "hf")
                     and q.get("shape") == r["shape"] and "tok_s" in q), None)
         ratio = f"{r['tok_s'] / ref['tok_s']:.2f}x" if ref else "-"
         print(f"{r['config']:<36}{r['us_per_token']:>10,}{r['tok_s']:>9,}{ratio:>9}"
               f"{r.get('kernels_per_token', '-'):>9}{r.get('gpu_busy_us_per_token', '-'):>8}")
-    print("vs ref: the 150M against HF generate, the 7B shape against the plain step under CUDA graphs")
-    same = [r for r in rows if r.get("impl") in ("ours", "plain-graph", "eager") and "tokens" in r
+    print("vs ref: the 150M against HF generate, the 7B shape against the compiled plain step under CUDA graphs")
+    same = [r for r in rows if r.get("impl") in ("ours", "plain-compiled", "eager") and "tokens" in r
             and not r["sampling"] and r["prompt"] == 16]
     for shape in ("150m", "7b"):
         outs = [r["tokens"] for r in same if r["shape"] == shape]
@@ -918,7 +1056,7 @@ def main():
     ap.add_argument("--target", default=None, help="speculative: target folder (default: train one)")
     ap.add_argument("--draft", default=None, help="speculative: draft folder (default: train one)")
     ap.add_argument("--train_steps", type=int, default=300, help="speculative: steps per model when training")
-    ap.add_argument("--draft_tokens", default="1,2,4", help="speculative: K values to measure")
+    ap.add_argument("--draft_tokens", default="2,4,6", help="speculative: K values to measure")
     ap.add_argument("--no_hf", action="store_true", help="speculative: leave out HF assisted generation")
     ap.add_argument("--train_only", action="store_true", help="speculative: train the pair (into "
                     "$BENCH_SPEC_DIR) and stop")
@@ -929,6 +1067,7 @@ def main():
     ap.add_argument("--llama_cpp", default=os.environ.get("LLAMA_CPP_DIR"),
                     help="gguf: a llama.cpp source tree (convert_hf_to_gguf.py, gguf-py/), e.g. the "
                     "vendor/llama.cpp folder of the llama-cpp-python==0.3.36 sdist")
+    ap.add_argument("--only", default=None, help="decode: the configurations whose 'impl shape prompt' holds one of these, e.g. 'ours 7b,hf'")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -983,37 +1122,7 @@ def main():
             print(f"\neval throughput ({shape}): HF {rows[0]['tok_s']:,} tokens/s, ours {rows[1]['tok_s']:,} "
                   f"tokens/s ({rows[1]['tok_s'] / rows[0]['tok_s']:.2f}x)")
     elif args.what == "speculative":
-        target, draft = args.target, args.draft
-        if not (target and draft):
-            work = Path(os.environ.get("BENCH_SPEC_DIR") or tempfile.mkdtemp(prefix="bench_spec_"))
-            target, draft = (str(p) for p in train_pair(work, args.train_steps))
-            if args.train_only:
-                return
-        base = dict(target=target, draft=draft, new_tokens=args.new_tokens)
-        configs = [("alone", 0), ("draft", 0)] + [("ours", int(k)) for k in args.draft_tokens.split(",")]
-        configs += [("hf", 0)] if not args.no_hf else []
-        for impl, k in configs:
-            r = child(["speculative", "--one", json.dumps({**base, "impl": impl, "draft_tokens": k})], timeout=1800)
-            r.setdefault("impl", impl)
-            rows.append(r)
-            print(json.dumps({k2: v for k2, v in r.items() if k2 != "outputs"}), flush=True)
-        alone = next(r for r in rows if r["impl"] == "alone")
-        step = next(r for r in rows if r["impl"] == "draft")
-        c = alone["tok_s"] / step["tok_s"]  # a draft step's cost in target steps
-        print(f"\ntarget alone {alone['tok_s']:,} tok/s, draft alone {step['tok_s']:,} tok/s: c = {c:.3f}")
-        print(f"{'config':<16}{'tok/s':>9}{'vs alone':>10}{'vs HF':>8}{'accept':>8}{'predicted':>11}{'equal':>8}")
-        hf = next((r for r in rows if r["impl"] == "hf"), {})
-        for r in rows:
-            if "tok_s" not in r:
-                print(f"{r['impl']:<16} failed: {r.get('error', '')[-400:]}")
-                continue
-            equal = sum(a == b for o, w in zip(r["outputs"], alone["outputs"]) for a, b in zip(o, w))
-            a, k = r.get("acceptance"), r.get("draft_tokens", 0)
-            # Leviathan et al. 2023, eq. 1 and Theorem 3.8: (1 - a^(k+1)) / ((1 - a)(k c + 1))
-            pred = f"{(1 - a ** (k + 1)) / ((1 - a) * (k * c + 1)):.2f}x" if a is not None and a < 1 else "-"
-            vs_hf = f"{r['tok_s'] / hf['tok_s']:.2f}x" if "tok_s" in hf else "-"
-            print(f"{r['impl'] + (f' K={k}' if k else ''):<16}{r['tok_s']:>9,}{r['tok_s'] / alone['tok_s']:>9.2f}x"
-                  f"{vs_hf:>8}{(f'{a:.1%}' if a is not None else '-'):>8}{pred:>11}{equal:>5}/{alone['tokens']}")
+        rows = speculative_table(args)
     elif args.what == "gguf":
         rows = gguf_table(args)
     elif args.what == "tasks":

@@ -343,15 +343,21 @@ def main(argv=None):
         raise SystemExit(f"sample.py: {e}") from None
     dev = model.lm_head.weight
     warn(f"loaded {path} ({model.num_params():,} parameters) on {dev.device} in {str(dev.dtype)[6:]}")
+    # The decode kernels always (kernels.py); --compile adds compilation and CUDA graphs.
     if cfg.draft:
         draft = load_draft(cfg, model, tok)
         gen = SpeculativeGenerator(model, draft, cfg.draft_tokens)
         if cfg.compile:
             kernels.compile_speculative(gen)
+        else:
+            kernels.use_decode_kernels(model, measure=False)
+            kernels.use_decode_kernels(draft, measure=False)
     else:
         gen = Generator(model)
         if cfg.compile:
             kernels.compile_generator(gen)
+        else:
+            kernels.use_decode_kernels(model, measure=False)
     eos = model.config.eos_token_id
     for n, prompt in enumerate(prompts):
         ids, max_new = fit_prompt([model.config.bos_token_id] + tok.encode(prompt, add_special_tokens=False).ids,
