@@ -2,10 +2,11 @@
 
     python bench.py train      # training step vs HF LlamaForCausalLM (eager and compiled); GPU
     python bench.py decode     # batch-1 decoding: 150M and the 7B shape vs HF generate and plain CUDA graphs
+    python bench.py decode-attention  # the Triton decode attention vs SDPA over expanded KV heads; GPU
     python bench.py eval       # perplexity-evaluation throughput vs HF forward with labels
     python bench.py data       # tokenize + pack throughput vs bare Tokenizer.encode_batch; CPU
     python bench.py tpu        # the TPU step's memory plan: XLA's buffer assignment on XLA:CPU
-    python bench.py speculative  # target alone vs target + draft (ours) vs HF assisted; GPU
+    python bench.py speculative  # the card's 7B + 150M pair: target alone, draft, rounds vs their parts, HF; GPU or CPU
     python bench.py gguf       # llama.cpp's GGUF conversion of a checkpoint: tokens and speed vs ours; CPU
     python bench.py tasks      # eval_tasks.py vs lm-evaluation-harness's HF backend, the bundled tasks; GPU
 
@@ -983,6 +984,35 @@ def speculative_table(args) -> list[dict]:
     return rows
 
 
+def decode_attention_table() -> list[dict]:
+    """kernels.decode_attention against SDPA over expanded KV heads (kernels.
+    decode_attention_reference), each as a CUDA graph (triton's do_bench_cudagraph), with the
+    largest difference from the fp32 reference."""
+    import torch
+    import triton
+
+    import kernels
+
+    torch.manual_seed(0)
+    rows = []
+    for dt in (torch.float32, torch.bfloat16):
+        for H, KV, S, pos in [(6, 2, 512, [37]), (6, 2, 512, [511]), (6, 2, 4096, [4000]),
+                              (6, 2, 512, [300, 301, 302, 303, 304]), (32, 8, 4096, [4000]),
+                              (32, 8, 512, [100, 101, 102, 103, 104])]:
+            q = torch.randn(1, len(pos), H, 128, device="cuda", dtype=dt).transpose(1, 2)
+            k, v = (torch.randn(1, KV, S, 128, device="cuda", dtype=dt) for _ in range(2))
+            p = torch.tensor(pos, device="cuda")
+            want = kernels.decode_attention_reference(q.float(), k.float(), v.float(), p)
+            rows.append({"dtype": str(dt)[6:], "heads": f"{H}/{KV}", "cache": S, "tokens": len(pos), "pos": pos[-1],
+                         "max_err": (kernels.decode_attention(q, k, v, p).float() - want).abs().max().item(),
+                         "kernel_us": round(1000 * triton.testing.do_bench_cudagraph(
+                             lambda: kernels.decode_attention(q, k, v, p)), 2),
+                         "sdpa_expanded_us": round(1000 * triton.testing.do_bench_cudagraph(
+                             lambda: kernels.decode_attention_reference(q, k, v, p)), 2)})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def decode_table(args) -> list[dict]:
     """Batch-1 decoding. On a GPU: Portimbria-150M greedy and sampling at a short prompt and greedy
     at a 4,000-token context (ours, with a profile), HF generate; the 7B shape, ours beside the
@@ -1038,7 +1068,8 @@ def decode_table(args) -> list[dict]:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("what", choices=["train", "decode", "eval", "data", "attention", "tpu", "speculative", "gguf", "tasks"])
+    ap.add_argument("what", choices=["train", "decode", "decode-attention", "eval", "data", "attention", "tpu",
+                                     "speculative", "gguf", "tasks"])
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a child's configuration
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=4096)
@@ -1108,6 +1139,8 @@ def main():
                 print(f"{r['config']:<26} failed: {r['error'][-300:]}")
     elif args.what == "decode":
         rows = decode_table(args)
+    elif args.what == "decode-attention":
+        rows = decode_attention_table()
     elif args.what == "eval":
         from checkpoint import device_and_dtype
 

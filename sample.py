@@ -294,7 +294,7 @@ def accept(p_logits, row_seen, d, q, settings):
         best = apply_repetition_penalty(p_logits, row_seen, penalty).argmax(-1)  # (k+1,)
         agree = torch.cat([best[:k] == d, torch.zeros(1, dtype=torch.bool, device=d.device)])
         j = agree.int().cumprod(0).sum()
-        return j, best[j]
+        return j, best.index_select(0, j.view(1))[0]  # not best[j]: a 0-d index reads j on the host
     p = process_logits(p_logits, row_seen, temperature, top_k, top_p, penalty).softmax(-1)  # (k+1, V)
     if k:
         q = torch.cat(q)  # (k, V)
@@ -305,7 +305,7 @@ def accept(p_logits, row_seen, d, q, settings):
         residual = torch.cat([(p[:k] - q).clamp(min=0), p[k:]])  # row j is where the new token comes from
     else:
         j, residual = torch.zeros((), dtype=torch.long, device=d.device), p
-    row = residual[j]
+    row = residual.index_select(0, j.view(1))[0]
     return j, draw(row / row.sum())
 
 
