@@ -57,7 +57,7 @@ def hf_llama(cfg):
 
 
 def minimal_llama(cfg):
-    """Issue #13's yardstick: a minimal Llama of the same shape, as short as it gets: nn.RMSNorm,
+    """The yardstick for the training step: a minimal Llama of the same shape, as short as it gets: nn.RMSNorm,
     SDPA sharing the KV heads (enable_gqa), RoPE tables in the activation dtype, the tied head
     through F.linear, the loss on fp32 logits; no fp32 blocks or norm flags."""
     import torch

@@ -13,7 +13,6 @@ decoding keeps the plain attention.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn as nn
