@@ -413,24 +413,6 @@ def train_pair(work: Path, steps: int) -> tuple[Path, Path]:
     return work / "target" / "latest", work / "draft" / "latest"
 
 
-def cuda_graph_ms(fn, reps: int = 20) -> float:
-    """Milliseconds per call of fn() replayed as one CUDA graph of `reps` calls."""
-    import torch
-
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    t0 = time.time()
-    graph.replay()
-    torch.cuda.synchronize()
-    return (time.time() - t0) * 1000 / reps
-
-
 def speculative_one(impl: str, target: str, draft: str, new_tokens: int, draft_tokens: int = 0,
                     device: str = "cuda", dtype: str = "bf16") -> dict:
     """Greedy decoding (batch 1) of SPEC_PROMPTS: 'alone' (the target, compiled), 'draft' (the
@@ -461,10 +443,12 @@ def speculative_one(impl: str, target: str, draft: str, new_tokens: int, draft_t
 
     def load(path, hf=False):
         if path == "random-cpu":  # 8 layers of width 384: the draft is the same model as the target
+            from model import Llama
+
             cfg = dataclasses.replace(model_config("portimbria-150m"), hidden_size=384, num_hidden_layers=8,
                                       num_attention_heads=6, intermediate_size=1024, fp32_edge_blocks=False)
             torch.manual_seed(0)
-            return Llama_(cfg)
+            return Llama(cfg).to(device=device, dtype=dt).eval()
         if path.startswith("random-"):
             return random_model(path.split("-")[1], device, dt, hf=hf)[1]
         if hf:
@@ -472,11 +456,6 @@ def speculative_one(impl: str, target: str, draft: str, new_tokens: int, draft_t
 
             return LlamaForCausalLM.from_pretrained(path, torch_dtype=dt).to(device).eval()
         return checkpoint.load_for_inference(path, device, dtype)[0]
-
-    def Llama_(cfg):
-        from model import Llama
-
-        return Llama(cfg).to(device=device, dtype=dt).eval()
 
     settings = SampleConfig(max_new_tokens=new_tokens, temperature=0, repetition_penalty=1.0)
     extra = {}
@@ -522,7 +501,9 @@ def speculative_one(impl: str, target: str, draft: str, new_tokens: int, draft_t
         if impl == "ours" and device == "cuda":  # the target's (K+1)-token forward alone
             tokens = torch.randint(3, 32768, (1, draft_tokens + 1), device=device)
             start = torch.tensor(100, device=device)
-            extra["verify_ms"] = round(cuda_graph_ms(lambda: gen.forward["target"](tokens, start_pos=start)), 3)
+            verify = lambda: gen.forward["target"](tokens, start_pos=start)  # noqa: E731
+            verify()
+            extra["verify_ms"] = round(kernels.cuda_graph_us(lambda: [verify() for _ in range(20)]) / 20e3, 3)
     n = sum(len(o) for o in outs)
     r = {"impl": impl, "draft_tokens": draft_tokens, "tokens": n, "tok_s": round(n / elapsed, 1),
          "ms_per_token": round(elapsed * 1000 / n, 3), "outputs": outs, **extra}

@@ -280,8 +280,8 @@ def decode_attention(q, k, v, pos, split: int = 128, block_n: int = 64):
     lse_part = torch.empty(B * KV, n_split, block_m, dtype=torch.float32, device=q.device)
     _decode_attention_split[(B * KV, n_split)](
         q, k, v, pos, o_part, lse_part, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
-        k.stride(2), v.stride(0), v.stride(1), v.stride(2), T, KV, QK_SCALE=hd ** -0.5 * math.log2(math.e), G=G, HD=hd, BLOCK_M=block_m,
-        BLOCK_N=block_n, SPLIT=split, IEEE=q.dtype == torch.float32)
+        k.stride(2), v.stride(0), v.stride(1), v.stride(2), T, KV, QK_SCALE=hd ** -0.5 * math.log2(math.e),
+        G=G, HD=hd, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT=split, IEEE=q.dtype == torch.float32)
     out = torch.empty(B, H, T, hd, dtype=q.dtype, device=q.device)
     _decode_attention_combine[(B * KV, G * T)](
         o_part, lse_part, out, out.stride(0), out.stride(1), out.stride(2), T, KV, n_split, G=G, HD=hd,
@@ -337,21 +337,24 @@ def _time_projection(shape, w0, compiled, l2_bytes: int) -> dict:
     times = {}
     for name, fn in (("cublas_us", F.linear), ("multiply_sum_us", compiled)):
         fn(x, ws[0])  # compile, pick the cuBLAS kernel
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for w in ws:
-                fn(x, w)
-        graph.replay()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(10):
-            graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times[name] = round(start.elapsed_time(end) * 1000 / (10 * copies), 2)
-        del graph
+        times[name] = round(cuda_graph_us(lambda: [fn(x, w) for w in ws]) / copies, 2)
     return times
+
+
+def cuda_graph_us(run, replays: int = 10) -> float:
+    """Microseconds per replay of run() captured as one CUDA graph (after one untimed replay)."""
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1000 / replays
 
 
 def use_decode_kernels(model: plain.Llama, measure: bool = True) -> dict:
