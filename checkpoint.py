@@ -52,9 +52,14 @@ def save_model(model: Llama, path, dtype: torch.dtype | None = None):
     if data.load_tokenizer().get_vocab_size() == model.config.vocab_size:
         shutil.copyfile(data.TOKENIZER_FILE, path / "tokenizer.json")
         shutil.copyfile(data.SENTENCEPIECE_FILE, path / "tokenizer.model")
+        # model_input_names: transformers 4.x's fast tokenizer otherwise returns token_type_ids,
+        # which generate(**tok(...)) refuses for a Llama. Not Mistral's "LlamaTokenizer" class:
+        # transformers 5 rebuilds its pre-tokenizer, and runs of spaces then tokenize differently
+        # from tokenizer.json.
         (path / "tokenizer_config.json").write_text(json.dumps({
             "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
             "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False,
+            "model_input_names": ["input_ids", "attention_mask"], "clean_up_tokenization_spaces": False,
             "model_max_length": model.config.max_position_embeddings}, indent=2) + "\n")
 
 

@@ -1453,6 +1453,29 @@ def test_a_source_with_no_held_out_document_warns(tmp_path, capsys):
     assert "[web] warning: none of its 1 documents was held out at --val_frac 0.001" in capsys.readouterr().err
 
 
+def test_saved_tokenizer_returns_no_token_type_ids(tmp_path):
+    """A folder's tokenizer must give generate() only the inputs a Llama takes, with transformers
+    4.x too, whose fast tokenizer class returns token_type_ids unless tokenizer_config.json names
+    the inputs (DefaultsOf4x has 4.x's class default)."""
+    from transformers import AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    class DefaultsOf4x(PreTrainedTokenizerFast):
+        model_input_names = ["input_ids", "token_type_ids", "attention_mask"]
+
+    save_model(Llama(model_config("tiny")), tmp_path)
+    text = "ROMEO: what,    ho!\n\tNay, " + " " * 9 + "x"
+    want = [1] + data.load_tokenizer().encode(text, add_special_tokens=False).ids
+    for cls in (AutoTokenizer, DefaultsOf4x):
+        enc = cls.from_pretrained(tmp_path)(text)
+        assert sorted(enc) == ["attention_mask", "input_ids"] and enc["input_ids"] == want, cls
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    assert tok.decode(tok(text)["input_ids"], skip_special_tokens=True) == text
+    prompt = tok("ROMEO:", return_tensors="pt")
+    out = LlamaForCausalLM.from_pretrained(tmp_path).generate(**prompt, max_new_tokens=3, min_new_tokens=3,
+                                                              do_sample=False)
+    assert out.shape == (1, prompt["input_ids"].shape[1] + 3)
+
+
 # ---------------------------------------------------------------------------------------------
 # Speculative decoding
 
