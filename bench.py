@@ -400,7 +400,7 @@ def train_pair(work: Path, steps: int) -> tuple[Path, Path]:
     if not (ROOT / "data" / "demo" / "meta.json").is_file():
         subprocess.run([sys.executable, str(ROOT / "data.py")], check=True, cwd=ROOT)
     common = ["--seq_len", "2048", "--max_position_embeddings", "2048", "--max_steps", str(steps),
-              "--eval_interval", str(steps), "--log_interval", "50", "--warmup_frac", "0.1"]
+              "--eval_interval", str(steps), "--log_interval", "50", "--warmup_frac", "0.1", "--overwrite", "true"]
     for name, extra in (("target", [*TARGET_SHAPE, "--batch_size", "8", "--lr", "4e-4"]),
                         ("draft", ["--batch_size", "16", "--lr", "8e-4"])):
         t0 = time.time()

@@ -260,13 +260,17 @@ def save_checkpoint(path: Path, model: Llama, opt=None, state: dict | None = Non
     """Write a model folder (and the training state) into a temporary folder, fsync it, then
     rename it over the old one. A kill at any moment leaves a complete folder at `path` or at
     `path.old`, which load_training_state also accepts."""
+    from safetensors import SafetensorError
+
     tmp = path.with_name(path.name + ".tmp")
     old = path.with_name(path.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         _write_checkpoint(tmp, model, opt, state)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)  # a full disk must not stay full
+        if isinstance(e, (OSError, SafetensorError)):  # safetensors reports a full disk as its own error
+            raise OSError(f"{e}; {free_space(path.parent)} in {path.parent}") from None
         raise
     if path.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -274,6 +278,14 @@ def save_checkpoint(path: Path, model: Llama, opt=None, state: dict | None = Non
     os.replace(tmp, path)
     data.fsync_dir(path.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def free_space(folder: Path) -> str:
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return "free space unknown"
+    return f"{free / 1e9:.1f} GB free" if free >= 1e9 else f"{free / 1e6:.1f} MB free"
 
 
 def _write_checkpoint(tmp: Path, model: Llama, opt, state: dict | None):

@@ -150,6 +150,8 @@ class TrainConfig:
                              "SIGINT/SIGTERM)")
     resume: bool = arg(False, "continue out_dir/latest with its saved settings; flags given now "
                        "override them")
+    overwrite: bool = arg(False, "start over in an out_dir that holds a run: its metrics.jsonl, "
+                          "loss.png, best/ and latest/ are deleted first")
 
     def __post_init__(self):
         """Every value checked before any work starts, with the option's name."""

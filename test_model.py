@@ -698,11 +698,11 @@ def demo_data(tmp_path_factory):
     return root / "out"
 
 
-def run_train(args, out, data_dir, env_extra=None, check=True):
+def run_train(args, out, data_dir, env_extra=None, check=True, **kw):
     env = child_env(**(env_extra or {}))
     cmd = [sys.executable, str(REPO / "train.py"), *MICRO, "--data_dir", str(data_dir),
            "--out_dir", str(out), *args]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO, **kw)
     if check:
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p
@@ -1474,6 +1474,68 @@ def test_saved_tokenizer_returns_no_token_type_ids(tmp_path):
     out = LlamaForCausalLM.from_pretrained(tmp_path).generate(**prompt, max_new_tokens=3, min_new_tokens=3,
                                                               do_sample=False)
     assert out.shape == (1, prompt["input_ids"].shape[1] + 3)
+
+
+def _one_line_error(p, *parts):
+    assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr[-3000:]
+    for part in parts:
+        assert part in p.stderr, p.stderr[-3000:]
+
+
+def _snapshot(folder: Path) -> dict:
+    return {f.relative_to(folder): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def test_a_new_run_in_a_used_out_dir_is_refused_unless_told_to_start_over(tmp_path, trained_out, demo_data):
+    out = tmp_path / "out"
+    shutil.copytree(trained_out, out)
+    before = _snapshot(out)
+    p = run_train(["--max_steps", "4"], out, demo_data, check=False)
+    _one_line_error(p, f"{out} holds a run (metrics.jsonl, loss.png, best, latest)", "--resume continues it",
+                    "--out_dir DIR starts a new one elsewhere", "--overwrite true deletes it")
+    assert _snapshot(out) == before
+    p = run_train(["--max_steps", "4", "--resume", "--overwrite", "true"], out, demo_data, check=False)
+    _one_line_error(p, "--resume continues the run in", "--overwrite true deletes it; pass one of them")
+    assert _snapshot(out) == before
+    # Starting over: one metrics.jsonl holds the new run alone (the old one logged steps 1 and 2).
+    p = run_train(["--max_steps", "4", "--log_interval", "2", "--eval_interval", "4", "--overwrite", "true"],
+                  out, demo_data)
+    assert f"--overwrite: deleted metrics.jsonl, loss.png, best, latest in {out}" in p.stdout
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [(r["step"], "val_loss" in r) for r in rows] == [(2, False), (4, False), (4, True)]
+    assert json.loads((out / "latest" / "trainer_state.json").read_text())["step"] == 4
+
+
+def test_an_out_dir_that_cannot_be_made_or_written_is_refused(tmp_path, demo_data):
+    (tmp_path / "a_file").write_text("not a folder")
+    p = run_train(["--max_steps", "1"], tmp_path / "a_file", demo_data, check=False)
+    _one_line_error(p, f"--out_dir {tmp_path / 'a_file'} is a file, not a folder")
+    p = run_train(["--max_steps", "1"], tmp_path / "a_file" / "run", demo_data, check=False)
+    _one_line_error(p, f"{tmp_path / 'a_file'} is a file, so no folder can be made under it")
+    assert (tmp_path / "a_file").read_text() == "not a folder"
+    # A folder no one may write in, root included (a chmod does not stop root).
+    p = run_train(["--max_steps", "1"], "/proc/sys/portimbria", demo_data, check=False)
+    _one_line_error(p, "--out_dir /proc/sys/portimbria: /proc/sys is not writable (read-only, or no permission)")
+
+
+def test_a_full_disk_in_a_save_is_one_line_and_keeps_the_checkpoint(tmp_path, trained_out, demo_data):
+    """A real failed write inside safetensors: files may grow to 1 MB (RLIMIT_FSIZE, EFBIG where
+    a full disk gives ENOSPC), and the model's weights are 8 MB."""
+    import resource
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    out = tmp_path / "out"
+    shutil.copytree(trained_out, out)
+    before = [_snapshot(out / "best"), _snapshot(out / "latest")]
+    p = run_train(["--max_steps", "3", "--resume"], out, demo_data, check=False, preexec_fn=small_files)
+    _one_line_error(p, f"could not write {out}/best: Error while serializing", "File too large",
+                    f"GB free in {out}", "The previous checkpoint is intact")
+    assert [_snapshot(out / "best"), _snapshot(out / "latest")] == before
+    assert not (out / "best.tmp").exists() and not (out / "latest.tmp").exists()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import json
 import math
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
 import time
@@ -431,6 +432,8 @@ class Run:
         self.flops_per_token = flops_per_token(mcfg, self.n_params, tcfg.seq_len)
         self.metrics = None
         if rt.master:
+            if tcfg.overwrite and not tcfg.resume:  # only now that the new run has its model and data
+                remove_old_run(self.out)
             self.out.mkdir(parents=True, exist_ok=True)
             if tcfg.resume:
                 drop_metrics_after(self.out / "metrics.jsonl", self.step)
@@ -656,13 +659,56 @@ def parse(argv, announce: bool = False) -> tuple[TrainConfig, ModelConfig, set[s
     except (ValueError, TypeError, FileNotFoundError) as e:
         raise SystemExit(f"train.py: {e}") from None
     changed = {k: (getattr(before, k), getattr(tcfg, k)) for k in given
-               if k in known and k not in ("resume", "out_dir") and getattr(before, k) != getattr(tcfg, k)}
+               if k in known and k not in ("resume", "out_dir", "overwrite") and getattr(before, k) != getattr(tcfg, k)}
     if announce and changed:
         log("resume: the saved run's settings, except " + ", ".join(
             f"--{k} {new} (was {old})" for k, (old, new) in changed.items())
             + (f"; this re-plans the LR schedule and the data mixture from step {saved['step']:,}"
                if REPLANS & set(changed) else ""))
     return tcfg, mcfg, set(given)
+
+
+RUN_FILES = ("metrics.jsonl", "loss.png", "best", "latest", "best.old", "latest.old", "best.tmp", "latest.tmp")
+
+
+def check_out_dir(tcfg: TrainConfig, given: set[str]):
+    """Before any work: out_dir must be a folder that can be written, and a new run must not
+    replace a finished run's best/ and latest/ and append to its metrics.jsonl (loss.png would
+    draw both as one, a later --resume would keep both's rows)."""
+    out = Path(tcfg.out_dir)
+    if tcfg.resume and tcfg.overwrite and "overwrite" in given:
+        raise SystemExit(f"train.py: --resume continues the run in {out}, --overwrite true deletes it; "
+                         f"pass one of them")
+    there = out
+    while not there.exists() and there.parent != there:
+        there = there.parent
+    if there == out and not out.is_dir():
+        raise SystemExit(f"train.py: --out_dir {out} is a file, not a folder; pass a folder's path")
+    if not there.is_dir():
+        raise SystemExit(f"train.py: --out_dir {out}: {there} is a file, so no folder can be made "
+                         f"under it; pass another --out_dir")
+    if not os.access(there, os.W_OK | os.X_OK):
+        raise SystemExit(f"train.py: --out_dir {out}: {there} is not writable (read-only, or no "
+                         f"permission); pass a folder you can write, or fix its permissions")
+    found = [name for name in RUN_FILES[:6] if (out / name).exists()]
+    if found and not tcfg.resume and not tcfg.overwrite:
+        raise SystemExit(f"train.py: {out} holds a run ({', '.join(found)}): --resume continues it, "
+                         f"--out_dir DIR starts a new one elsewhere, --overwrite true deletes it and starts over")
+
+
+def remove_old_run(out: Path):
+    removed = []
+    for name in RUN_FILES:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    if removed:
+        log(f"--overwrite: deleted {', '.join(removed)} in {out}")
 
 
 def tpu_micro_batches(tcfg: TrainConfig, given: set[str]) -> TrainConfig:
@@ -686,7 +732,8 @@ def xla_worker(index: int, argv):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    tcfg, mcfg, _ = parse(argv, announce=True)
+    tcfg, mcfg, given = parse(argv, announce=True)
+    check_out_dir(tcfg, given)
     kind = Runtime.detect(tcfg.device)
     if kind == "xla":
         Runtime.spawn(xla_worker, (argv,))
