@@ -1538,6 +1538,28 @@ def test_a_full_disk_in_a_save_is_one_line_and_keeps_the_checkpoint(tmp_path, tr
     assert not (out / "best.tmp").exists() and not (out / "latest.tmp").exists()
 
 
+def test_the_runtime_needs_no_torch_xla(tmp_path, demo_data):
+    """torch_xla is for a TPU (requirements-tpu.txt) and the XLA tests, not the CPU or GPU runtime:
+    training, sampling and evaluating run with it made unimportable."""
+    def pins(name):
+        return {line.split("==")[0].split("[")[0] for line in (REPO / name).read_text().splitlines()
+                if line and not line.startswith(("#", "-r"))}
+
+    assert "torch_xla" not in pins("requirements.txt") and "torch_xla" in pins("requirements-tpu.txt")
+    assert "torch_xla" in pins("requirements-dev.txt")
+    no_xla = "import runpy, sys; sys.modules['torch_xla'] = None; sys.argv = sys.argv[1:]; " \
+             "runpy.run_path(sys.argv[0], run_name='__main__')"
+    out = tmp_path / "out"
+    for script, *args in (["train.py", *MICRO, "--data_dir", str(demo_data), "--out_dir", str(out), "--max_steps",
+                           "1", "--device", "cpu"],
+                          ["sample.py", "--ckpt", str(out / "latest"), "--max_new_tokens", "2"],
+                          ["eval_ppl.py", "--ckpt", str(out / "latest"), "--data_dir", str(demo_data),
+                           "--seq_len", "32", "--max_samples", "2"]):
+        p = subprocess.run([sys.executable, "-c", no_xla, str(REPO / script), *args], capture_output=True,
+                           text=True, timeout=300, cwd=REPO, env=child_env())
+        assert p.returncode == 0, p.stderr[-3000:]
+
+
 # ---------------------------------------------------------------------------------------------
 # Speculative decoding
 
