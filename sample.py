@@ -309,13 +309,20 @@ def accept(p_logits, row_seen, d, q, settings):
 
 
 def fit_prompt(ids: list[int], ctx: int, max_new: int) -> tuple[list[int], int]:
-    """Keep the last tokens of a prompt too long for the context (warn), and cap max_new."""
-    max_new = min(max_new, ctx - 1)
+    """Fit a prompt and its new tokens into the context, saying what gives way: a --max_new_tokens
+    the context cannot hold at all is lowered to the room the prompt leaves (the prompt keeping up
+    to half the context), and a prompt too long for the rest keeps its first token (<s>) and its
+    last ones."""
+    if max_new >= ctx:
+        lowered = ctx - min(len(ids), ctx // 2)
+        warn(f"note: --max_new_tokens {max_new} does not fit the {ctx}-token context; generating at "
+             f"most {lowered} tokens after the prompt")
+        max_new = lowered
     room = ctx - max_new
     if len(ids) > room:
-        warn(f"warning: the prompt has {len(ids)} tokens; with --max_new_tokens {max_new} only the "
-             f"last {room} fit the {ctx}-token context, the rest is dropped")
-        ids = ids[-room:]
+        warn(f"warning: the prompt has {len(ids)} tokens; with --max_new_tokens {max_new} only its first "
+             f"(<s>) and its last {room - 1} fit the {ctx}-token context, the rest is dropped")
+        ids = ids[:1] + ids[len(ids) - room + 1:]
     return ids, max_new
 
 
@@ -361,6 +368,12 @@ def main(argv=None):
     for n, prompt in enumerate(prompts):
         ids, max_new = fit_prompt([model.config.bos_token_id] + tok.encode(prompt, add_special_tokens=False).ids,
                                   model.config.max_position_embeddings, cfg.max_new_tokens)
+        if cfg.draft and len(ids) + max_new > gen.draft.config.max_position_embeddings:
+            ctx = gen.draft.config.max_position_embeddings
+            raise SystemExit(f"sample.py: --draft {cfg.draft}: its context is {ctx} tokens, shorter than the "
+                             f"{len(ids)}-token prompt + {max_new} new tokens; lower --max_new_tokens"
+                             + (f" to {ctx - len(ids)}" if ctx > len(ids) else " and shorten the prompt")
+                             + " or use a draft with a longer context")
         run = dataclasses.replace(cfg, max_new_tokens=max_new)
         # The new text is the decoded whole sequence minus the decoded prompt: decoding the new
         # tokens alone would drop the space that starts them ("ROMEO:" + "▁and" -> "ROMEO:and").

@@ -1170,7 +1170,7 @@ def test_sample_cli_inputs(hf_folder, tmp_path):
     long_prompt = "word " * 100  # more than the 64-token context
     p = run_script("sample.py", "--ckpt", str(hf_folder), "--prompt", long_prompt, "--max_new_tokens", "8",
                    "--temperature", "0")
-    assert p.returncode == 0 and "only the last 56 fit the 64-token context" in p.stderr
+    assert p.returncode == 0 and "only its first (<s>) and its last 55 fit the 64-token context" in p.stderr
     p = run_script("sample.py", "--ckpt", str(hf_folder), "--prompt", "x", "--max_new_tokens", "4",
                    "--num_samples", "3", "--seed", "0")
     assert p.returncode == 0 and p.stdout.count("--- sample") == 3
@@ -1558,6 +1558,25 @@ def test_the_runtime_needs_no_torch_xla(tmp_path, demo_data):
         p = subprocess.run([sys.executable, "-c", no_xla, str(REPO / script), *args], capture_output=True,
                            text=True, timeout=300, cwd=REPO, env=child_env())
         assert p.returncode == 0, p.stderr[-3000:]
+
+
+def test_sample_says_what_does_not_fit_and_keeps_bos(hf_folder, tmp_path):
+    prompt = [1] + list(range(10, 110))  # <s> and 100 tokens, for a 64-token context
+    assert sample.fit_prompt(prompt[:4], 64, 1000) == (prompt[:4], 60)
+    assert sample.fit_prompt(prompt, 64, 8) == ([1] + prompt[-55:], 8)
+    assert sample.fit_prompt(prompt, 64, 1000) == ([1] + prompt[-31:], 32)
+    p = run_script("sample.py", "--ckpt", str(hf_folder), "--prompt", "x", "--max_new_tokens", "1000",
+                   "--temperature", "0")
+    assert p.returncode == 0, p.stderr
+    assert "note: --max_new_tokens 1000 does not fit the 64-token context; generating at most 62 tokens" in p.stderr
+    # A draft whose context is shorter than the prompt and the new tokens: refused before decoding.
+    save_model(Llama(small_config(vocab_size=32768, max_position_embeddings=32)), tmp_path / "short")
+    n = 1 + len(data.load_tokenizer().encode("Hello", add_special_tokens=False).ids)
+    p = run_script("sample.py", "--ckpt", str(hf_folder), "--draft", str(tmp_path / "short"), "--prompt", "Hello",
+                   "--max_new_tokens", "40")
+    assert p.returncode != 0 and "Traceback" not in p.stderr and p.stdout == "", p.stderr[-3000:]
+    assert (f"--draft {tmp_path / 'short'}: its context is 32 tokens, shorter than the {n}-token prompt + 40 new "
+            f"tokens; lower --max_new_tokens to {32 - n} or use a draft with a longer context") in p.stderr
 
 
 # ---------------------------------------------------------------------------------------------
