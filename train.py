@@ -652,7 +652,9 @@ def parse(argv, announce: bool = False) -> tuple[TrainConfig, ModelConfig, set[s
         known = {f.name for f in dataclasses.fields(TrainConfig)}
         before = TrainConfig(**{k: v for k, v in saved["train_config"].items() if k in known})
         tcfg = configure(before, given)
-        mcfg = configure(checkpoint.load_config(path), given)
+        saved_model = checkpoint.load_config(path)
+        refuse_shape_change(path, saved_model, tcfg.preset, given)
+        mcfg = configure(saved_model, given)
         if saved["step"] >= (tcfg.max_steps or math.inf):
             raise ValueError(f"--resume: {path} is at step {saved['step']:,}, already at or past "
                              f"--max_steps {tcfg.max_steps:,}; pass a larger --max_steps to continue")
@@ -709,6 +711,22 @@ def remove_old_run(out: Path):
         removed.append(name)
     if removed:
         log(f"--overwrite: deleted {', '.join(removed)} in {out}")
+
+
+# What a resumed run may change of its model: the precision recipe, none of its weights' shapes or values.
+PRECISION = {"norm_fp32", "fp32_edge_blocks", "fp32_edge_attention"}
+
+
+def refuse_shape_change(path: Path, saved: ModelConfig, preset: str, given: dict):
+    """--resume with another --preset (or a shape option) would go on training the saved model
+    while trainer_state.json recorded the new one."""
+    asked = configure(model_config(preset) if "preset" in given else saved, given)
+    for f in dataclasses.fields(ModelConfig):
+        old, new = getattr(saved, f.name), getattr(asked, f.name)
+        if f.name not in PRECISION and old != new:
+            option = f"--{f.name} {new}" if f.name in given else f"--preset {preset} has {f.name} {new}"
+            raise ValueError(f"--resume: {path} holds a model with {f.name} {old}; {option}. A resumed run "
+                             f"keeps its model: drop the option, or start a new run with --out_dir DIR")
 
 
 def tpu_micro_batches(tcfg: TrainConfig, given: set[str]) -> TrainConfig:
