@@ -144,7 +144,8 @@ class TrainConfig:
     anneal_code_weight: float = arg(0.27, "code weight during the anneal")
     anneal_math_weight: float = arg(0.18, "math weight during the anneal")
     eval_interval: int = arg(1000, "steps between evaluations (best/ is saved on improvement)")
-    max_eval_samples: int = arg(5000, "validation windows per evaluation, at most")
+    max_eval_samples: int = arg(0, "validation windows per evaluation, at most (0: a tenth of the "
+                                "windows the run trains on, up to 5000)")
     log_interval: int = arg(10, "steps between log lines (and the one host read of the loop)")
     ckpt_interval: int = arg(1000, "steps between saves of latest/ (also at the end and on "
                              "SIGINT/SIGTERM)")
@@ -156,8 +157,8 @@ class TrainConfig:
     def __post_init__(self):
         """Every value checked before any work starts, with the option's name."""
         require(self, ("batch_size", "seq_len", "grad_accum", "eval_interval", "log_interval",
-                       "ckpt_interval", "max_eval_samples", "lr", "token_budget"), lambda v: v > 0, "> 0")
-        require(self, ("max_steps", "min_lr", "weight_decay", "grad_clip", "eps", "web_weight",
+                       "ckpt_interval", "lr", "token_budget"), lambda v: v > 0, "> 0")
+        require(self, ("max_steps", "max_eval_samples", "min_lr", "weight_decay", "grad_clip", "eps", "web_weight",
                        "code_weight", "math_weight", "anneal_web_weight", "anneal_code_weight",
                        "anneal_math_weight"), lambda v: v >= 0, ">= 0")
         require(self, ("beta1", "beta2", "warmup_frac", "decay_frac", "anneal_frac"),

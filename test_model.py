@@ -1648,6 +1648,21 @@ def test_a_source_of_no_documents_fails(tmp_path):
     assert not (tmp_path / "out" / "web").exists() and not (tmp_path / "out" / "meta.json").exists()
 
 
+def test_a_short_run_evaluates_in_proportion_and_says_what_it_costs(tmp_path, demo_data, monkeypatch, capsys):
+    tokens = TrainConfig().token_budget
+    assert train.default_eval_windows(int(tokens), 4096) == 5000  # the recipe's figure
+    assert train.default_eval_windows(20 * 8 * 256, 256) == 16  # 20 steps of 8 x 256 tokens
+    assert train.default_eval_windows(10, 256, world=2) == 2  # a window for every rank
+    monkeypatch.setattr(train, "EVAL_PROGRESS_S", 0)  # a progress line at every batch after the first
+    tcfg, mcfg, _ = train.parse([*MICRO, "--device", "cpu", "--data_dir", str(demo_data), "--out_dir",
+                                 str(tmp_path / "out"), "--max_steps", "20", "--log_interval", "20",
+                                 "--max_eval_samples", "0", "--batch_size", "2"])
+    train.train(tcfg, mcfg, train.Runtime("cpu"))  # 20 x 2 windows trained: 4 evaluated
+    out = capsys.readouterr().out
+    assert "| 4 val windows" in out and re.search(r"eval step 20 \| .* \| 4 windows of 32 in \d+\.\ds", out), out
+    assert "  eval: 2/4 windows, 0m00s elapsed, ETA 0m00s" in out
+
+
 # ---------------------------------------------------------------------------------------------
 # Speculative decoding
 

@@ -363,6 +363,15 @@ def save_on_master(rt: Runtime, what: Path, write):
 # The loop
 
 
+def default_eval_windows(train_tokens: int, seq_len: int, world: int = 1) -> int:
+    """--max_eval_samples 0: a tenth of the windows the run trains on, so that a short run does not
+    spend most of its time evaluating, and at most the recipe's 5000 (a full run has millions)."""
+    return max(world, min(5000, train_tokens // seq_len // 10))
+
+
+EVAL_PROGRESS_S = 30  # seconds between the progress lines of a long evaluation
+
+
 @torch.no_grad()
 def validation_loss(model, windows, rt: Runtime, cfg: TrainConfig) -> tuple[float, int]:
     """Mean loss over all ranks' validation windows, and how many windows. Every batch has the
@@ -370,7 +379,12 @@ def validation_loss(model, windows, rt: Runtime, cfg: TrainConfig) -> tuple[floa
     are ignored), so under XLA the whole evaluation is one graph and one host read."""
     model.eval()
     total = torch.zeros(2, dtype=rt.sum_dtype).to(rt.device)  # (sum of losses x tokens, tokens)
+    t0 = last = time.time()
     for i in range(0, len(windows), cfg.batch_size):
+        if rt.master and i and time.time() - last >= EVAL_PROGRESS_S:
+            last, elapsed = time.time(), time.time() - t0
+            log(f"  eval: {i:,}/{len(windows):,} windows" + (" on rank 0" if rt.world > 1 else "")
+                + f", {fmt_time(elapsed)} elapsed, ETA {fmt_time(elapsed * (len(windows) - i) / i)}")
         chunk = windows[i:i + cfg.batch_size]
         n = len(chunk)
         arr = np.stack(chunk + [chunk[-1]] * (cfg.batch_size - n)).astype(np.int64)
@@ -424,7 +438,9 @@ class Run:
         try:
             self.loader = data.MixtureLoader(tcfg.data_dir, tcfg.batch_size, tcfg.seq_len, mix, tcfg.seed,
                                              rt.rank, rt.world, tcfg.grad_accum, mcfg.vocab_size)
-            self.val = data.val_windows(tcfg.data_dir, tcfg.seq_len, tcfg.max_eval_samples, rt.rank,
+            eval_windows = tcfg.max_eval_samples or default_eval_windows(
+                self.max_steps * self.tokens_per_step, tcfg.seq_len, rt.world)
+            self.val = data.val_windows(tcfg.data_dir, tcfg.seq_len, eval_windows, rt.rank,
                                         rt.world, mcfg.vocab_size)
         except (FileNotFoundError, ValueError) as e:  # missing or damaged shards: the message names them
             raise SystemExit(f"train.py: {e}") from None
@@ -530,7 +546,9 @@ class Run:
 
     def evaluate(self):
         """Validation loss; a new best is saved to OUT_DIR/best."""
+        t0 = time.time()
         val_loss, windows = validation_loss(self.step_model, self.val, self.rt, self.tcfg)
+        seconds = time.time() - t0
         better = val_loss < self.best_val_loss and self.step > 0
         best = self.out / "best"
         if better:
@@ -539,7 +557,7 @@ class Run:
         ppl = math.exp(min(val_loss, 50))
         if self.rt.master:
             log(f"eval step {self.step:,} | val loss {val_loss:.4f} | ppl {ppl:.2f} | {windows} windows of {self.tcfg.seq_len}"
-                + (f" | new best, saved {best}" if better else ""))
+                f" in {seconds:.1f}s" + (f" | new best, saved {best}" if better else ""))
         self.write_metrics({"step": self.step, "val_loss": val_loss, "val_ppl": ppl, "tokens": self.tokens,
                             "val_windows": windows})
 
