@@ -346,7 +346,8 @@ def load_training_state(path: Path, model: Llama, opt, device) -> dict:
     state = read_trainer_state(path)
     try:
         loaded = load_model(path, fp32_edge_blocks=model.config.fp32_edge_blocks,
-                            norm_fp32=model.config.norm_fp32)
+                            norm_fp32=model.config.norm_fp32,
+                            fp32_edge_attention=model.config.fp32_edge_attention)
         opt_sd = load_file(str(path / "optimizer.safetensors"))
         rng = torch.frombuffer(bytearray(base64.b64decode(state["torch_rng"])), dtype=torch.uint8)
         torch.set_rng_state(rng)

@@ -1611,7 +1611,8 @@ def test_resume_refuses_another_model_shape(tmp_path, trained_out, demo_data):
         _one_line_error(p, f"train.py: --resume: {out / 'latest'} {message}")
     assert _snapshot(out) == before
     # The precision recipe is no part of the weights: it may change.
-    run_train(["--max_steps", "3", "--resume", "--fp32_edge_blocks", "false"], out, demo_data)
+    run_train(["--max_steps", "3", "--resume", "--fp32_edge_blocks", "false", "--fp32_edge_attention", "true"],
+              out, demo_data)
 
 
 def test_a_weight_that_is_not_floating_point_is_refused(tmp_path):
