@@ -112,7 +112,7 @@ def minimal_llama(cfg):
 
 
 def train_one(impl: str, compile_: bool, batch: int, seq: int, steps: int, warmup: int, recipe: bool,
-              profile: bool = False, memory_budget: float = 1.0):
+              profile: bool = False, memory_budget: float = 1.0, lora: int = 0):
     import torch
 
     from config import model_config
@@ -129,7 +129,12 @@ def train_one(impl: str, compile_: bool, batch: int, seq: int, steps: int, warmu
 
         cfg.fp32_edge_blocks = recipe
         cfg.norm_fp32 = True
-        model = Llama(cfg).to(dev)
+        model = Llama(cfg)
+        if lora:  # the card's starter: r on q/k/v/o, alpha 2r
+            from train import add_lora
+
+            add_lora(model, lora, 2.0 * lora, ["q_proj", "k_proj", "v_proj", "o_proj"])
+        model.to(dev)
 
         def loss_fn(m, x, y):
             return m(x, targets=y)
@@ -144,7 +149,8 @@ def train_one(impl: str, compile_: bool, batch: int, seq: int, steps: int, warmu
         def loss_fn(m, x, y):
             return m(input_ids=x, labels=y).loss
     n_params = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=True)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trained, lr=1e-4, betas=(0.9, 0.95), fused=True)
     step_model = torch.compile(model) if compile_ else model
     x = torch.randint(0, cfg.vocab_size, (batch, seq), device=dev)
     y = torch.randint(0, cfg.vocab_size, (batch, seq), device=dev)
@@ -155,7 +161,7 @@ def train_one(impl: str, compile_: bool, batch: int, seq: int, steps: int, warmu
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = loss_fn(step_model, x, y)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
@@ -180,7 +186,7 @@ def train_one(impl: str, compile_: bool, batch: int, seq: int, steps: int, warmu
     kernels = profile_steps(step, 3) if profile else None
     fpt = flops_per_token(cfg, n_params, seq)
     return {"impl": impl, "compile": compile_, "recipe_fp32_edges": recipe if impl == "ours" else None,
-            "params": n_params, "step_ms": round(ms, 1), "tok_s": round(tok_s), "tflops": round(fpt * tok_s / 1e12, 1),
+            "params": n_params, "trainable": sum(p.numel() for p in trained), "step_ms": round(ms, 1), "tok_s": round(tok_s), "tflops": round(fpt * tok_s / 1e12, 1),
             "mfu_989": round(fpt * tok_s / 989e12, 3), "peak_mem_gb": round(peak / 1e9, 1),
             "first_step_s": round(first, 1), "loss": round(loss.item(), 3),
             "device": torch.cuda.get_device_name(), "torch": torch.__version__, "kernels": kernels}
@@ -513,6 +519,83 @@ def speculative_one(impl: str, target: str, draft: str, new_tokens: int, draft_t
                  round_ms=round(elapsed * 1000 / st["rounds"], 3),
                  tokens_per_target_forward=round(st["tokens"] / st["rounds"], 3))
     return r
+
+
+DRAFT_SHAPE = ["--preset", "tiny", "--hidden_size", "64", "--intermediate_size", "192", "--num_hidden_layers", "2",
+               "--num_attention_heads", "2", "--num_key_value_heads", "1"]
+
+
+def distill_table(args) -> list[dict]:
+    """Distilling a draft for its target with the README's three commands (sample.py --out,
+    data.py, train.py --init_from), and the draft's acceptance (sample.py --draft) before and
+    after, at temperature 0 and 0.8, against a control that trains the draft as many steps on
+    the original data. Without --target/--draft a small pair is trained on the demo data first
+    (the tiny preset as target, a 2-layer draft of width 64)."""
+    import re
+
+    import data
+
+    work = Path(os.environ.get("BENCH_DISTILL_DIR") or tempfile.mkdtemp(prefix="bench_distill_"))
+    demo = ROOT / "data" / "demo"
+    if not (demo / "meta.json").is_file():
+        subprocess.run([sys.executable, str(ROOT / "data.py")], check=True, cwd=ROOT)
+    device = ["--device", args.device]
+
+    def run(script, *argv):
+        t0 = time.time()
+        p = subprocess.run([sys.executable, str(ROOT / script), *argv], cwd=ROOT, capture_output=True, text=True)
+        if p.returncode:
+            raise SystemExit(f"{script} {' '.join(argv)} failed:\n{p.stdout[-2000:]}{p.stderr[-2000:]}")
+        print(f"  {script} {' '.join(argv)}: {time.time() - t0:.0f}s", flush=True)
+        return p
+
+    def train(out, steps, *argv):
+        run("train.py", *device, "--seq_len", "256", "--batch_size", "8", "--max_steps", str(steps),
+            "--eval_interval", str(steps), "--log_interval", "50", "--max_eval_samples", "64",
+            "--out_dir", str(out), *argv)
+        return out / "best"
+
+    if args.target:
+        target, draft = args.target, args.draft
+    else:
+        target = train(work / "target", 400, "--preset", "tiny", "--lr", "2e-3", "--data_dir", str(demo))
+        draft = train(work / "draft", 150, *DRAFT_SHAPE, "--lr", "2e-3", "--data_dir", str(demo))
+    # Prompts: the first line of held-out windows, one set to generate the corpus, one to measure.
+    tok = data.load_tokenizer()
+    lines = []
+    for w in data.val_windows(demo, 24, 4000):
+        line = tok.decode(w[:16].tolist()).split("\n")[0].strip()
+        if len(line) >= 12 and line not in lines:
+            lines.append(line)
+    (work / "gen_prompts.txt").write_text("\n".join(lines[:args.distill_prompts]) + "\n")
+    (work / "test_prompts.txt").write_text("\n".join(lines[-24:]) + "\n")
+    corpus = work / "corpus.jsonl"
+    run("sample.py", "--ckpt", str(target), *device, "--prompt_file", str(work / "gen_prompts.txt"),
+        "--num_samples", "8", "--max_new_tokens", "128", "--temperature", "0.8", "--out", str(corpus))
+    run("data.py", "--source", f"web={corpus}", "--out", str(work / "corpus_data"), "--force")
+    steps = str(args.distill_steps)
+    tuned = {"distilled": train(work / "distilled", args.distill_steps, "--init_from", str(draft), "--lr", "1e-3",
+                                "--data_dir", str(work / "corpus_data")),
+             "control": train(work / "control", args.distill_steps, "--init_from", str(draft), "--lr", "1e-3",
+                              "--data_dir", str(demo))}
+    rows = []
+    for name, d in (("before", draft), *tuned.items()):
+        for temp in ("0", "0.8"):
+            p = run("sample.py", "--ckpt", str(target), "--draft", str(d), *device, "--prompt_file",
+                    str(work / "test_prompts.txt"), "--max_new_tokens", "64", "--temperature", temp, "--seed", "0",
+                    "--draft_tokens", "4")
+            m = re.search(r"\[draft: ([\d,]+) of ([\d,]+) proposed tokens accepted", p.stderr)
+            a, b = (int(x.replace(",", "")) for x in m.groups())
+            rows.append({"draft": name, "temperature": float(temp), "accepted": a, "proposed": b,
+                         "acceptance": round(a / b, 4)})
+            print(json.dumps(rows[-1]), flush=True)
+    print(f"\ndraft acceptance (K=4, {len(lines[-24:])} held-out prompts x 64 tokens); corpus: "
+          f"{sum(1 for _ in open(corpus))} samples of the target; fine-tuning {steps} steps")
+    print(f"{'draft':<12}{'T=0':>8}{'T=0.8':>8}")
+    for name in ("before", "distilled", "control"):
+        got = {r["temperature"]: r["acceptance"] for r in rows if r["draft"] == name}
+        print(f"{name:<12}{got[0.0]:>8.1%}{got[0.8]:>8.1%}")
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1050,15 +1133,16 @@ def decode_table(args) -> list[dict]:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("what", choices=["train", "decode", "decode-attention", "eval", "data", "attention", "tpu",
-                                     "speculative", "gguf", "tasks"])
+                                     "speculative", "distill", "gguf", "tasks"])
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a child's configuration
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--configs", default="ours-compile,ours-compile-norecipe,minimal-compile,hf-compile",
-                    help="ours|minimal|hf, -compile, -norecipe (no fp32 edge blocks), -memF "
-                    "(train.py --memory_budget F, e.g. ours-compile-mem0.9)")
+    ap.add_argument("--configs", default="ours-compile,ours-compile-norecipe,minimal-compile,hf-compile,"
+                    "ours-compile-lora16", help="ours|minimal|hf, -compile, -norecipe (no fp32 edge blocks), "
+                    "-memF (train.py --memory_budget F, e.g. ours-compile-mem0.9), -loraR (ours: LoRA of rank R "
+                    "on q/k/v/o, only the adapters trained)")
     ap.add_argument("--profile", action="store_true", help="train: also each configuration's 30 "
                     "largest GPU kernels (torch.profiler, ms per step), to stderr and --json")
     ap.add_argument("--device", default="auto")
@@ -1069,6 +1153,9 @@ def main():
     ap.add_argument("--draft", default=None, help="speculative: draft folder (default: train one)")
     ap.add_argument("--train_steps", type=int, default=300, help="speculative: steps per model when training")
     ap.add_argument("--draft_tokens", default="2,4,6", help="speculative: K values to measure")
+    ap.add_argument("--distill_prompts", type=int, default=256, help="distill: prompts the target continues "
+                    "(8 samples each) for the draft's corpus")
+    ap.add_argument("--distill_steps", type=int, default=300, help="distill: the draft's fine-tuning steps")
     ap.add_argument("--no_hf", action="store_true", help="speculative: leave out HF assisted generation")
     ap.add_argument("--train_only", action="store_true", help="speculative: train the pair (into "
                     "$BENCH_SPEC_DIR) and stop")
@@ -1103,7 +1190,8 @@ def main():
             impl = name.split("-")[0]
             c = dict(impl=impl, compile_="compile" in name, batch=args.batch, seq=args.seq, steps=args.steps,
                      warmup=args.warmup, recipe="norecipe" not in name, profile=args.profile,
-                     memory_budget=float(name.split("-mem")[1]) if "-mem" in name else 1.0)
+                     memory_budget=float(name.split("-mem")[1]) if "-mem" in name else 1.0,
+                     lora=int(name.split("-lora")[1].split("-")[0]) if "-lora" in name else 0)
             r = child(["train", "--one", json.dumps(c)])
             r["config"] = name
             rows.append(r)
@@ -1118,6 +1206,12 @@ def main():
                 print(f"{r['config']:<26}{r['tok_s']:>10,}{r['mfu_989']:>8.1%}{r['peak_mem_gb']:>9}{ratio:>15}")
             else:
                 print(f"{r['config']:<26} failed: {r['error'][-300:]}")
+        full = next((r for r in rows if r.get("config") == "ours-compile" and "tok_s" in r), None)
+        for r in rows:
+            if full and "-lora" in r["config"] and "tok_s" in r:
+                print(f"{r['config']} ({r['trainable']:,} trainable) against full fine-tuning (ours-compile), "
+                      f"batch {args.batch} x {args.seq}: step {r['step_ms']} vs {full['step_ms']} ms "
+                      f"({full['step_ms'] / r['step_ms']:.2f}x), peak {r['peak_mem_gb']} vs {full['peak_mem_gb']} GB")
     elif args.what == "decode":
         rows = decode_table(args)
     elif args.what == "decode-attention":
@@ -1137,6 +1231,8 @@ def main():
                   f"tokens/s ({rows[1]['tok_s'] / rows[0]['tok_s']:.2f}x)")
     elif args.what == "speculative":
         rows = speculative_table(args)
+    elif args.what == "distill":
+        rows = distill_table(args)
     elif args.what == "gguf":
         rows = gguf_table(args)
     elif args.what == "tasks":

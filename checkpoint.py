@@ -30,15 +30,16 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Model folders
 
 
-def save_model(model: Llama, path, dtype: torch.dtype | None = None):
+def save_model(model: Llama, path, dtype: torch.dtype | None = None, state_dict: dict | None = None):
     """Write config.json, model.safetensors and, when the model uses the shipped tokenizer's
     vocabulary, tokenizer.json + tokenizer_config.json (AutoTokenizer then adds <s> itself) and
-    tokenizer.model, the sentencepiece file, as Mistral's own folders carry it (for llama.cpp)."""
+    tokenizer.model, the sentencepiece file, as Mistral's own folders carry it (for llama.cpp).
+    state_dict: the weights to write in place of the model's own (a LoRA model's plain weights)."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    sd = model.state_dict()
+    sd = dict(model.state_dict() if state_dict is None else state_dict)
     if model.config.tie_word_embeddings:
         sd.pop("lm_head.weight")  # HF re-ties it on load; safetensors refuses shared storage
     sd = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in sd.items()}
@@ -261,20 +262,88 @@ def load_for_inference(ckpt: str | None, device: str = "auto", dtype: str = "aut
 
 
 # ---------------------------------------------------------------------------------------------
+# LoRA adapters in peft's layout. A model with adapters (train.py's LoRALinear) names its modules
+# as peft does: an adapted projection X holds X.base_layer (the frozen Linear), X.lora_A and X.lora_B.
+
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+ADAPTER_PREFIX = "base_model.model."  # peft's tensor names: its wrappers' prefix, then the model's own
+
+
+def split_lora(sd: dict, lora: dict, merge: bool) -> tuple[dict, dict]:
+    """A LoRA model's state dict -> (the plain model's, the adapters'). The plain weights are the
+    frozen base, or with merge each adapted weight W + (alpha / r) B A (Hu et al. 2021, eq. 3), the
+    model the adapters compute."""
+    plain = {k.replace(".base_layer.", "."): v for k, v in sd.items() if ".lora_" not in k}
+    adapters = {k: v for k, v in sd.items() if ".lora_" in k}
+    if merge:
+        scale = lora["lora_alpha"] / lora["r"]
+        for k, a in adapters.items():
+            if k.endswith(".lora_A.weight"):
+                w = k.removesuffix("lora_A.weight") + "weight"
+                b = adapters[k.replace(".lora_A.", ".lora_B.")]
+                plain[w] = plain[w] + scale * (b.float() @ a.float()).to(plain[w].dtype)
+    return plain, adapters
+
+
+def lora_config(rank: int, alpha: float, targets: list[str], base: str) -> dict:
+    """adapter_config.json as peft writes it for LoraConfig(r, lora_alpha, target_modules)."""
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base, "r": rank,
+            "lora_alpha": alpha, "target_modules": sorted(targets), "lora_dropout": 0.0, "bias": "none",
+            "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
+            "modules_to_save": None, "use_rslora": False, "use_dora": False}
+
+
+def save_adapter(path: Path, adapters: dict, lora: dict | None):
+    """adapter_model.safetensors under peft's names, and with lora its adapter_config.json: then
+    the folder is one peft loads, PeftModel.from_pretrained(base_model, path)."""
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({ADAPTER_PREFIX + k: v.detach().cpu().contiguous() for k, v in adapters.items()},
+              str(path / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    _respect_umask(path / ADAPTER_WEIGHTS)
+    if lora is not None:
+        (path / ADAPTER_CONFIG).write_text(json.dumps(lora, indent=2) + "\n")
+
+
+def load_adapter_weights(path: Path) -> dict[str, torch.Tensor]:
+    """path/adapter_model.safetensors under the model's own parameter names."""
+    from safetensors.torch import load_file
+
+    sd = load_file(str(path / ADAPTER_WEIGHTS))
+    # peft's in-memory names carry the adapter's name ("lora_A.default.weight"); its files do not
+    return {k.removeprefix(ADAPTER_PREFIX).replace(".default.", "."): v for k, v in sd.items()}
+
+
+# ---------------------------------------------------------------------------------------------
 # Training checkpoints: the model folder + optimizer state + trainer_state.json, written atomically
 
 
-def save_checkpoint(path: Path, model: Llama, opt=None, state: dict | None = None):
-    """Write a model folder (and the training state) into a temporary folder, fsync it, then
-    rename it over the old one. A kill at any moment leaves a complete folder at `path` or at
-    `path.old`, which load_training_state also accepts."""
+def save_checkpoint(path: Path, model: Llama, opt=None, state: dict | None = None, lora: dict | None = None):
+    """A model folder (and with opt the training state) at path, written by replace_folder.
+    lora (the adapter config of a model with adapters): a training checkpoint holds the frozen
+    base as its model and the adapters in adapter_model.safetensors, what --resume needs (no
+    adapter_config.json: HF would take the folder for an adapter); a model folder is the merged
+    model."""
+    replace_folder(path, lambda tmp: _write_checkpoint(tmp, model, opt, state, lora))
+
+
+def replace_folder(path: Path, write):
+    """write(tmp) fills a temporary folder, which is fsynced and renamed over path. A kill at any
+    moment leaves a complete folder at `path` or at `path.old`, which load_training_state also
+    accepts."""
     from safetensors import SafetensorError
 
     tmp = path.with_name(path.name + ".tmp")
     old = path.with_name(path.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        _write_checkpoint(tmp, model, opt, state)
+        tmp.mkdir(parents=True)
+        write(tmp)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        data.fsync_dir(tmp)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)  # a full disk must not stay full
         if isinstance(e, (OSError, SafetensorError)):  # safetensors reports a full disk as its own error
@@ -296,11 +365,16 @@ def free_space(folder: Path) -> str:
     return f"{free / 1e9:.1f} GB free" if free >= 1e9 else f"{free / 1e6:.1f} MB free"
 
 
-def _write_checkpoint(tmp: Path, model: Llama, opt, state: dict | None):
+def _write_checkpoint(tmp: Path, model: Llama, opt, state: dict | None, lora: dict | None):
     from safetensors.torch import save_file
 
-    tmp.mkdir(parents=True)
-    save_model(model, tmp)
+    if lora is None:
+        save_model(model, tmp)
+    else:
+        plain, adapters = split_lora(model.state_dict(), lora, merge=opt is None)
+        save_model(model, tmp, state_dict=plain)
+        if opt is not None:
+            save_adapter(tmp, adapters, None)
     if opt is not None:
         names = {p: n for n, p in model.named_parameters()}
         tensors = {f"{names[p]}::{k}": v.detach().cpu().contiguous()
@@ -309,10 +383,6 @@ def _write_checkpoint(tmp: Path, model: Llama, opt, state: dict | None):
         _respect_umask(tmp / "optimizer.safetensors")
         state = dict(state, torch_rng=base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode())
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1) + "\n")
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    data.fsync_dir(tmp)
 
 
 def latest_checkpoint(out_dir: Path) -> Path:
@@ -359,9 +429,20 @@ def load_training_state(path: Path, model: Llama, opt, device) -> dict:
                 for f in dataclasses.fields(ModelConfig)
                 if getattr(loaded.config, f.name) != getattr(model.config, f.name)}
         raise ValueError(f"{path} holds a different model (checkpoint vs now: {diff})")
+    saved = dict(loaded.named_parameters())
+    if (path / ADAPTER_WEIGHTS).is_file():  # a LoRA run: the folder's model is the frozen base
+        saved.update(load_adapter_weights(path))
     with torch.no_grad():
-        for p, q in zip(model.parameters(), loaded.parameters()):
-            p.copy_(q.to(p.dtype))
+        for name, p in model.named_parameters():
+            key = name.replace(".base_layer.", ".")
+            if key not in saved:
+                raise ValueError(f"{path} has no {key}: it was saved by a run with other --lora_* "
+                                 f"settings; resume with the run's own settings")
+            p.copy_(saved[key].to(p.dtype))
+    unused = sorted(k for k in saved if ".lora_" in k and k not in dict(model.named_parameters()))
+    if unused:
+        raise ValueError(f"{path} holds LoRA adapters ({unused[0]}, ...) that this run has none of; "
+                         f"resume with the run's own --lora_* settings")
     params = dict(model.named_parameters())
     for key, t in opt_sd.items():
         name, k = key.split("::")

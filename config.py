@@ -101,6 +101,10 @@ def model_config(preset: str) -> ModelConfig:
     return dataclasses.replace(MODEL_PRESETS[preset])
 
 
+# The Linear layers of a block, by their HF names: what LoRA can adapt.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
 @dataclass
 class TrainConfig:
     preset: str = arg("portimbria-150m", f"model preset: {', '.join(MODEL_PRESETS)}")
@@ -153,6 +157,14 @@ class TrainConfig:
                        "override them")
     overwrite: bool = arg(False, "start over in an out_dir that holds a run: its metrics.jsonl, "
                           "loss.png, best/ and latest/ are deleted first")
+    # Fine-tuning: start from a model folder instead of random weights, optionally training
+    # low-rank adapters only (LoRA, Hu et al. 2021).
+    init_from: str = arg("", "an HF Llama/Mistral model folder to start from; its config.json "
+                         "gives the model's shape ('' : random init from --preset)")
+    lora_rank: int = arg(0, "LoRA rank r: train only adapters of this rank (0: all weights)")
+    lora_alpha: float = arg(32.0, "LoRA alpha: the adapters' update is scaled by alpha / r")
+    lora_targets: str = arg("q_proj,k_proj,v_proj,o_proj", "the projections that get adapters "
+                            "(of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj)")
 
     def __post_init__(self):
         """Every value checked before any work starts, with the option's name."""
@@ -164,8 +176,17 @@ class TrainConfig:
         require(self, ("beta1", "beta2", "warmup_frac", "decay_frac", "anneal_frac"),
                 lambda v: 0 <= v < 1, "in [0, 1)")
         require(self, ("memory_budget",), lambda v: 0 < v <= 1, "in (0, 1]")
+        require(self, ("lora_rank",), lambda v: v >= 0, ">= 0")
+        require(self, ("lora_alpha",), lambda v: v > 0, "> 0")
+        unknown = set(self.lora_target_list) - set(LORA_TARGETS)
+        if unknown or not self.lora_target_list:
+            raise ValueError(f"--lora_targets {self.lora_targets!r}: choose among {','.join(LORA_TARGETS)}")
         choose(self, schedule=("cosine", "wsd"), precision=("bf16", "fp32"),
                device=("auto", "tpu", "xla", "cuda", "cpu"), preset=tuple(MODEL_PRESETS))
+
+    @property
+    def lora_target_list(self) -> list[str]:
+        return [t for t in self.lora_targets.replace(" ", "").split(",") if t]
 
 
 def require(cfg, names, ok, rule: str):
@@ -210,6 +231,8 @@ class SampleConfig(InferenceConfig):
     draft: typing.Optional[str] = arg(None, "a smaller model with the same tokenizer that proposes "
                                       "tokens for this one to check (speculative decoding)")
     draft_tokens: int = arg(4, "tokens the draft proposes per round (README, Speculative decoding)")
+    out: typing.Optional[str] = arg(None, "also write every sample, prompt included, to this file as "
+                                    "a JSON line {\"text\": ...}: a corpus data.py reads")
 
     def __post_init__(self):
         super().__post_init__()

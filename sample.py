@@ -12,6 +12,7 @@ greedy decoding, which gives HF `generate(do_sample=False, repetition_penalty=..
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 import time
 
@@ -343,6 +344,7 @@ def read_prompts(cfg: SampleConfig) -> list[str]:
 def main(argv=None):
     cfg = parse_config(argv, __doc__, SampleConfig())
     prompts = read_prompts(cfg)
+    corpus = open_corpus(cfg.out)
     try:
         model, tok, path = checkpoint.load_for_inference(cfg.ckpt, cfg.device, cfg.dtype)
     except (FileNotFoundError, ValueError) as e:
@@ -404,14 +406,30 @@ def main(argv=None):
         else:
             for i, o in enumerate(outs):
                 print(f"--- sample {i + 1}\n{prompt}{continuation(o)}")
+        if corpus:  # a line per sample, flushed: an interrupted run keeps what it wrote
+            corpus.write("".join(json.dumps({"text": prompt + continuation(o)}, ensure_ascii=False) + "\n"
+                                 for o in outs))
+            corpus.flush()
         count = sum(len(o) for o in outs)
         warn(f"[{count} tokens in {dt:.2f}s, {count / max(dt, 1e-9):.1f} tokens/s"
              + (", including the one-time compilation]" if gen.compiled and n == 0 else "]"))
+    if corpus:
+        corpus.close()
+        warn(f"wrote {len(prompts) * cfg.num_samples} samples to {cfg.out}")
     if cfg.draft:
         st = gen.stats
         warn(f"[draft: {st['accepted']:,} of {st['proposed']:,} proposed tokens accepted "
              f"({st['accepted'] / max(st['proposed'], 1):.1%}); {st['tokens'] / max(st['rounds'], 1):.2f} "
              f"tokens per target forward over {st['rounds']:,} forwards]")
+
+
+def open_corpus(path: str | None):
+    if path is None:
+        return None
+    try:
+        return open(path, "w", encoding="utf-8")
+    except OSError as e:
+        raise SystemExit(f"sample.py: --out {path}: cannot write it ({e.strerror}); give a writable file") from None
 
 
 def load_draft(cfg: SampleConfig, target: Llama, tok) -> Llama:

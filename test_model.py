@@ -4,6 +4,7 @@ transformers is used here only, as the reference the model must match.
 """
 
 import dataclasses
+import importlib.util
 import json
 import math
 
@@ -1041,6 +1042,207 @@ if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "ddp-check":
     _ddp_check(sys.argv[2], sys.argv[3])
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "xla-hlo-check":
     _xla_hlo_check()
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning: --init_from a model folder, LoRA, a corpus for distilling a draft
+
+# What a run on a folder sets: everything but the shape, which is the folder's.
+FT = ["--seq_len", "32", "--batch_size", "4", "--max_eval_samples", "16", "--log_interval", "1"]
+
+
+def run_finetune(args, out, data_dir, check=True):
+    cmd = [sys.executable, str(REPO / "train.py"), *FT, "--data_dir", str(data_dir), "--out_dir", str(out), *args]
+    p = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=600, cwd=REPO)
+    if check:
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+def test_init_from_starts_from_the_folders_weights_and_fine_tunes(tmp_path, trained_out, hf_folder, demo_data):
+    from transformers import LlamaForCausalLM
+
+    idx = torch.randint(0, 32768, (2, 12))
+    for folder in (trained_out / "best", hf_folder):
+        tcfg, mcfg, _ = train.parse(["--init_from", str(folder), "--data_dir", str(demo_data), *FT,
+                                     "--out_dir", str(tmp_path / "o"), "--device", "cpu"])
+        run = train.Run(tcfg, mcfg, train.Runtime("cpu"))
+        assert mcfg == dataclasses.replace(checkpoint.load_config(folder))
+        with torch.no_grad():
+            ours = run.model(idx)
+            torch.testing.assert_close(ours, load_model(folder)(idx), rtol=0, atol=0)
+            torch.testing.assert_close(ours, LlamaForCausalLM.from_pretrained(folder)(idx).logits,
+                                       rtol=0, atol=1e-4)
+        run.metrics.close()
+    out = tmp_path / "ft"
+    run_finetune(["--init_from", str(trained_out / "best"), "--max_steps", "6", "--eval_interval", "3",
+                  "--lr", "3e-3", "--precision", "fp32"], out, demo_data)
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    val = {r["step"]: r["val_loss"] for r in rows if "val_loss" in r}
+    assert sorted(val) == [0, 3, 6] and val[6] < val[0]
+    base = json.loads((trained_out / "best" / "config.json").read_text())
+    saved = json.loads((out / "best" / "config.json").read_text())
+    assert {k: saved[k] for k in ("hidden_size", "num_hidden_layers", "vocab_size")} == \
+           {k: base[k] for k in ("hidden_size", "num_hidden_layers", "vocab_size")}
+    assert (out / "best" / "tokenizer.json").is_file()
+
+
+def test_init_from_refuses_a_contradicting_shape_or_vocabulary(tmp_path, trained_out, demo_data):
+    folder = str(trained_out / "best")
+    p = run_finetune(["--init_from", folder, "--hidden_size", "96"], tmp_path / "a", demo_data, check=False)
+    assert p.returncode and p.stderr.strip() == (f"train.py: --hidden_size 96 contradicts --init_from {folder} "
+                                                 f"(hidden_size=64 in its config.json); leave out --hidden_size")
+    p = run_finetune(["--init_from", folder, "--preset", "tiny"], tmp_path / "b", demo_data, check=False)
+    assert p.returncode and "--preset and --init_from both give the model's shape" in p.stderr
+    small = tmp_path / "vocab1000"
+    save_model(Llama(small_config(vocab_size=1000)), small)
+    p = run_finetune(["--init_from", str(small)], tmp_path / "c", demo_data, check=False)
+    assert p.returncode and len(p.stderr.strip().splitlines()) == 1
+    assert "tokenized with a 32768-token vocabulary, the model has 1000" in p.stderr
+    for out in "abc":
+        assert not (tmp_path / out).exists()
+
+
+def lora_pair(targets=("q_proj", "k_proj", "v_proj", "o_proj"), rank=4, **kw):
+    """A small model and a copy with LoRA adapters whose B is not zero (a trained adapter)."""
+    torch.manual_seed(0)
+    base = Llama(small_config(**kw))
+    model = Llama(base.config)
+    model.load_state_dict(base.state_dict())
+    n = train.add_lora(model, rank, 8.0, list(targets))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return base, model, n, checkpoint.lora_config(rank, 8.0, list(targets), "base")
+
+
+def test_lora_merged_model_equals_the_adapted_forward():
+    base, model, n, lora = lora_pair(targets=("q_proj", "v_proj", "down_proj"), fp32_edge_blocks=False)
+    assert n == sum(p.numel() for name, p in model.named_parameters() if ".lora_" in name)
+    assert all(p.requires_grad == (".lora_" in name) for name, p in model.named_parameters())
+    plain, adapters = checkpoint.split_lora(model.state_dict(), lora, merge=True)
+    merged = Llama(model.config)
+    merged.load_state_dict(plain)
+    idx = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(idx), model(idx), rtol=0, atol=1e-5)
+        assert (merged(idx) - base(idx)).abs().max() > 1e-3  # the adapters change the function
+    frozen = checkpoint.split_lora(model.state_dict(), lora, merge=False)[0]
+    assert all(torch.equal(frozen[k], v) for k, v in base.state_dict().items())
+    # A fresh adapter (B = 0) leaves the base's function as it is.
+    fresh = Llama(base.config)
+    fresh.load_state_dict(base.state_dict())
+    train.add_lora(fresh, 4, 8.0, ["q_proj"])
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(idx), base(idx), rtol=0, atol=0)
+
+
+def test_lora_trainable_count_equals_peft():
+    peft = pytest.importorskip("peft")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = small_config(num_key_value_heads=2)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    ours = train.add_lora(Llama(cfg), 16, 32.0, targets)
+    hf = LlamaForCausalLM(LlamaConfig(**{k: getattr(cfg, k) for k in SMALL}))
+    wrapped = peft.get_peft_model(hf, peft.LoraConfig(r=16, lora_alpha=32, target_modules=targets))
+    assert ours == wrapped.get_nb_trainable_parameters()[0]
+    with torch.device("meta"):  # Portimbria-150M: r (in + out) per projection, 20 layers
+        card = train.add_lora(Llama(ModelConfig()), 16, 32.0, targets)
+    assert card == 20 * 16 * ((768 + 768) + 2 * (768 + 256) + (768 + 768)) == 1_638_400
+
+
+def _kill_after(cmd, line_start: str):
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                         env=child_env())
+    for line in p.stdout:
+        if line.startswith(line_start):
+            p.send_signal(signal.SIGKILL)
+            break
+    p.wait(timeout=60)
+    assert p.returncode == -signal.SIGKILL
+
+
+def test_lora_run_resumes_exactly_and_peft_loads_its_adapter(tmp_path, trained_out, demo_data):
+    peft = pytest.importorskip("peft")
+    from transformers import LlamaForCausalLM
+
+    base = trained_out / "best"
+    args = ["--init_from", str(base), "--lora_rank", "4", "--lora_alpha", "8", "--max_steps", "8",
+            "--ckpt_interval", "1", "--eval_interval", "4", "--lr", "1e-2", "--precision", "fp32"]
+    ref = tmp_path / "ref"
+    p = run_finetune(args, ref, demo_data)
+    count = 2 * 4 * (2 * (64 + 64) + 2 * (64 + 32))  # 2 layers, r (in + out) per projection
+    assert f"LoRA r=4 alpha=8 on q_proj,k_proj,v_proj,o_proj: {count:,} trainable" in p.stdout
+    want = losses(ref)
+    out = tmp_path / "killed"
+    _kill_after([sys.executable, str(REPO / "train.py"), *FT, "--data_dir", str(demo_data), "--out_dir", str(out),
+                 *args], "step       4/")
+    saved = json.loads((out / "latest" / "trainer_state.json").read_text())["step"]
+    assert 3 <= saved < 8
+    run_finetune(["--resume"], out, demo_data)
+    got = losses(out)
+    assert [got[s] for s in range(1, 9)] == [want[s] for s in range(1, 9)]
+    # latest/ holds the frozen base as its model and only the adapters' optimizer state
+    from safetensors.torch import load_file
+
+    assert {k.split("::")[0].rsplit(".", 2)[-2] for k in load_file(str(out / "latest" / "optimizer.safetensors"))} \
+        == {"lora_A", "lora_B"}
+    for k, v in load_model(out / "latest").state_dict().items():
+        assert torch.equal(v, load_model(base).state_dict()[k])
+    # best/ is the merged model; best_adapter/ is peft's: both compute the same function
+    idx = torch.randint(0, 32768, (2, 12))
+    adapted = peft.PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base), out / "best_adapter")
+    with torch.no_grad():
+        merged = load_model(out / "best")(idx)
+        torch.testing.assert_close(adapted(idx).logits, merged, rtol=0, atol=1e-5)
+        torch.testing.assert_close(LlamaForCausalLM.from_pretrained(out / "best")(idx).logits, merged,
+                                   rtol=0, atol=1e-5)
+        assert (merged - load_model(base)(idx)).abs().max() > 1e-3
+
+
+def test_lora_on_two_cpu_ranks_and_on_the_xla_path(tmp_path, trained_out, demo_data):
+    args = ["--init_from", str(trained_out / "best"), "--lora_rank", "4", "--max_steps", "4",
+            "--eval_interval", "4", "--lr", "1e-2"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29519",
+           str(REPO / "train.py"), *FT, "--data_dir", str(demo_data), "--out_dir", str(tmp_path / "ddp"),
+           "--device", "cpu", *args]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=child_env(OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    runs = [tmp_path / "ddp"]
+    if importlib.util.find_spec("torch_xla"):
+        p = subprocess.run([sys.executable, str(REPO / "train.py"), *FT, "--data_dir", str(demo_data),
+                            "--out_dir", str(tmp_path / "xla"), "--device", "tpu", *args],
+                           capture_output=True, text=True, timeout=600, cwd=REPO, env=child_env(PJRT_DEVICE="CPU"))
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        runs.append(tmp_path / "xla")
+    for out in runs:
+        rows = losses(out)
+        assert sorted(rows) == [1, 2, 3, 4] and all(math.isfinite(v) for v in rows.values())
+        adapters = checkpoint.load_adapter_weights(out / "best_adapter")
+        assert len(adapters) == 2 * 4 * 2 and any(v.abs().max() > 0 for k, v in adapters.items() if "lora_B" in k)
+
+
+def test_sample_out_writes_a_corpus_data_py_prepares(tmp_path, hf_folder):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("ROMEO:\nHello there\n")
+    corpus = tmp_path / "gen.jsonl"
+    p = run_script("sample.py", "--ckpt", str(hf_folder), "--prompt_file", str(prompts), "--num_samples", "2",
+                   "--max_new_tokens", "12", "--temperature", "0.8", "--seed", "0", "--out", str(corpus))
+    assert p.returncode == 0, p.stderr
+    texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
+    assert len(texts) == 4 and texts[0].startswith("ROMEO:") and texts[2].startswith("Hello there")
+    assert all(len(t) > len("Hello there") for t in texts)
+    out = tmp_path / "data"
+    p = subprocess.run([sys.executable, str(REPO / "data.py"), "--source", f"web={corpus}", "--out", str(out),
+                        "--val_frac", "0.25"], capture_output=True, text=True, cwd=REPO, env=child_env())
+    assert p.returncode == 0, p.stderr
+    meta = json.loads((out / "web" / "meta.json").read_text())
+    assert sum(s["documents"] for split in ("train", "val") for s in meta[split]) == 4
+    assert sum(s["tokens"] for s in meta["train"]) > 0
+    p = run_script("sample.py", "--ckpt", str(hf_folder), "--out", str(tmp_path / "no" / "such" / "f.jsonl"))
+    assert p.returncode and p.stderr.strip().startswith("sample.py: --out")
 
 
 # ---------------------------------------------------------------------------------------------

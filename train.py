@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 
 import checkpoint
 import data
@@ -283,10 +284,12 @@ def recompute_blocks(model: Llama, recompute):
 
 
 def param_groups(model: Llama, weight_decay: float):
-    """Weight decay on Linear weights only: not on norms, not on the (tied) embedding."""
+    """Weight decay on Linear weights only: not on norms, not on the (tied) embedding. Frozen
+    weights (LoRA's base) are not the optimizer's."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        (decay if p.dim() == 2 and "embed_tokens" not in name else no_decay).append(p)
+        if p.requires_grad:
+            (decay if p.dim() == 2 and "embed_tokens" not in name else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
 
@@ -360,6 +363,59 @@ def save_on_master(rt: Runtime, what: Path, write):
 
 
 # ---------------------------------------------------------------------------------------------
+# Fine-tuning: a model folder's weights, and LoRA
+
+
+class LoRALinear(nn.Module):
+    """A frozen Linear plus a trained low-rank update (Hu et al. 2021, LoRA):
+
+        y = x W^T + (alpha / r) (x A^T) B^T      W (out, in) frozen; A (r, in), B (out, r) trained
+
+    A starts as nn.Linear's (and peft's) Kaiming-uniform init and B at zero, so training starts
+    from the base model exactly. The adapters are of the base's own class (FP32Linear in the
+    recipe's fp32 edge blocks). Module names are peft's (base_layer, lora_A, lora_B), so
+    checkpoint.py writes the adapters in peft's layout by name alone."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.base_layer = base.requires_grad_(False)
+        self.lora_A = type(base)(base.in_features, rank, bias=False)
+        self.lora_B = type(base)(rank, base.out_features, bias=False)
+        nn.init.zeros_(self.lora_B.weight)
+        self.scale = alpha / rank
+
+    def forward(self, x):
+        return self.base_layer(x) + self.lora_B(self.lora_A(x)) * self.scale
+
+
+def add_lora(model: Llama, rank: int, alpha: float, targets: list[str]) -> int:
+    """Freeze every weight and give each target projection of every block an adapter; returns
+    the trainable count."""
+    model.requires_grad_(False)
+    for block in model.model.layers:
+        for module in (block.self_attn, block.mlp):
+            for name in targets:
+                if isinstance(getattr(module, name, None), nn.Linear):
+                    setattr(module, name, LoRALinear(getattr(module, name), rank, alpha))
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def init_config(folder: str, given: dict) -> ModelConfig:
+    """The shape of a model started from a folder: its config.json. The precision recipe and the
+    context length are the run's to choose; a shape option that contradicts the folder is refused."""
+    cfg = checkpoint.load_config(Path(folder))
+    if "preset" in given:
+        raise ValueError(f"--preset and --init_from both give the model's shape; leave out --preset "
+                         f"(the shape is {folder}/config.json's)")
+    free = {"norm_fp32", "fp32_edge_blocks", "fp32_edge_attention", "max_position_embeddings"}
+    for k, v in given.items():
+        if hasattr(cfg, k) and k not in free and getattr(cfg, k) != v:
+            raise ValueError(f"--{k} {v} contradicts --init_from {folder} ({k}={getattr(cfg, k)} in "
+                             f"its config.json); leave out --{k}")
+    return configure(cfg, given)
+
+
+# ---------------------------------------------------------------------------------------------
 # The loop
 
 
@@ -412,8 +468,19 @@ class Run:
                              f"{mcfg.max_position_embeddings}); pass a shorter --seq_len or "
                              f"--max_position_embeddings {tcfg.seq_len}")
         torch.manual_seed(tcfg.seed)
-        self.model = Llama(mcfg)  # initialised on the CPU: the same weights on every device and rank
+        if tcfg.init_from and not tcfg.resume:
+            try:
+                self.model = checkpoint.load_model(tcfg.init_from, **dataclasses.asdict(mcfg))
+            except (FileNotFoundError, ValueError) as e:
+                raise SystemExit(f"train.py: --init_from: {e}") from None
+        else:
+            self.model = Llama(mcfg)  # initialised on the CPU: the same weights on every device and rank
         self.n_params = self.model.num_params()
+        self.lora, self.trainable = None, self.n_params
+        if tcfg.lora_rank:
+            self.trainable = add_lora(self.model, tcfg.lora_rank, tcfg.lora_alpha, tcfg.lora_target_list)
+            self.lora = checkpoint.lora_config(tcfg.lora_rank, tcfg.lora_alpha, tcfg.lora_target_list,
+                                               tcfg.init_from)
         rt.prepare(self.model, tcfg)
         self.tokens_per_step = tcfg.batch_size * tcfg.seq_len * rt.world * tcfg.grad_accum
         self.max_steps = tcfg.max_steps or max(1, int(tcfg.token_budget // self.tokens_per_step))
@@ -454,7 +521,9 @@ class Run:
             if tcfg.resume:
                 drop_metrics_after(self.out / "metrics.jsonl", self.step)
             self.metrics = open(self.out / "metrics.jsonl", "a")
-            log(f"model {tcfg.preset}: {self.n_params:,} parameters | device {rt.name} x{rt.world} | "
+            lora = (f" | LoRA r={tcfg.lora_rank} alpha={tcfg.lora_alpha:g} on {','.join(tcfg.lora_target_list)}: "
+                    f"{self.trainable:,} trainable ({self.trainable / self.n_params:.2%})" if self.lora else "")
+            log(f"model {tcfg.init_from or tcfg.preset}: {self.n_params:,} parameters{lora} | device {rt.name} x{rt.world} | "
                 f"{self.tokens_per_step:,} tokens/step | {self.max_steps:,} steps "
                 f"({self.max_steps * self.tokens_per_step / 1e9:.3g}B tokens) | sources "
                 f"{', '.join(self.loader.names)} | {len(self.val)} val windows" + (" per rank" if rt.world > 1 else ""))
@@ -553,7 +622,11 @@ class Run:
         best = self.out / "best"
         if better:
             self.best_val_loss = val_loss
-            save_on_master(self.rt, best, lambda: checkpoint.save_checkpoint(best, self.model))
+            save_on_master(self.rt, best, lambda: checkpoint.save_checkpoint(best, self.model, lora=self.lora))
+            if self.lora:
+                adapters = checkpoint.split_lora(self.model.state_dict(), self.lora, merge=False)[1]
+                save_on_master(self.rt, self.out / "best_adapter", lambda: checkpoint.replace_folder(
+                    self.out / "best_adapter", lambda tmp: checkpoint.save_adapter(tmp, adapters, self.lora)))
         ppl = math.exp(min(val_loss, 50))
         if self.rt.master:
             log(f"eval step {self.step:,} | val loss {val_loss:.4f} | ppl {ppl:.2f} | {windows} windows of {self.tcfg.seq_len}"
@@ -567,7 +640,8 @@ class Run:
         state = {"step": self.step, "tokens": self.tokens, "best_val_loss": self.best_val_loss,
                  "max_steps": self.max_steps, "train_config": dataclasses.asdict(self.tcfg)}
         latest = self.out / "latest"
-        save_on_master(self.rt, latest, lambda: checkpoint.save_checkpoint(latest, self.model, self.opt, state))
+        save_on_master(self.rt, latest, lambda: checkpoint.save_checkpoint(latest, self.model, self.opt, state,
+                                                                           self.lora))
 
     def write_metrics(self, row: dict):
         if self.metrics:
@@ -664,7 +738,8 @@ def parse(argv, announce: bool = False) -> tuple[TrainConfig, ModelConfig, set[s
     try:
         tcfg = configure(TrainConfig(), given)
         if not tcfg.resume:
-            return tcfg, configure(model_config(tcfg.preset), given), set(given)
+            mcfg = init_config(tcfg.init_from, given) if tcfg.init_from else configure(model_config(tcfg.preset), given)
+            return tcfg, mcfg, set(given)
         path = checkpoint.latest_checkpoint(Path(tcfg.out_dir))
         saved = checkpoint.read_trainer_state(path)
         known = {f.name for f in dataclasses.fields(TrainConfig)}
