@@ -552,7 +552,7 @@ def distill_table(args) -> list[dict]:
     def train(out, steps, *argv):
         run("train.py", *device, "--seq_len", "256", "--batch_size", "8", "--max_steps", str(steps),
             "--eval_interval", str(steps), "--log_interval", "50", "--max_eval_samples", "64",
-            "--out_dir", str(out), *argv)
+            "--out_dir", str(out), "--overwrite", "true", *argv)
         return out / "best"
 
     if args.target:
