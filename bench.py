@@ -1153,7 +1153,7 @@ def main():
     ap.add_argument("--draft", default=None, help="speculative: draft folder (default: train one)")
     ap.add_argument("--train_steps", type=int, default=300, help="speculative: steps per model when training")
     ap.add_argument("--draft_tokens", default="2,4,6", help="speculative: K values to measure")
-    ap.add_argument("--distill_prompts", type=int, default=256, help="distill: prompts the target continues "
+    ap.add_argument("--distill_prompts", type=int, default=96, help="distill: prompts the target continues "
                     "(8 samples each) for the draft's corpus")
     ap.add_argument("--distill_steps", type=int, default=300, help="distill: the draft's fine-tuning steps")
     ap.add_argument("--no_hf", action="store_true", help="speculative: leave out HF assisted generation")

@@ -653,8 +653,10 @@ class Run:
             return
         self.metrics.close()
         plot_metrics(self.out)
-        best = (f"{self.out}/best (best val loss {self.best_val_loss:.4f})" if math.isfinite(self.best_val_loss)
-                else "no best/ yet (no evaluation after step 0)")
+        best = "no best/ yet (no evaluation after step 0)"
+        if math.isfinite(self.best_val_loss):
+            best = (f"{self.out}/best (best val loss {self.best_val_loss:.4f})"
+                    + (f", its adapters in {self.out}/best_adapter" if self.lora else ""))
         if self.stopping:
             log(f"stopped by a signal at step {self.step}: checkpoint in {self.out}/latest; {best}; "
                 f"continue with --resume (exit code {STOP.exit_code()})")
