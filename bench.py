@@ -644,10 +644,16 @@ def gguf_one(impl: str, ckpt: str, gguf: str, new_tokens: int, compile_: bool = 
                     return out
     else:
         import checkpoint
+        import kernels
         import sample
         from config import SampleConfig
 
-        gen = sample.Generator(checkpoint.load_for_inference(ckpt, "cpu", "fp32")[0], compile=compile_)
+        model = checkpoint.load_for_inference(ckpt, "cpu", "fp32")[0]
+        gen = sample.Generator(model)
+        if compile_:
+            kernels.compile_generator(gen)
+        else:
+            kernels.use_decode_kernels(model, measure=False)  # as sample.py decodes
         settings = SampleConfig(max_new_tokens=new_tokens, temperature=0, repetition_penalty=1.0)
 
         def run(ids):

@@ -407,9 +407,8 @@ def init_config(folder: str, given: dict) -> ModelConfig:
     if "preset" in given:
         raise ValueError(f"--preset and --init_from both give the model's shape; leave out --preset "
                          f"(the shape is {folder}/config.json's)")
-    free = {"norm_fp32", "fp32_edge_blocks", "fp32_edge_attention", "max_position_embeddings"}
     for k, v in given.items():
-        if hasattr(cfg, k) and k not in free and getattr(cfg, k) != v:
+        if hasattr(cfg, k) and k not in PRECISION | {"max_position_embeddings"} and getattr(cfg, k) != v:
             raise ValueError(f"--{k} {v} contradicts --init_from {folder} ({k}={getattr(cfg, k)} in "
                              f"its config.json); leave out --{k}")
     return configure(cfg, given)
@@ -765,7 +764,9 @@ def parse(argv, announce: bool = False) -> tuple[TrainConfig, ModelConfig, set[s
     return tcfg, mcfg, set(given)
 
 
-RUN_FILES = ("metrics.jsonl", "loss.png", "best", "latest", "best.old", "latest.old", "best.tmp", "latest.tmp")
+RUN_FILES = ("metrics.jsonl", "loss.png", "best", "latest", "best_adapter")
+# and what a kill in the middle of a save leaves (checkpoint.replace_folder)
+RUN_LEFTOVERS = tuple(f"{name}.{end}" for name in RUN_FILES[2:] for end in ("old", "tmp"))
 
 
 def check_out_dir(tcfg: TrainConfig, given: set[str]):
@@ -787,7 +788,7 @@ def check_out_dir(tcfg: TrainConfig, given: set[str]):
     if not os.access(there, os.W_OK | os.X_OK):
         raise SystemExit(f"train.py: --out_dir {out}: {there} is not writable (read-only, or no "
                          f"permission); pass a folder you can write, or fix its permissions")
-    found = [name for name in RUN_FILES[:6] if (out / name).exists()]
+    found = [name for name in (*RUN_FILES, "best.old", "latest.old") if (out / name).exists()]
     if found and not tcfg.resume and not tcfg.overwrite:
         raise SystemExit(f"train.py: {out} holds a run ({', '.join(found)}): --resume continues it, "
                          f"--out_dir DIR starts a new one elsewhere, --overwrite true deletes it and starts over")
@@ -795,7 +796,7 @@ def check_out_dir(tcfg: TrainConfig, given: set[str]):
 
 def remove_old_run(out: Path):
     removed = []
-    for name in RUN_FILES:
+    for name in RUN_FILES + RUN_LEFTOVERS:
         path = out / name
         if path.is_dir():
             shutil.rmtree(path)
