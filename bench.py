@@ -572,7 +572,8 @@ def distill_table(args) -> list[dict]:
     corpus = work / "corpus.jsonl"
     run("sample.py", "--ckpt", str(target), *device, "--prompt_file", str(work / "gen_prompts.txt"),
         "--num_samples", "8", "--max_new_tokens", "128", "--temperature", "0.8", "--out", str(corpus))
-    run("data.py", "--source", f"web={corpus}", "--out", str(work / "corpus_data"), "--force")
+    # a twentieth held out: the default 0.5% of a few hundred samples is shorter than one window
+    run("data.py", "--source", f"web={corpus}", "--out", str(work / "corpus_data"), "--force", "--val_frac", "0.05")
     steps = str(args.distill_steps)
     tuned = {"distilled": train(work / "distilled", args.distill_steps, "--init_from", str(draft), "--lr", "1e-3",
                                 "--data_dir", str(work / "corpus_data")),
