@@ -63,7 +63,7 @@ def file_sha256(path) -> str:
 
 
 def clean(text: str, kind: str) -> str:
-    """The seed card's cleaning: NFKC, CRLF -> LF; code keeps its line breaks and indentation
+    """The model card's cleaning: NFKC, CRLF -> LF; code keeps its line breaks and indentation
     (trailing spaces go), every other kind collapses all whitespace runs to one space."""
     text = unicodedata.normalize("NFKC", text).replace("\r\n", "\n").replace("\r", "\n")
     if kind == "code":
@@ -512,7 +512,7 @@ def complete_shards(src: Path, split: str) -> dict[Path, int]:
 @dataclass
 class Mixture:
     """Mixture weights by source name (renormalised over the sources present), switching to the
-    anneal weights from step anneal_step on (the seed's late code/math upweighting)."""
+    anneal weights from step anneal_step on (the card's late code/math upweighting)."""
     weights: dict[str, float]
     anneal_weights: dict[str, float]
     anneal_step: int

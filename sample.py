@@ -4,7 +4,7 @@
     python sample.py --ckpt path/to/Portimbria-150M --prompt "def fib(n):" --temperature 0
     python sample.py --prompt_file prompts.txt --num_samples 3 --max_new_tokens 100
 
-The continuation streams to stdout; diagnostics go to stderr. Defaults are the seed card's:
+The continuation streams to stdout; diagnostics go to stderr. Defaults are the model card's:
 temperature 0.8, top-p 0.9, repetition penalty 1.1 (Hugging Face semantics). --temperature 0 is
 greedy decoding, which gives HF `generate(do_sample=False, repetition_penalty=...)`'s tokens.
 """
@@ -67,7 +67,7 @@ def draw(probs):
     return (probs / torch.empty_like(probs).exponential_(1)).argmax(-1)
 
 
-def choose(logits, seen, temperature: float, top_k: int, top_p: float, penalty: float):
+def next_token(logits, seen, temperature: float, top_k: int, top_p: float, penalty: float):
     """logits (B, V) float32 -> next ids (B,); temperature 0 is greedy."""
     if temperature <= 0:
         return apply_repetition_penalty(logits, seen, penalty).argmax(-1)
@@ -101,7 +101,7 @@ class Generator:
         """One step, in place: tok (B, 1) the last token, at position pos (0-d), becomes the next;
         pos + 1; seen (B, V) bool marks it; out (B, cache length) gets it at its position."""
         logits = self.model(tok, start_pos=pos)[:, -1].float()
-        nxt = choose(logits, seen, temperature, top_k, top_p, penalty)[:, None]
+        nxt = next_token(logits, seen, temperature, top_k, top_p, penalty)[:, None]
         pos += 1
         tok.copy_(nxt)
         seen.scatter_(1, nxt, True)
@@ -126,7 +126,7 @@ class Generator:
         seen[:, ids[0]] = True
         settings = sampling_settings(cfg)
         logits = m(ids, start_pos=0)[:, -1].float()  # prefill the prompt in one pass
-        tok = choose(logits, seen, *settings)[:, None]
+        tok = next_token(logits, seen, *settings)[:, None]
         seen.scatter_(1, tok, True)
         pos = torch.tensor(P, device=dev)
         out = torch.zeros(B, m.cache_len, dtype=torch.long, device=dev)  # tokens by position
@@ -150,7 +150,7 @@ class Generator:
 
 
 def sampling_settings(cfg: SampleConfig) -> tuple:
-    """The logits-processing settings in the order choose() and process_logits() take them."""
+    """The logits-processing settings in the order next_token() and process_logits() take them."""
     return cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty
 
 
@@ -249,7 +249,7 @@ class SpeculativeGenerator:
         seen = torch.zeros(1, V, dtype=torch.bool, device=dev)
         seen[0, seq[0, :P]] = True
         # Prefill: the target scores the prompt and picks the first new token; the draft reads the prompt.
-        first = choose(target(seq[:, :P], start_pos=0)[0, -1:].float(), seen, *settings)
+        first = next_token(target(seq[:, :P], start_pos=0)[0, -1:].float(), seen, *settings)
         draft(seq[:, :P], start_pos=0)
         seq[0, P] = first[0]
         seen[0, first] = True
@@ -349,8 +349,8 @@ def main(argv=None):
         model, tok, path = checkpoint.load_for_inference(cfg.ckpt, cfg.device, cfg.dtype)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"sample.py: {e}") from None
-    dev = model.lm_head.weight
-    warn(f"loaded {path} ({model.num_params():,} parameters) on {dev.device} in {str(dev.dtype)[6:]}")
+    weight = model.lm_head.weight
+    warn(f"loaded {path} ({model.num_params():,} parameters) on {weight.device} in {str(weight.dtype)[6:]}")
     # The decode kernels always (kernels.py); --compile adds compilation and CUDA graphs.
     if cfg.draft:
         draft = load_draft(cfg, model, tok)

@@ -1,6 +1,6 @@
 """Pretrain a Llama on packed token shards: one loop for TPU (xmp.spawn), CUDA and CPU.
 
-    python train.py                                          # Portimbria-150M, the seed recipe
+    python train.py                                          # Portimbria-150M, the card's recipe
     python train.py --preset tiny --data_dir data/demo --seq_len 256 --max_steps 200
     torchrun --nproc_per_node=8 train.py                     # several GPUs (DDP, NCCL)
     torchrun --nproc_per_node=2 train.py --device cpu        # several CPU processes (gloo)
@@ -510,7 +510,7 @@ def validation_loss(model, windows, rt: Runtime, cfg: TrainConfig) -> tuple[floa
 
 class Run:
     """One training run: the model, optimizer and data, the counters the loop keeps, and the
-    loop's four parts: train_step, log, evaluate, save_latest."""
+    loop's four parts: train_step, report_and_vote, evaluate, save_latest."""
 
     def __init__(self, tcfg: TrainConfig, mcfg: ModelConfig, rt: Runtime):
         self.tcfg, self.rt, self.out = tcfg, rt, Path(tcfg.out_dir)
@@ -625,9 +625,10 @@ class Run:
         self.tokens += self.tokens_per_step
         self.steps_in_window += 1
 
-    def log(self):
+    def report_and_vote(self):
         """The loop's one host read: the window's mean loss, its skipped steps and the gradient
-        norm, summed over ranks together with the stop vote, so all ranks stop at the same step."""
+        norm, summed over ranks together with the stop vote, so all ranks stop at the same step;
+        logged and written to metrics.jsonl. Three non-finite steps in a row end the run here."""
         rt = self.rt
         stop_vote = torch.tensor([float(STOP.is_set())]).to(rt.device)
         stats = rt.all_reduce_sum(torch.cat([self.window, stop_vote, self.bad_run[None], self.grad_norm[None]]))
@@ -737,7 +738,7 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig, rt: Runtime) -> Run:
     while run.step < run.max_steps and not run.stopping:
         run.train_step()
         if run.due(tcfg.log_interval):
-            run.log()  # also where the ranks agree to stop on a signal
+            run.report_and_vote()  # the host read: a log line, and the ranks' vote to stop on a signal
         if run.due(tcfg.eval_interval):
             run.evaluate()
         if run.due(tcfg.ckpt_interval) or run.stopping:
