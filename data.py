@@ -58,6 +58,11 @@ def load_tokenizer(path=TOKENIZER_FILE):
     return Tokenizer.from_file(str(path))
 
 
+def with_bos(tok, text: str, bos_id: int = BOS_ID) -> list[int]:
+    """<s> and the text's tokens: how every stored document and every prompt starts."""
+    return [bos_id] + tok.encode(text, add_special_tokens=False).ids
+
+
 def file_sha256(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 

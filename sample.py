@@ -15,10 +15,12 @@ import dataclasses
 import json
 import sys
 import time
+from typing import NamedTuple
 
 import torch
 
 import checkpoint
+import data
 import kernels
 from config import SampleConfig, parse_config
 from model import Llama
@@ -67,10 +69,15 @@ def draw(probs):
     return (probs / torch.empty_like(probs).exponential_(1)).argmax(-1)
 
 
+def greedy(logits, seen, penalty: float):
+    """Temperature 0: the most likely token after the repetition penalty, as HF's greedy search."""
+    return apply_repetition_penalty(logits, seen, penalty).argmax(-1)
+
+
 def next_token(logits, seen, temperature: float, top_k: int, top_p: float, penalty: float):
     """logits (B, V) float32 -> next ids (B,); temperature 0 is greedy."""
     if temperature <= 0:
-        return apply_repetition_penalty(logits, seen, penalty).argmax(-1)
+        return greedy(logits, seen, penalty)
     return draw(process_logits(logits, seen, temperature, top_k, top_p, penalty).softmax(-1))
 
 
@@ -149,9 +156,16 @@ class Generator:
         return [t[:-1] if t and t[-1] == eos_id else t for t in texts]
 
 
-def sampling_settings(cfg: SampleConfig) -> tuple:
-    """The logits-processing settings in the order next_token() and process_logits() take them."""
-    return cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty
+class Sampling(NamedTuple):
+    """The logits-processing settings, in the order next_token() and process_logits() take them."""
+    temperature: float
+    top_k: int
+    top_p: float
+    penalty: float
+
+
+def sampling_settings(cfg: SampleConfig) -> Sampling:
+    return Sampling(cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,7 +219,7 @@ class SpeculativeGenerator:
                     q.append(process_logits(logits, row_seen[-1], *settings).softmax(-1))
                     tok = draw(q[-1])
                 else:
-                    tok = apply_repetition_penalty(logits, row_seen[-1], penalty).argmax(-1)
+                    tok = greedy(logits, row_seen[-1], penalty)
                 proposals.append(tok)
                 row_seen.append(row_seen[-1].scatter(1, tok[:, None], True))  # row i+1 sees d_0..d_i
                 if i < k - 1:
@@ -291,7 +305,7 @@ def accept(p_logits, row_seen, d, q, settings):
     temperature, top_k, top_p, penalty = settings
     k = d.shape[0]
     if temperature <= 0:
-        best = apply_repetition_penalty(p_logits, row_seen, penalty).argmax(-1)  # (k+1,)
+        best = greedy(p_logits, row_seen, penalty)  # (k+1,)
         agree = torch.cat([best[:k] == d, torch.zeros(1, dtype=torch.bool, device=d.device)])
         j = agree.int().cumprod(0).sum()
         return j, best.index_select(0, j.view(1))[0]  # not best[j]: a 0-d index reads j on the host
@@ -368,7 +382,7 @@ def main(argv=None):
             kernels.use_decode_kernels(model, measure=False)
     eos = model.config.eos_token_id
     for n, prompt in enumerate(prompts):
-        ids, max_new = fit_prompt([model.config.bos_token_id] + tok.encode(prompt, add_special_tokens=False).ids,
+        ids, max_new = fit_prompt(data.with_bos(tok, prompt, model.config.bos_token_id),
                                   model.config.max_position_embeddings, cfg.max_new_tokens)
         if cfg.draft and len(ids) + max_new > gen.draft.config.max_position_embeddings:
             ctx = gen.draft.config.max_position_embeddings

@@ -61,11 +61,10 @@ def device_kind(requested: str) -> str:
         # inputs, not as constants, or each new value compiles a new graph.
         os.environ.setdefault("XLA_NO_SPECIAL_SCALARS", "1")
         return "xla"
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("train.py: --device cuda: no CUDA GPU is visible to PyTorch; use --device cpu")
-    if requested in ("cuda", "cpu"):
-        return requested
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        return checkpoint.device_and_dtype(requested)[0]  # CUDA when it is there
+    except ValueError as e:
+        raise SystemExit(f"train.py: {e}") from None
 
 
 def make_runtime(kind: str, tcfg: TrainConfig, index: int = 0):
