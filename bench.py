@@ -942,7 +942,7 @@ def tpu_plan_one(batch: int, seq: int, grad_accum: int, checkpointing: bool, att
     from config import TrainConfig, model_config
     from model import Llama
 
-    rt = train.Runtime("xla")
+    rt = train.XLARuntime()
     tcfg = TrainConfig(batch_size=batch, seq_len=seq, grad_accum=grad_accum,
                        activation_checkpointing=checkpointing)
     torch.manual_seed(0)

@@ -329,40 +329,17 @@ def save_checkpoint(path: Path, model: Llama, opt=None, state: dict | None = Non
 
 
 def replace_folder(path: Path, write):
-    """write(tmp) fills a temporary folder, which is fsynced and renamed over path. A kill at any
-    moment leaves a complete folder at `path` or at `path.old`, which load_training_state also
-    accepts."""
+    """data.replace_folder (PATH.tmp, then PATH.old while renaming: load_training_state also
+    accepts latest.old), with safetensors' own error for a failed write (a full disk) as an OSError."""
     from safetensors import SafetensorError
 
-    tmp = path.with_name(path.name + ".tmp")
-    old = path.with_name(path.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
-        write(tmp)
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        data.fsync_dir(tmp)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)  # a full disk must not stay full
-        if isinstance(e, (OSError, SafetensorError)):  # safetensors reports a full disk as its own error
-            raise OSError(f"{e}; {free_space(path.parent)} in {path.parent}") from None
-        raise
-    if path.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-    os.replace(tmp, path)
-    data.fsync_dir(path.parent)
-    shutil.rmtree(old, ignore_errors=True)
+    def guarded(tmp):
+        try:
+            write(tmp)
+        except SafetensorError as e:
+            raise OSError(str(e)) from None
 
-
-def free_space(folder: Path) -> str:
-    try:
-        free = shutil.disk_usage(folder).free
-    except OSError:
-        return "free space unknown"
-    return f"{free / 1e9:.1f} GB free" if free >= 1e9 else f"{free / 1e6:.1f} MB free"
+    data.replace_folder(path, guarded)
 
 
 def _write_checkpoint(tmp: Path, model: Llama, opt, state: dict | None, lora: dict | None):

@@ -43,7 +43,7 @@ class ModelConfig:
     initializer_range: float = arg(0.02, "std of the normal init (HF's name for it)")
     bos_token_id: int = arg(BOS_ID, "id of <s>")
     eos_token_id: int = arg(EOS_ID, "id of </s>")
-    # The seed's bf16 precision recipe. These three are ours; HF ignores unknown config keys.
+    # The card's bf16 precision recipe. These three are ours; HF ignores unknown config keys.
     norm_fp32: bool = arg(True, "RMSNorm statistics and scaling in fp32")
     fp32_edge_blocks: bool = arg(True, "first and last block in fp32 under bf16 autocast")
     fp32_edge_attention: bool = arg(False, "also their attention core (no fused kernel: slow)")
@@ -112,7 +112,7 @@ class TrainConfig:
     out_dir: str = arg("out", "checkpoints (best/, latest/), metrics.jsonl, loss.png")
     device: str = arg("auto", "auto | tpu | cuda | cpu")
     seed: int = arg(1337, "init and data order")
-    # Global tokens per step = batch_size * seq_len * devices * grad_accum. The seed: 8 per core
+    # Global tokens per step = batch_size * seq_len * devices * grad_accum. The card's run: 8 per core
     # x 8 TPU cores x 4096 = 64 x 4096 tokens.
     batch_size: int = arg(8, "sequences per device per micro-batch")
     seq_len: int = arg(4096, "tokens per sequence")
@@ -181,7 +181,7 @@ class TrainConfig:
         unknown = set(self.lora_target_list) - set(LORA_TARGETS)
         if unknown or not self.lora_target_list:
             raise ValueError(f"--lora_targets {self.lora_targets!r}: choose among {','.join(LORA_TARGETS)}")
-        choose(self, schedule=("cosine", "wsd"), precision=("bf16", "fp32"),
+        require_one_of(self, schedule=("cosine", "wsd"), precision=("bf16", "fp32"),
                device=("auto", "tpu", "xla", "cuda", "cpu"), preset=tuple(MODEL_PRESETS))
 
     @property
@@ -196,7 +196,7 @@ def require(cfg, names, ok, rule: str):
             raise ValueError(f"--{name} must be {rule}, got {getattr(cfg, name)!r}")
 
 
-def choose(cfg, **allowed):
+def require_one_of(cfg, **allowed):
     for name, values in allowed.items():
         if getattr(cfg, name) not in values:
             raise ValueError(f"--{name} {getattr(cfg, name)!r}: choose {' | '.join(values)}")
@@ -211,8 +211,8 @@ class InferenceConfig:
 
     def __post_init__(self):
         if not self.device.startswith("cuda:"):
-            choose(self, device=("auto", "cuda", "cpu"))
-        choose(self, dtype=("auto", "bf16", "fp16", "fp32"))
+            require_one_of(self, device=("auto", "cuda", "cpu"))
+        require_one_of(self, dtype=("auto", "bf16", "fp16", "fp32"))
 
 
 @dataclass
@@ -286,7 +286,7 @@ class DataConfig:
                         "replace (bad bytes become U+FFFD) | skip (leave it out); both count")
 
     def __post_init__(self):
-        choose(self, bad_utf8=("error", "replace", "skip"))
+        require_one_of(self, bad_utf8=("error", "replace", "skip"))
         if self.val_frac is not None and not 0 <= self.val_frac < 1:
             raise ValueError(f"--val_frac must be in [0, 1), got {self.val_frac}")
         require(self, ("shard_tokens",), lambda v: v > 0, "> 0")

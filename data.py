@@ -58,12 +58,17 @@ def load_tokenizer(path=TOKENIZER_FILE):
     return Tokenizer.from_file(str(path))
 
 
+def with_bos(tok, text: str, bos_id: int = BOS_ID) -> list[int]:
+    """<s> and the text's tokens: how every stored document and every prompt starts."""
+    return [bos_id] + tok.encode(text, add_special_tokens=False).ids
+
+
 def file_sha256(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def clean(text: str, kind: str) -> str:
-    """The seed card's cleaning: NFKC, CRLF -> LF; code keeps its line breaks and indentation
+    """The model card's cleaning: NFKC, CRLF -> LF; code keeps its line breaks and indentation
     (trailing spaces go), every other kind collapses all whitespace runs to one space."""
     text = unicodedata.normalize("NFKC", text).replace("\r\n", "\n").replace("\r", "\n")
     if kind == "code":
@@ -266,6 +271,44 @@ def fsync_dir(path: Path):
         os.close(fd)
 
 
+def replace_folder(path: Path, write, twins: tuple[Path, Path] | None = None):
+    """write(tmp) fills a temporary folder, which is fsynced and renamed over path; only then is
+    the old folder removed. A kill at any moment leaves a complete folder at path or at its old
+    twin, which the readers accept. A failed write removes the temporary folder (a full disk must
+    not stay full) and an OSError says the free space. twins: the temporary and the old folder's
+    paths (default PATH.tmp, PATH.old). Returns what write returned."""
+    tmp, old = twins or (path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        result = write(tmp)
+        for f in tmp.iterdir():
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        fsync_dir(tmp)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.filename is None:  # a write that failed, e.g. ENOSPC
+            raise OSError(f"{e}; {free_space(path.parent)} in {path.parent}") from None
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    shutil.rmtree(old, ignore_errors=True)
+    return result
+
+
+def free_space(folder: Path) -> str:
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return "free space unknown"
+    return f"{free / 1e9:.1f} GB free" if free >= 1e9 else f"{free / 1e6:.1f} MB free"
+
+
 def expand(pattern: str) -> list[Path]:
     paths = sorted(Path(p) for p in glob.glob(os.path.expanduser(pattern), recursive=True))
     files = []
@@ -279,23 +322,14 @@ def prepare_source(name: str, kind: str, files: list[Path], out: Path, tok, tok_
     """Clean, tokenize and shard one source into a staging folder; only when it is complete does
     it replace OUT/name, so a failed or killed run never destroys finished shards. A failed run
     removes its staging folder (a full disk does not stay full)."""
-    stage, old = out / f".{name}.staging", out / f".{name}.old"
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir(parents=True)
     try:
-        meta = _write_source(name, kind, files, stage, tok, tok_hash, val_frac, shard_tokens, bad_utf8)
-    except BaseException as e:
-        shutil.rmtree(stage, ignore_errors=True)
-        if isinstance(e, OSError) and e.filename is None:  # e.g. ENOSPC from a write: say where
-            raise OSError(f"writing {out / name}: {e.strerror or e}") from None
+        return replace_folder(out / name, lambda stage: _write_source(
+            name, kind, files, stage, tok, tok_hash, val_frac, shard_tokens, bad_utf8),
+                              twins=(out / f".{name}.staging", out / f".{name}.old"))
+    except OSError as e:
+        if e.filename is None:
+            raise OSError(f"writing {out / name}: {e}") from None
         raise
-    shutil.rmtree(old, ignore_errors=True)
-    if (out / name).exists():
-        os.replace(out / name, old)
-    os.replace(stage, out / name)
-    fsync_dir(out)
-    shutil.rmtree(old, ignore_errors=True)
-    return meta
 
 
 def _write_source(name, kind, files, src_dir: Path, tok, tok_hash, val_frac, shard_tokens, bad_utf8,
@@ -512,7 +546,7 @@ def complete_shards(src: Path, split: str) -> dict[Path, int]:
 @dataclass
 class Mixture:
     """Mixture weights by source name (renormalised over the sources present), switching to the
-    anneal weights from step anneal_step on (the seed's late code/math upweighting)."""
+    anneal weights from step anneal_step on (the card's late code/math upweighting)."""
     weights: dict[str, float]
     anneal_weights: dict[str, float]
     anneal_step: int

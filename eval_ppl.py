@@ -101,7 +101,7 @@ def main(argv=None):
                 text = f.read()
         except (OSError, UnicodeDecodeError) as e:
             raise SystemExit(f"eval_ppl.py: --text {cfg.text}: {e} (expected UTF-8 text)") from None
-        ids = [model.config.bos_token_id] + tok.encode(text, add_special_tokens=False).ids
+        ids = data.with_bos(tok, text, model.config.bos_token_id)
         if len(ids) < 2:
             raise SystemExit(f"eval_ppl.py: --text {cfg.text} is empty")
         stride = cfg.stride or max(1, ctx // 2)

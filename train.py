@@ -1,6 +1,6 @@
 """Pretrain a Llama on packed token shards: one loop for TPU (xmp.spawn), CUDA and CPU.
 
-    python train.py                                          # Portimbria-150M, the seed recipe
+    python train.py                                          # Portimbria-150M, the card's recipe
     python train.py --preset tiny --data_dir data/demo --seq_len 256 --max_steps 200
     torchrun --nproc_per_node=8 train.py                     # several GPUs (DDP, NCCL)
     torchrun --nproc_per_node=2 train.py --device cpu        # several CPU processes (gloo)
@@ -46,108 +46,90 @@ def log(*a):
 
 
 # ---------------------------------------------------------------------------------------------
-# Devices: everything that differs between XLA (TPU), CUDA and CPU lives in this class.
+# Devices: one class per device family, with the same methods; the loop calls only these.
+# TorchRuntime runs CUDA and the CPU (one process, or DDP under torchrun); XLARuntime runs a
+# TPU's chips under xmp.spawn (and XLA on the CPU, which is how the tests check it).
+
+
+def device_kind(requested: str) -> str:
+    """'xla' on a TPU VM (or with PJRT_DEVICE set), else 'cuda' when a GPU is visible, else
+    'cpu'; or what --device asks for."""
+    if requested in ("tpu", "xla") or (requested == "auto" and (
+            os.environ.get("PJRT_DEVICE") or os.path.exists("/dev/accel0") or os.path.exists("/dev/vfio/0"))):
+        os.environ.setdefault("PJRT_DEVICE", "TPU")
+        # Python scalars that change every step (the learning rate) must reach the graph as
+        # inputs, not as constants, or each new value compiles a new graph.
+        os.environ.setdefault("XLA_NO_SPECIAL_SCALARS", "1")
+        return "xla"
+    try:
+        return checkpoint.device_and_dtype(requested)[0]  # CUDA when it is there
+    except ValueError as e:
+        raise SystemExit(f"train.py: {e}") from None
+
+
+def make_runtime(kind: str, tcfg: TrainConfig, index: int = 0):
+    """The runtime of this process: kind from device_kind; index is an XLA worker's."""
+    if kind == "xla":
+        cache = str(Path(tcfg.out_dir) / tcfg.xla_cache_dir / str(index)) if tcfg.xla_cache_dir else None
+        return XLARuntime(cache)
+    return TorchRuntime(kind, tcfg.compile, tcfg.memory_budget)
 
 
 class Runtime:
-    @staticmethod
-    def detect(requested: str) -> str:
-        """'xla' on a TPU VM (or with PJRT_DEVICE set), else 'cuda' when a GPU is visible, else
-        'cpu'; or what --device asks for."""
-        if requested in ("tpu", "xla") or (requested == "auto" and (
-                os.environ.get("PJRT_DEVICE") or os.path.exists("/dev/accel0") or os.path.exists("/dev/vfio/0"))):
-            os.environ.setdefault("PJRT_DEVICE", "TPU")
-            # Python scalars that change every step (the learning rate) must reach the graph as
-            # inputs, not as constants, or each new value compiles a new graph.
-            os.environ.setdefault("XLA_NO_SPECIAL_SCALARS", "1")
-            return "xla"
-        if requested == "cuda" and not torch.cuda.is_available():
-            raise SystemExit("train.py: --device cuda: no CUDA GPU is visible to PyTorch; use --device cpu")
-        if requested in ("cuda", "cpu"):
-            return requested
-        return "cuda" if torch.cuda.is_available() else "cpu"
+    """What both families do alike. A subclass sets device, name, rank, world, master."""
 
-    @staticmethod
-    def spawn(worker, args):
-        """XLA: one process per chip (xmp.spawn). This parent only waits, so a signal sent to it
-        (a preemption's SIGTERM, Ctrl-C) is passed on to the workers, which save and stop."""
-        import torch_xla.distributed.xla_multiprocessing as xmp
+    def autocast(self, precision: str):
+        if precision != "bf16":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
-        def forward(signum, frame):
-            for child in multiprocessing.active_children():
-                os.kill(child.pid, signum)
+    @property
+    def peak_flops(self) -> float | None:
+        """The device's dense bf16 peak, for MFU; None for a device PEAK_FLOPS does not know."""
+        return next((v for k, v in PEAK_FLOPS.items() if k.lower() in self.name.lower()), None)
 
-        signal.signal(signal.SIGTERM, forward)
-        signal.signal(signal.SIGINT, forward)
-        xmp.spawn(worker, args=args)
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank if flag is true on any: a collective, so all ranks must call it."""
+        if self.world == 1:
+            return flag
+        return self.all_reduce_sum(torch.tensor([float(flag)]).to(self.device)).item() > 0
 
-    def __init__(self, kind: str, compile_model: bool = False, xla_cache: str | None = None,
-                 memory_budget: float = 1.0):
-        self.kind = kind  # "xla" | "cuda" | "cpu"
+
+class TorchRuntime(Runtime):
+    """CUDA or the CPU, one process or one of torchrun's (DDP over NCCL or gloo)."""
+
+    tpu = False
+    sum_dtype = torch.float64  # the validation loss sums many batches
+
+    def __init__(self, kind: str, compile_model: bool = False, memory_budget: float = 1.0):
+        self.kind = kind  # "cuda" | "cpu"
         self.compile = compile_model and kind == "cuda"
         if self.compile:
             set_memory_budget(memory_budget)
-        self.ddp = False
-        if kind == "xla":
-            import torch_xla
-            import torch_xla.core.xla_model as xm
-            import torch_xla.debug.metrics as xla_metrics
-            import torch_xla.runtime as xr
-
-            self.xla, self.xm, self.xla_metrics = torch_xla, xm, xla_metrics
-            if xla_cache:
-                # One directory per process, as torch_xla's docs do it: a restart or --resume
-                # loads the compiled graphs instead of compiling them again (minutes on a TPU).
-                xr.initialize_cache(xla_cache)
-            self.device = torch_xla.device()
-            self.rank, self.world = xr.global_ordinal(), xr.world_size()
-            self.tpu = xr.device_type() == "TPU"
-            # e.g. "TPU v5 lite" on a v5e, which PEAK_FLOPS knows
-            self.name = xm.xla_device_kind() if self.tpu else f"XLA {xr.device_type()}"
-        else:
-            self.tpu = False
-            self.world = int(os.environ.get("WORLD_SIZE", 1))
-            self.rank = int(os.environ.get("RANK", 0))
-            local = int(os.environ.get("LOCAL_RANK", 0))
-            if kind == "cuda":
-                torch.cuda.set_device(local)
-                self.device = torch.device("cuda", local)
-                self.name = torch.cuda.get_device_name(local)
-                torch.backends.cuda.matmul.allow_tf32 = True
-                torch.backends.cudnn.allow_tf32 = True
-            else:
-                self.device, self.name = torch.device("cpu"), "CPU"
-                checkpoint.reuse_freed_host_memory()
-            if self.world > 1:
-                dist.init_process_group("nccl" if kind == "cuda" else "gloo")
-                self.ddp = True
+        self.world = int(os.environ.get("WORLD_SIZE", 1))
+        self.rank = int(os.environ.get("RANK", 0))
         self.master = self.rank == 0
-        # Sums over many batches (the validation loss) in float64, but a TPU has no float64.
-        self.sum_dtype = torch.float32 if kind == "xla" else torch.float64
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        if kind == "cuda":
+            torch.cuda.set_device(local)
+            self.device = torch.device("cuda", local)
+            self.name = torch.cuda.get_device_name(local)
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        else:
+            self.device, self.name = torch.device("cpu"), "CPU"
+            checkpoint.reuse_freed_host_memory()
+        self.ddp = self.world > 1
+        if self.ddp:
+            dist.init_process_group("nccl" if kind == "cuda" else "gloo")
 
     def prepare(self, model: Llama, tcfg: TrainConfig):
-        """Move the model to the device and give it this device's attention kernel, loss, block
-        checkpointing and matmul precision."""
+        """Move the model to the device, with block checkpointing if asked."""
         model.to(self.device)
-        if model.config.tie_word_embeddings:
-            model.lm_head.weight = model.model.embed_tokens.weight  # .to() on XLA can untie
-        if self.kind == "xla":
-            kernels.use_attention(model, kernels.pallas_attention if self.tpu else kernels.blockwise_attention)
-            kernels.use_chunked_loss(model, 1024)  # the step's full logits would be 4.3 GB in fp32
-            if model.config.fp32_edge_blocks and tcfg.precision == "bf16":
-                # A TPU multiplies fp32 matrices in one bf16 pass by default
-                # (torch_xla/backends); "highest" makes the edge blocks' matmuls really fp32.
-                import torch_xla.backends
-
-                torch_xla.backends.set_mat_mul_precision("highest")
         if tcfg.activation_checkpointing:
-            if self.kind == "xla":
-                # torch_xla's version puts an optimization barrier before the recomputation, or
-                # XLA's common-subexpression pass would merge it with the forward pass.
-                from torch_xla.utils.checkpoint import checkpoint as recompute
-            else:
-                from torch.utils.checkpoint import checkpoint as recompute
-            recompute_blocks(model, functools.partial(recompute, use_reentrant=self.kind == "xla"))
+            from torch.utils.checkpoint import checkpoint as recompute
+
+            recompute_blocks(model, functools.partial(recompute, use_reentrant=False))
 
     def to_device(self, array: np.ndarray) -> torch.Tensor:
         """A host batch on the device. On CUDA from pinned memory without waiting, so the copy
@@ -155,28 +137,13 @@ class Runtime:
         t = torch.from_numpy(array)
         if self.kind == "cuda":
             return t.pin_memory().to(self.device, non_blocking=True)
-        return t.to(self.device)
+        return t
 
     def peak_memory(self) -> str | None:
-        """The device's peak memory so far, where the runtime reports it (TPU, CUDA)."""
-        if self.kind == "cuda":
-            used = torch.cuda.max_memory_allocated(self.device)
-            limit = torch.cuda.get_device_properties(self.device).total_memory
-        elif self.tpu:
-            info = self.xm.get_memory_info(self.device)
-            used, limit = info.get("peak_bytes_used", info["bytes_used"]), info["bytes_limit"]
-        else:
+        if self.kind != "cuda":
             return None
-        return f"{int(used) / 2**30:.2f} of {int(limit) / 2**30:.2f} GiB"
-
-    @property
-    def peak_flops(self):
-        return next((v for k, v in PEAK_FLOPS.items() if k.lower() in self.name.lower()), None)
-
-    def autocast(self, precision: str):
-        if precision != "bf16":
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        used = torch.cuda.max_memory_allocated(self.device)
+        return format_memory(used, torch.cuda.get_device_properties(self.device).total_memory)
 
     def wrap(self, model):
         """The module the loop calls: DDP across processes, compiled on CUDA."""
@@ -184,8 +151,7 @@ class Runtime:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             # Gradients live in DDP's all-reduce buckets (no copy in and out), and 100 MB buckets
-            # (default 25) make fewer, larger all-reduces of the 0.6 GB of fp32 gradients
-            # (README, Benchmarks: two H200).
+            # (default 25) make fewer, larger all-reduces of the fp32 gradients.
             model = self.ddp_model = DDP(model, device_ids=[self.device.index] if self.kind == "cuda" else None,
                                          gradient_as_bucket_view=True, bucket_cap_mb=100)
         return torch.compile(model) if self.compile else model
@@ -194,70 +160,155 @@ class Runtime:
         return self.ddp_model.no_sync() if self.ddp and not last_micro else contextlib.nullcontext()
 
     def optimizer(self, groups, lr, betas, eps):
-        if self.kind == "xla":
-            # torch_xla's sync-free AdamW skips a step on found_inf without a host round-trip.
-            from torch_xla.amp import syncfree
-
-            return syncfree.AdamW(groups, lr=lr, betas=betas, eps=eps)
         # Fused AdamW: one kernel per step, and it honours opt.found_inf (skips the update).
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
 
     def reduce_grads(self, opt):
-        # DDP all-reduces during backward; on XLA the gradients are all-reduced here, before
-        # clipping, so the clip sees the global gradient norm.
-        if self.kind == "xla" and self.world > 1:
-            self.xm.reduce_gradients(opt)
+        pass  # DDP all-reduced them during backward
 
     def optimizer_step(self, opt, found_inf):
         """One AdamW update, skipped on the device when found_inf is 1: no host round-trip."""
-        if self.kind == "xla":
-            opt.step(found_inf=found_inf)
-        else:
-            opt.found_inf = found_inf
-            opt.step()
+        opt.found_inf = found_inf
+        opt.step()
 
     def micro_step_boundary(self):
-        """After each micro-batch's backward, on XLA: run it as its own graph, so its activations
-        are freed before the next micro-batch, and the step is two graphs whatever grad_accum is
-        (a micro-batch's forward and backward; the update)."""
-        if self.kind == "xla":
-            self.xla.sync()
+        pass
 
     def zero_grad(self, opt):
-        # On XLA the gradients stay allocated (zeroed inside the update's graph), so every
-        # micro-batch graph finds them as inputs: one graph, not a first-micro-batch variant.
-        opt.zero_grad(set_to_none=self.kind != "xla")
+        opt.zero_grad(set_to_none=True)
 
     def step_boundary(self):
-        """End of an optimizer step: on XLA, cut and run the graph (exactly once per step)."""
-        if self.kind == "xla":
-            self.xla.sync()
+        pass
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world == 1:
-            return t
-        if self.kind == "xla":
-            return self.xm.all_reduce(self.xm.REDUCE_SUM, t)
-        dist.all_reduce(t)
+        if self.world > 1:
+            dist.all_reduce(t)
         return t
 
-    def any_rank(self, flag: bool) -> bool:
-        """True on every rank if flag is true on any: a collective, so all ranks must call it."""
-        if self.world == 1:
-            return flag
-        return self.all_reduce_sum(torch.tensor([float(flag)]).to(self.device)).item() > 0
-
     def compile_stats(self) -> dict:
-        """XLA graphs compiled so far (the count stops growing once every step shape is compiled),
-        and how many of them the persistent cache did not have."""
-        if self.kind != "xla":
-            return {}
-        return {"xla_compiles": self.xla_metrics.counter_value("UncachedCompile") or 0,
-                "xla_cache_misses": self.xla_metrics.counter_value("PersistentCacheMiss") or 0}
+        return {}
 
     def close(self):
         if self.ddp:
             dist.destroy_process_group()
+
+
+class XLARuntime(Runtime):
+    """One process per TPU chip under xmp.spawn (spawn_xla), or XLA on the CPU. The loop's
+    boundaries cut its graphs: a micro-batch's forward and backward, then the update."""
+
+    sum_dtype = torch.float32  # a TPU has no float64
+
+    def __init__(self, cache_dir: str | None = None):
+        import torch_xla
+        import torch_xla.core.xla_model as xm
+        import torch_xla.debug.metrics as xla_metrics
+        import torch_xla.runtime as xr
+
+        self.xla, self.xm, self.xla_metrics = torch_xla, xm, xla_metrics
+        if cache_dir:
+            # One directory per process, as torch_xla's docs do it: a restart or --resume
+            # loads the compiled graphs instead of compiling them again (minutes on a TPU).
+            xr.initialize_cache(cache_dir)
+        self.device = torch_xla.device()
+        self.rank, self.world = xr.global_ordinal(), xr.world_size()
+        self.master = self.rank == 0
+        self.tpu = xr.device_type() == "TPU"
+        # e.g. "TPU v5 lite" on a v5e, which PEAK_FLOPS knows
+        self.name = xm.xla_device_kind() if self.tpu else f"XLA {xr.device_type()}"
+
+    def prepare(self, model: Llama, tcfg: TrainConfig):
+        """Move the model to the device and give it XLA's attention kernel, loss, block
+        checkpointing and matmul precision."""
+        model.to(self.device)
+        if model.config.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight  # .to() on XLA can untie
+        kernels.use_attention(model, kernels.pallas_attention if self.tpu else kernels.blockwise_attention)
+        kernels.use_chunked_loss(model, 1024)  # the step's full logits would not fit in fp32
+        if model.config.fp32_edge_blocks and tcfg.precision == "bf16":
+            # A TPU multiplies fp32 matrices in one bf16 pass by default
+            # (torch_xla/backends); "highest" makes the edge blocks' matmuls really fp32.
+            import torch_xla.backends
+
+            torch_xla.backends.set_mat_mul_precision("highest")
+        if tcfg.activation_checkpointing:
+            # torch_xla's version puts an optimization barrier before the recomputation, or
+            # XLA's common-subexpression pass would merge it with the forward pass.
+            from torch_xla.utils.checkpoint import checkpoint as recompute
+
+            recompute_blocks(model, functools.partial(recompute, use_reentrant=True))
+
+    def to_device(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(array).to(self.device)
+
+    def peak_memory(self) -> str | None:
+        if not self.tpu:
+            return None
+        info = self.xm.get_memory_info(self.device)
+        return format_memory(info.get("peak_bytes_used", info["bytes_used"]), info["bytes_limit"])
+
+    def wrap(self, model):
+        return model
+
+    def no_sync(self, last_micro: bool):
+        return contextlib.nullcontext()
+
+    def optimizer(self, groups, lr, betas, eps):
+        # torch_xla's sync-free AdamW skips a step on found_inf without a host round-trip.
+        from torch_xla.amp import syncfree
+
+        return syncfree.AdamW(groups, lr=lr, betas=betas, eps=eps)
+
+    def reduce_grads(self, opt):
+        # before clipping, so the clip sees the global gradient norm
+        if self.world > 1:
+            self.xm.reduce_gradients(opt)
+
+    def optimizer_step(self, opt, found_inf):
+        opt.step(found_inf=found_inf)
+
+    def micro_step_boundary(self):
+        """After each micro-batch's backward: run it as its own graph, so its activations are
+        freed before the next micro-batch, and the step is two graphs whatever grad_accum is."""
+        self.xla.sync()
+
+    def zero_grad(self, opt):
+        # The gradients stay allocated (zeroed inside the update's graph), so every micro-batch
+        # graph finds them as inputs: one graph, not a first-micro-batch variant.
+        opt.zero_grad(set_to_none=False)
+
+    def step_boundary(self):
+        self.xla.sync()  # exactly once per optimizer step
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return self.xm.all_reduce(self.xm.REDUCE_SUM, t) if self.world > 1 else t
+
+    def compile_stats(self) -> dict:
+        """Graphs compiled so far (the count stops growing once every step shape is compiled),
+        and how many of them the persistent cache did not have."""
+        return {"xla_compiles": self.xla_metrics.counter_value("UncachedCompile") or 0,
+                "xla_cache_misses": self.xla_metrics.counter_value("PersistentCacheMiss") or 0}
+
+    def close(self):
+        pass
+
+
+def spawn_xla(worker, args):
+    """XLA: one process per chip (xmp.spawn). This parent only waits, so a signal sent to it
+    (a preemption's SIGTERM, Ctrl-C) is passed on to the workers, which save and stop."""
+    import torch_xla.distributed.xla_multiprocessing as xmp
+
+    def forward(signum, frame):
+        for child in multiprocessing.active_children():
+            os.kill(child.pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    xmp.spawn(worker, args=args)
+
+
+def format_memory(used, limit) -> str:
+    return f"{int(used) / 2**30:.2f} of {int(limit) / 2**30:.2f} GiB"
 
 
 def set_memory_budget(budget: float):
@@ -458,7 +509,7 @@ def validation_loss(model, windows, rt: Runtime, cfg: TrainConfig) -> tuple[floa
 
 class Run:
     """One training run: the model, optimizer and data, the counters the loop keeps, and the
-    loop's four parts: train_step, log, evaluate, save_latest."""
+    loop's four parts: train_step, report_and_vote, evaluate, save_latest."""
 
     def __init__(self, tcfg: TrainConfig, mcfg: ModelConfig, rt: Runtime):
         self.tcfg, self.rt, self.out = tcfg, rt, Path(tcfg.out_dir)
@@ -573,9 +624,10 @@ class Run:
         self.tokens += self.tokens_per_step
         self.steps_in_window += 1
 
-    def log(self):
+    def report_and_vote(self):
         """The loop's one host read: the window's mean loss, its skipped steps and the gradient
-        norm, summed over ranks together with the stop vote, so all ranks stop at the same step."""
+        norm, summed over ranks together with the stop vote, so all ranks stop at the same step;
+        logged and written to metrics.jsonl. Three non-finite steps in a row end the run here."""
         rt = self.rt
         stop_vote = torch.tensor([float(STOP.is_set())]).to(rt.device)
         stats = rt.all_reduce_sum(torch.cat([self.window, stop_vote, self.bad_run[None], self.grad_norm[None]]))
@@ -685,7 +737,7 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig, rt: Runtime) -> Run:
     while run.step < run.max_steps and not run.stopping:
         run.train_step()
         if run.due(tcfg.log_interval):
-            run.log()  # also where the ranks agree to stop on a signal
+            run.report_and_vote()  # the host read: a log line, and the ranks' vote to stop on a signal
         if run.due(tcfg.eval_interval):
             run.evaluate()
         if run.due(tcfg.ckpt_interval) or run.stopping:
@@ -836,8 +888,7 @@ def tpu_micro_batches(tcfg: TrainConfig, given: set[str]) -> TrainConfig:
 
 def xla_worker(index: int, argv):
     tcfg, mcfg, given = parse(argv)
-    cache = str(Path(tcfg.out_dir) / tcfg.xla_cache_dir / str(index)) if tcfg.xla_cache_dir else None
-    rt = Runtime("xla", xla_cache=cache)
+    rt = make_runtime("xla", tcfg, index)
     if rt.tpu:
         tcfg = tpu_micro_batches(tcfg, given)
     if train(tcfg, mcfg, rt).stopping:
@@ -848,12 +899,12 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     tcfg, mcfg, given = parse(argv, announce=True)
     check_out_dir(tcfg, given)
-    kind = Runtime.detect(tcfg.device)
+    kind = device_kind(tcfg.device)
     if kind == "xla":
-        Runtime.spawn(xla_worker, (argv,))
+        spawn_xla(xla_worker, (argv,))
         return
     install_stop_handlers()
-    rt = Runtime(kind, tcfg.compile, memory_budget=tcfg.memory_budget)
+    rt = make_runtime(kind, tcfg)
     try:
         run = train(tcfg, mcfg, rt)
     finally:
