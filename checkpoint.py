@@ -227,11 +227,11 @@ def device_and_dtype(device: str = "auto", dtype: str = "auto") -> tuple[str, to
 
 
 def reuse_freed_host_memory():
-    """glibc serves each allocation over 32 MB (a CPU step's logits, its activations) with a fresh
-    mmap and unmaps it on free, so every step page-faults its memory in again: on 2 cores that was
-    as much kernel time as compute (README, Quick start), and eval_tasks.py took 37 s instead of
-    20 for 1,000 HellaSwag items. From the heap, and with freed memory kept, the next step reuses
-    the same pages. For train.py on the CPU and every script that loads a model onto it."""
+    """glibc serves each large allocation (a CPU step's logits, its activations) with a fresh
+    mmap and unmaps it on free, so every step page-faults its memory in again, which on a small
+    machine costs about as much as the compute (BENCHMARKS.md, train.py on a CPU). From the
+    heap, and with freed memory kept, the next step reuses the same pages. For train.py on the
+    CPU and every script that loads a model onto it."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:

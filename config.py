@@ -135,8 +135,8 @@ class TrainConfig:
     activation_checkpointing: bool = arg(False, "recompute each block in backward: less activation "
                                          "memory for about a third more compute")
     memory_budget: float = arg(1.0, "compiled step (CUDA): the share of activation memory kept for "
-                               "backward, inductor recomputes the rest; 0.9: 15.9 GB instead of 21.4 "
-                               "at 4% lower speed (README, Benchmarks)")
+                               "backward, inductor recomputes the rest: less memory for a little "
+                               "speed (BENCHMARKS.md, Training)")
     xla_cache_dir: str = arg("xla_cache", "persistent XLA compile cache, in out_dir unless "
                              "absolute; '' for none")
     # Data mixture (renormalised over the sources present) and the late curriculum anneal.
@@ -227,7 +227,7 @@ class SampleConfig(InferenceConfig):
     num_samples: int = arg(1, "samples per prompt (1 streams to stdout)")
     seed: typing.Optional[int] = arg(None, "random seed for sampling")
     compile: bool = arg(False, "compile the decode step (CUDA graphs on a GPU); the first call "
-                        "compiles (about 25-40 s)")
+                        "pays for the compilation")
     draft: typing.Optional[str] = arg(None, "a smaller model with the same tokenizer that proposes "
                                       "tokens for this one to check (speculative decoding)")
     draft_tokens: int = arg(4, "tokens the draft proposes per round (README, Speculative decoding)")

@@ -356,7 +356,7 @@ def _write_source(name, kind, files, src_dir: Path, tok, tok_hash, val_frac, sha
 
     def work(texts, splits):
         # encode_batch_fast: the same ids as encode_batch without computing character
-        # offsets, which packing never needs (faster: README, Benchmarks, data preparation).
+        # offsets, which packing never needs (faster: BENCHMARKS.md, Data preparation).
         encs = tok.encode_batch_fast(texts, add_special_tokens=False)
         for split in ("train", "val"):
             writers[split].add([e.ids for e, s in zip(encs, splits) if s == split])

@@ -84,8 +84,8 @@ def next_token(logits, seen, temperature: float, top_k: int, top_p: float, penal
 def cache_length(model: Llama, prompt_len: int, max_new: int) -> int:
     """KV cache positions for a prompt and its new tokens, rounded up to a multiple of 512: the
     compiled decode step is specialised to the cache's shape, so prompts of similar length share
-    one graph (unrounded, every prompt length compiled anew or fell back to a dynamic-shape graph
-    that ran 10x slower on the CPU)."""
+    one graph (unrounded, every prompt length compiled anew or fell back to a much slower
+    dynamic-shape graph)."""
     context = model.config.max_position_embeddings
     if prompt_len + max_new > context:
         raise ValueError(f"prompt {prompt_len} + {max_new} new tokens exceed the {context}-token context")
