@@ -332,6 +332,57 @@ def prepare_source(name: str, kind: str, files: list[Path], out: Path, tok, tok_
         raise
 
 
+class Progress:
+    """One source's progress line on stderr (bytes read of all its files, documents, tokens,
+    speed, ETA), at most every 2 s and once at the end."""
+
+    def __init__(self, name: str, files: list[Path]):
+        self.name, self.total = name, sum(f.stat().st_size for f in files) or 1
+        self.done_bytes = self.in_file = self.docs = self.tokens = 0
+        self.t0, self.last = time.time(), 0.0
+
+    def at(self, offset: int):
+        """Called by the reader with its offset in the current file."""
+        self.in_file = offset
+        self.report()
+
+    def file_done(self, path: Path):
+        self.done_bytes, self.in_file = self.done_bytes + path.stat().st_size, 0
+
+    def report(self, final=False):
+        now = time.time()
+        if not final and now - self.last < 2:
+            return
+        self.last = now
+        read = self.done_bytes + self.in_file
+        el = max(now - self.t0, 1e-9)
+        eta = (self.total - read) / max(read / el, 1e-9)
+        print(f"[{self.name}] {read / self.total:6.1%}  docs {self.docs:,}  tokens "
+              f"{self.tokens / 1e6:,.1f}M  {read / el / 1e6:.1f} MB/s  "
+              f"{'done in' if final else 'ETA'} {el if final else eta:.0f}s", file=sys.stderr, flush=True)
+
+
+def _batches(files, kind, val_frac, utf8, progress: Progress, size: int):
+    """The sources' documents, cleaned, in batches of up to size: (texts, their splits)."""
+    key_root = Path(os.path.commonpath([f.resolve() for f in files]))
+    key_root = key_root.parent if key_root.is_file() else key_root
+    texts, splits = [], []
+    for path in files:
+        for key, text in read_documents(path.resolve(), progress.at, key_root, utf8):
+            text = clean(text, kind)
+            if not text:
+                continue
+            texts.append(text)
+            splits.append("val" if is_val(key, val_frac) else "train")
+            progress.docs += 1
+            if len(texts) >= size:
+                yield texts, splits
+                texts, splits = [], []
+        progress.file_done(path)
+    if texts:
+        yield texts, splits
+
+
 def _write_source(name, kind, files, src_dir: Path, tok, tok_hash, val_frac, shard_tokens, bad_utf8,
                   batch_docs: int = 512) -> dict:
     """Tokenizing (Rust, all cores, GIL released) runs in a background thread while this thread
@@ -339,64 +390,28 @@ def _write_source(name, kind, files, src_dir: Path, tok, tok_hash, val_frac, sha
     utf8 = Utf8Policy(bad_utf8)
     vocab = tok.get_vocab_size()
     writers = {s: ShardWriter(src_dir, s, vocab, shard_tokens) for s in ("train", "val")}
-    total_bytes = sum(f.stat().st_size for f in files) or 1
-    state = dict(done_bytes=0, cur=0, docs=0, tokens=0, t0=time.time(), last=0.0)
+    progress = Progress(name, files)
 
-    def report(final=False):
-        now = time.time()
-        if not final and now - state["last"] < 2:
-            return
-        state["last"] = now
-        read = state["done_bytes"] + state["cur"]
-        el = max(now - state["t0"], 1e-9)
-        eta = (total_bytes - read) / max(read / el, 1e-9)
-        print(f"[{name}] {read / total_bytes:6.1%}  docs {state['docs']:,}  tokens "
-              f"{state['tokens'] / 1e6:,.1f}M  {read / el / 1e6:.1f} MB/s  "
-              f"{'done in' if final else 'ETA'} {el if final else eta:.0f}s", file=sys.stderr, flush=True)
-
-    def work(texts, splits):
+    def tokenize(texts, splits):
         # encode_batch_fast: the same ids as encode_batch without computing character
         # offsets, which packing never needs (faster: BENCHMARKS.md, Data preparation).
         encs = tok.encode_batch_fast(texts, add_special_tokens=False)
         for split in ("train", "val"):
             writers[split].add([e.ids for e, s in zip(encs, splits) if s == split])
-        state["tokens"] += sum(len(e.ids) + 2 for e in encs)
+        progress.tokens += sum(len(e.ids) + 2 for e in encs)
 
-    key_root = Path(os.path.commonpath([f.resolve() for f in files]))
-    key_root = key_root.parent if key_root.is_file() else key_root
-    texts, splits, pending = [], [], None
     with ThreadPoolExecutor(max_workers=1) as worker:
-        def submit():
+        pending = None
+        for texts, splits in _batches(files, kind, val_frac, utf8, progress, batch_docs):
             # One batch in flight: wait for the previous one (re-raising its error), then hand
             # this one over and go back to reading.
-            nonlocal pending
             if pending is not None:
                 pending.result()
-            pending = worker.submit(work, texts, splits)
-
-        for path in files:
-            def progress(n):
-                state["cur"] = n
-                report()
-
-            for key, text in read_documents(path.resolve(), progress, key_root, utf8):
-                text = clean(text, kind)
-                if not text:
-                    continue
-                texts.append(text)
-                splits.append("val" if is_val(key, val_frac) else "train")
-                state["docs"] += 1
-                if len(texts) >= batch_docs:
-                    submit()
-                    texts, splits = [], []
-            state["done_bytes"] += path.stat().st_size
-            state["cur"] = 0
-        if texts:
-            submit()
+            pending = worker.submit(tokenize, texts, splits)
         if pending is not None:
             pending.result()
-    report(final=True)
-    if not state["docs"]:
+    progress.report(final=True)
+    if not progress.docs:
         raise ValueError(f"--source {name}: its {len(files):,} file(s) ({files[0]}{', ...' if len(files) > 1 else ''}) "
                          f"hold no document (all empty after cleaning); check the pattern and the files")
     if utf8.count:
@@ -405,7 +420,7 @@ def _write_source(name, kind, files, src_dir: Path, tok, tok_hash, val_frac, sha
     meta = {"kind": kind, "files": [str(f) for f in files], "tokenizer_sha256": tok_hash,
             "vocab_size": vocab, "train": writers["train"].finish(), "val": writers["val"].finish()}
     if not meta["val"]:
-        print(f"[{name}] warning: none of its {state['docs']:,} documents was held out at --val_frac "
+        print(f"[{name}] warning: none of its {progress.docs:,} documents was held out at --val_frac "
               f"{val_frac}: train.py evaluates on the other sources only, or fails if none has "
               f"any; raise --val_frac or add documents", file=sys.stderr)
     atomic_write_json(src_dir / "meta.json", meta)  # written last: marks the source complete
@@ -438,8 +453,8 @@ def prepare(sources: dict[str, list[Path]], out: Path, val_frac: float, shard_to
                 print(f"[{name}] already prepared in {out / name} (use --force to redo)", file=sys.stderr)
                 metas[name] = m
                 continue
-        kind = "code" if name == "code" else name
-        metas[name] = prepare_source(name, kind, files, out, tok, tok_hash, val_frac, shard_tokens, bad_utf8)
+        # a source's name is its kind: clean() keeps the line breaks and indentation of "code"
+        metas[name] = prepare_source(name, name, files, out, tok, tok_hash, val_frac, shard_tokens, bad_utf8)
     summary = {"tokenizer_sha256": tok_hash, "vocab_size": tok.get_vocab_size(),
                "sources": {n: {s: sum(x["tokens"] for x in m[s]) for s in ("train", "val")}
                            for n, m in metas.items()}}
@@ -559,6 +574,11 @@ class Mixture:
         return v / v.sum()
 
 
+# The last entry of the seed sequence of a source's window order, which keeps that random
+# stream apart from the mixture's ([seed, step]).
+SHUFFLE_STREAM = 7
+
+
 class MixtureLoader:
     """Training batches, a pure function of (seed, step, rank, world_size).
 
@@ -601,7 +621,7 @@ class MixtureLoader:
         key = (src, epoch)
         if key not in self._perms:
             self._perms = {k: v for k, v in self._perms.items() if k[0] != src}
-            self._perms[key] = np.random.default_rng([self.seed, src, epoch, 7]).permutation(tw.n)
+            self._perms[key] = np.random.default_rng([self.seed, src, epoch, SHUFFLE_STREAM]).permutation(tw.n)
         return tw.get(int(self._perms[key][i]))
 
     def get_batch(self, step: int) -> list[tuple[np.ndarray, np.ndarray]]:
