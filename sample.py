@@ -189,7 +189,7 @@ class SpeculativeGenerator:
     def __init__(self, target: Llama, draft: Llama, draft_tokens: int = 4, sync_every: int = 1):
         if draft.config.vocab_size != target.config.vocab_size:
             raise ValueError(f"the draft's vocabulary ({draft.config.vocab_size} ids) is not the "
-                             f"target's ({target.config.vocab_size}); a draft must share its tokenizer")
+                             f"target's ({target.config.vocab_size}); a draft must use the target's tokenizer")
         self.target, self.draft, self.k, self.sync_every = target, draft, draft_tokens, sync_every
         self.forward = {"target": target, "draft": draft}  # the calls a round makes (compiled from outside)
         self.rounds = self.run_rounds
@@ -368,7 +368,10 @@ def main(argv=None):
     # The decode kernels always (kernels.py); --compile adds compilation and CUDA graphs.
     if cfg.draft:
         draft = load_draft(cfg, model, tok)
-        gen = SpeculativeGenerator(model, draft, cfg.draft_tokens)
+        try:
+            gen = SpeculativeGenerator(model, draft, cfg.draft_tokens)
+        except ValueError as e:
+            raise SystemExit(f"sample.py: --draft {cfg.draft}: {e}") from None
         if cfg.compile:
             kernels.compile_speculative(gen)
         else:
@@ -447,16 +450,15 @@ def open_corpus(path: str | None):
 
 
 def load_draft(cfg: SampleConfig, target: Llama, tok) -> Llama:
-    """The draft model, refused unless it shares the target's vocabulary and tokenizer."""
+    """The draft model, refused unless its tokenizer is the target's (SpeculativeGenerator checks
+    the models' vocabularies)."""
     try:
         draft, draft_tok, path = checkpoint.load_for_inference(cfg.draft, cfg.device, cfg.dtype)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"sample.py: --draft: {e}") from None
-    if draft.config.vocab_size != target.config.vocab_size or draft_tok.get_vocab() != tok.get_vocab():
-        raise SystemExit(f"sample.py: --draft {path}: its vocabulary ({draft.config.vocab_size} ids, "
-                         f"{draft_tok.get_vocab_size()} in its tokenizer) is not the target's "
-                         f"({target.config.vocab_size}, {tok.get_vocab_size()}); a draft must use the "
-                         f"target's tokenizer")
+    if draft_tok.get_vocab() != tok.get_vocab():
+        raise SystemExit(f"sample.py: --draft {path}: its tokenizer ({draft_tok.get_vocab_size()} tokens) "
+                         f"is not the target's ({tok.get_vocab_size()}); a draft must use the target's tokenizer")
     warn(f"draft {path} ({draft.num_params():,} parameters), {cfg.draft_tokens} tokens per round")
     return draft
 
