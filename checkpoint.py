@@ -23,6 +23,9 @@ from config import BOS_ID, EOS_ID, ModelConfig
 from model import Llama
 
 ROOT = Path(__file__).resolve().parent
+# The folders of a run in OUT_DIR: the best model by validation loss (and, for a LoRA run, its
+# adapters in peft's layout), and the checkpoint --resume continues.
+BEST, BEST_ADAPTER, LATEST = "best", "best_adapter", "latest"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -208,7 +211,7 @@ def find_checkpoint(ckpt: str | None) -> Path:
     """--ckpt, or else out/best, then out/latest (beside this file or in the working directory)."""
     if ckpt:
         return Path(ckpt)
-    for cand in (ROOT / "out" / "best", ROOT / "out" / "latest", Path("out/best"), Path("out/latest")):
+    for cand in (ROOT / "out" / BEST, ROOT / "out" / LATEST, Path("out") / BEST, Path("out") / LATEST):
         if (cand / "config.json").is_file():
             return cand
     raise FileNotFoundError("no checkpoint in out/best or out/latest; train one with "
@@ -364,7 +367,7 @@ def _write_checkpoint(tmp: Path, model: Llama, opt, state: dict | None, lora: di
 
 def latest_checkpoint(out_dir: Path) -> Path:
     """OUT_DIR/latest, or latest.old when a kill came between save_checkpoint's two renames."""
-    for path in (out_dir / "latest", out_dir / "latest.old"):
+    for path in (out_dir / LATEST, out_dir / f"{LATEST}.old"):
         if (path / "trainer_state.json").is_file():
             return path
     raise FileNotFoundError(f"--resume: no checkpoint to resume from in {out_dir}/latest "

@@ -670,14 +670,15 @@ class Run:
         val_loss, windows = validation_loss(self.step_model, self.val, self.rt, self.tcfg)
         seconds = time.time() - t0
         better = val_loss < self.best_val_loss and self.step > 0
-        best = self.out / "best"
+        best = self.out / checkpoint.BEST
         if better:
             self.best_val_loss = val_loss
             save_on_master(self.rt, best, lambda: checkpoint.save_checkpoint(best, self.model, lora=self.lora))
             if self.lora:
                 adapters = checkpoint.split_lora(self.model.state_dict(), self.lora, merge=False)[1]
-                save_on_master(self.rt, self.out / "best_adapter", lambda: checkpoint.replace_folder(
-                    self.out / "best_adapter", lambda tmp: checkpoint.save_adapter(tmp, adapters, self.lora)))
+                folder = self.out / checkpoint.BEST_ADAPTER
+                save_on_master(self.rt, folder, lambda: checkpoint.replace_folder(
+                    folder, lambda tmp: checkpoint.save_adapter(tmp, adapters, self.lora)))
         ppl = math.exp(min(val_loss, 50))
         if self.rt.master:
             log(f"eval step {self.step:,} | val loss {val_loss:.4f} | ppl {ppl:.2f} | {windows} windows of {self.tcfg.seq_len}"
@@ -690,7 +691,7 @@ class Run:
         self.saved_step = self.step
         state = {"step": self.step, "tokens": self.tokens, "best_val_loss": self.best_val_loss,
                  "max_steps": self.max_steps, "train_config": dataclasses.asdict(self.tcfg)}
-        latest = self.out / "latest"
+        latest = self.out / checkpoint.LATEST
         save_on_master(self.rt, latest, lambda: checkpoint.save_checkpoint(latest, self.model, self.opt, state,
                                                                            self.lora))
 
@@ -816,7 +817,7 @@ def parse(argv, announce: bool = False) -> tuple[TrainConfig, ModelConfig, set[s
     return tcfg, mcfg, set(given)
 
 
-RUN_FILES = ("metrics.jsonl", "loss.png", "best", "latest", "best_adapter")
+RUN_FILES = ("metrics.jsonl", "loss.png", checkpoint.BEST, checkpoint.LATEST, checkpoint.BEST_ADAPTER)
 # and what a kill in the middle of a save leaves (checkpoint.replace_folder)
 RUN_LEFTOVERS = tuple(f"{name}.{end}" for name in RUN_FILES[2:] for end in ("old", "tmp"))
 
@@ -840,7 +841,7 @@ def check_out_dir(tcfg: TrainConfig, given: set[str]):
     if not os.access(there, os.W_OK | os.X_OK):
         raise SystemExit(f"train.py: --out_dir {out}: {there} is not writable (read-only, or no "
                          f"permission); pass a folder you can write, or fix its permissions")
-    found = [name for name in (*RUN_FILES, "best.old", "latest.old") if (out / name).exists()]
+    found = [name for name in (*RUN_FILES, *RUN_LEFTOVERS) if (out / name).exists() and not name.endswith(".tmp")]
     if found and not tcfg.resume and not tcfg.overwrite:
         raise SystemExit(f"train.py: {out} holds a run ({', '.join(found)}): --resume continues it, "
                          f"--out_dir DIR starts a new one elsewhere, --overwrite true deletes it and starts over")
