@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 import data
-from config import BOS_ID, EOS_ID, ModelConfig
+from config import BOS_ID, EOS_ID, SENTENCEPIECE_FILE, TOKENIZER_FILE, ModelConfig, load_tokenizer
 from model import Llama
 
 ROOT = Path(__file__).resolve().parent
@@ -53,9 +53,9 @@ def save_model(model: Llama, path, dtype: torch.dtype | None = None, state_dict:
     save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
     _respect_umask(path / "model.safetensors")  # safetensors creates its files 0600
     (path / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    if data.load_tokenizer().get_vocab_size() == model.config.vocab_size:
-        shutil.copyfile(data.TOKENIZER_FILE, path / "tokenizer.json")
-        shutil.copyfile(data.SENTENCEPIECE_FILE, path / "tokenizer.model")
+    if load_tokenizer().get_vocab_size() == model.config.vocab_size:
+        shutil.copyfile(TOKENIZER_FILE, path / "tokenizer.json")
+        shutil.copyfile(SENTENCEPIECE_FILE, path / "tokenizer.model")
         # model_input_names: transformers 4.x's fast tokenizer otherwise returns token_type_ids,
         # which generate(**tok(...)) refuses for a Llama. Not Mistral's "LlamaTokenizer" class:
         # transformers 5 rebuilds its pre-tokenizer, and runs of spaces then tokenize differently
@@ -252,10 +252,10 @@ def load_for_inference(ckpt: str | None, device: str = "auto", dtype: str = "aut
         reuse_freed_host_memory()
     path = find_checkpoint(ckpt)
     model = load_model(path, dtype=dtype, device=device, fp32_edge_blocks=False)
-    tok_file = path / "tokenizer.json" if (path / "tokenizer.json").is_file() else data.TOKENIZER_FILE
-    tok = data.load_tokenizer(tok_file)
+    tok_file = path / "tokenizer.json" if (path / "tokenizer.json").is_file() else TOKENIZER_FILE
+    tok = load_tokenizer(tok_file)
     n_tok, n_model = tok.get_vocab_size(), model.config.vocab_size
-    if tok_file == data.TOKENIZER_FILE and n_tok != n_model:
+    if tok_file == TOKENIZER_FILE and n_tok != n_model:
         raise ValueError(f"{path} has no tokenizer.json, and its model's {n_model}-token vocabulary is not "
                          f"the shipped tokenizer's ({n_tok} tokens): put the model's tokenizer.json in {path}")
     if n_tok > n_model:

@@ -15,10 +15,24 @@ import os
 import sys
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 
-# <s> and </s> in the Mistral v0.3 tokenizer (tokenizer.json): every document is stored as
+# The shipped tokenizer: the Mistral v0.3 BPE. <s> and </s> in it: every document is stored as
 # <s> ... </s>, a prompt starts with <s>, and generation stops at </s>.
+TOKENIZER_FILE = Path(__file__).resolve().parent / "tokenizer.json"
 BOS_ID, EOS_ID = 1, 2
+# The sentencepiece model tokenizer.json was converted from. Checkpoint folders carry it as
+# tokenizer.model: converters that prefer it (llama.cpp's convert_hf_to_gguf.py) then tokenize as
+# sentencepiece does; built from tokenizer.json alone, llama.cpp's vocabulary splits indentation
+# differently ("    return" as four spaces + "return", where sentencepiece has three + " return").
+SENTENCEPIECE_FILE = TOKENIZER_FILE.parent / "reference" / "mistral_instruct_tokenizer_240323.model.v3"
+
+
+def load_tokenizer(path=TOKENIZER_FILE):
+    """A tokenizer.json file (the shipped one by default) as a `tokenizers.Tokenizer`."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(path))
 
 
 def arg(default, help: str):

@@ -26,7 +26,7 @@ import argparse
 import json
 from pathlib import Path
 
-from data import SENTENCEPIECE_FILE
+from config import SENTENCEPIECE_FILE
 
 NORMAL = 1  # sentencepiece's piece type for ordinary pieces
 

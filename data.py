@@ -31,15 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-from config import BOS_ID, EOS_ID, DataConfig, parse_config
+from config import BOS_ID, EOS_ID, TOKENIZER_FILE, DataConfig, load_tokenizer, parse_config
 
 ROOT = Path(__file__).resolve().parent
-TOKENIZER_FILE = ROOT / "tokenizer.json"
-# The sentencepiece model tokenizer.json was converted from. Checkpoint folders carry it as
-# tokenizer.model: converters that prefer it (llama.cpp's convert_hf_to_gguf.py) then tokenize as
-# sentencepiece does; built from tokenizer.json alone, llama.cpp's vocabulary splits indentation
-# differently ("    return" as four spaces + "return", where sentencepiece has three + " return").
-SENTENCEPIECE_FILE = ROOT / "reference" / "mistral_instruct_tokenizer_240323.model.v3"
 
 # Shard file: a 32-byte little-endian header, then `count` tokens.
 MAGIC = b"PTMBTOKS"
@@ -50,12 +44,6 @@ TOKEN_DTYPES = {2: np.uint16, 4: np.uint32}  # by token bytes
 
 # ---------------------------------------------------------------------------------------------
 # Tokenizer and cleaning
-
-
-def load_tokenizer(path=TOKENIZER_FILE):
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_file(str(path))
 
 
 def with_bos(tok, text: str, bos_id: int = BOS_ID) -> list[int]:

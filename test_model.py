@@ -29,7 +29,8 @@ import kernels
 import sample
 import train
 from checkpoint import load_model, save_model
-from config import MODEL_PRESETS, ModelConfig, SampleConfig, TrainConfig, configure, model_config, parse_args
+from config import (MODEL_PRESETS, SENTENCEPIECE_FILE, TOKENIZER_FILE, ModelConfig, SampleConfig,
+                    TrainConfig, configure, model_config, parse_args)
 from model import Llama, RMSNorm
 
 
@@ -169,7 +170,7 @@ def hf_folder(tmp_path_factory):
         model.model.embed_tokens.weight.normal_(0, 1.0)
         model.lm_head.weight.normal_(0, 1.0)
     model.save_pretrained(path)
-    shutil.copy(data.TOKENIZER_FILE, path / "tokenizer.json")
+    shutil.copy(TOKENIZER_FILE, path / "tokenizer.json")
     return path
 
 
@@ -538,7 +539,7 @@ TOKENIZER_SAMPLES = [
 
 def test_tokenizer_matches_sentencepiece():
     spm = pytest.importorskip("sentencepiece")
-    sp = spm.SentencePieceProcessor(model_file=str(data.SENTENCEPIECE_FILE))
+    sp = spm.SentencePieceProcessor(model_file=str(SENTENCEPIECE_FILE))
     tok = data.load_tokenizer()
     assert tok.get_vocab_size() == 32768 and tok.get_added_tokens_decoder() == {}
     assert [tok.id_to_token(i) for i in (0, 1, 2, 771, 1026)] == ["<unk>", "<s>", "</s>", "<0x00>", "<0xFF>"]
@@ -568,7 +569,7 @@ def test_prepare_writes_checked_shards_with_a_disjoint_val_split(tmp_path):
     tok = data.load_tokenizer()
     for name in ("web", "code", "math"):
         meta = json.loads((out / name / "meta.json").read_text())
-        assert meta["tokenizer_sha256"] == data.file_sha256(data.TOKENIZER_FILE)
+        assert meta["tokenizer_sha256"] == data.file_sha256(TOKENIZER_FILE)
         docs = {"train": [], "val": []}
         for split in ("train", "val"):
             for shard in meta[split]:
@@ -1543,7 +1544,7 @@ def test_sample_cli_with_a_draft(hf_folder, tmp_path):
     assert "proposed tokens accepted (100.0%)" in p.stderr and "tokens per target forward" in p.stderr
     other = tmp_path / "other_vocab"  # 40,000 ids: the shipped tokenizer plus padding, not the target's
     save_model(Llama(small_config(vocab_size=40000)), other)
-    shutil.copy(data.TOKENIZER_FILE, other / "tokenizer.json")
+    shutil.copy(TOKENIZER_FILE, other / "tokenizer.json")
     p = run_script("sample.py", *args, "--draft", str(other))
     assert p.returncode != 0 and "a draft must use the target's tokenizer" in p.stderr and "Traceback" not in p.stderr
 
