@@ -409,21 +409,20 @@ def load_training_state(path: Path, model: Llama, opt, device) -> dict:
                 for f in dataclasses.fields(ModelConfig)
                 if getattr(loaded.config, f.name) != getattr(model.config, f.name)}
         raise ValueError(f"{path} holds a different model (checkpoint vs now: {diff})")
-    saved = dict(loaded.named_parameters())
+    saved, params = dict(loaded.named_parameters()), dict(model.named_parameters())
     if (path / ADAPTER_WEIGHTS).is_file():  # a LoRA run: the folder's model is the frozen base
         saved.update(load_adapter_weights(path))
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for name, p in params.items():
             key = name.replace(".base_layer.", ".")
             if key not in saved:
                 raise ValueError(f"{path} has no {key}: it was saved by a run with other --lora_* "
                                  f"settings; resume with the run's own settings")
             p.copy_(saved[key].to(p.dtype))
-    unused = sorted(k for k in saved if ".lora_" in k and k not in dict(model.named_parameters()))
+    unused = sorted(k for k in saved if ".lora_" in k and k not in params)
     if unused:
         raise ValueError(f"{path} holds LoRA adapters ({unused[0]}, ...) that this run has none of; "
                          f"resume with the run's own --lora_* settings")
-    params = dict(model.named_parameters())
     for key, t in opt_sd.items():
         name, k = key.split("::")
         opt.state[params[name]][k] = t.to(device)

@@ -196,7 +196,7 @@ class TrainConfig:
         if unknown or not self.lora_target_list:
             raise ValueError(f"--lora_targets {self.lora_targets!r}: choose among {','.join(LORA_TARGETS)}")
         require_one_of(self, schedule=("cosine", "wsd"), precision=("bf16", "fp32"),
-               device=("auto", "tpu", "xla", "cuda", "cpu"), preset=tuple(MODEL_PRESETS))
+                       device=("auto", "tpu", "xla", "cuda", "cpu"), preset=tuple(MODEL_PRESETS))
 
     @property
     def lora_target_list(self) -> list[str]:

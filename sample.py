@@ -367,7 +367,7 @@ def main(argv=None):
     warn(f"loaded {path} ({model.num_params():,} parameters) on {weight.device} in {str(weight.dtype)[6:]}")
     # The decode kernels always (kernels.py); --compile adds compilation and CUDA graphs.
     if cfg.draft:
-        draft = load_draft(cfg, model, tok)
+        draft = load_draft(cfg, tok)
         try:
             gen = SpeculativeGenerator(model, draft, cfg.draft_tokens)
         except ValueError as e:
@@ -449,7 +449,7 @@ def open_corpus(path: str | None):
         raise SystemExit(f"sample.py: --out {path}: cannot write it ({e.strerror}); give a writable file") from None
 
 
-def load_draft(cfg: SampleConfig, target: Llama, tok) -> Llama:
+def load_draft(cfg: SampleConfig, tok) -> Llama:
     """The draft model, refused unless its tokenizer is the target's (SpeculativeGenerator checks
     the models' vocabularies)."""
     try:

@@ -673,18 +673,21 @@ class Run:
         best = self.out / checkpoint.BEST
         if better:
             self.best_val_loss = val_loss
-            save_on_master(self.rt, best, lambda: checkpoint.save_checkpoint(best, self.model, lora=self.lora))
-            if self.lora:
-                adapters = checkpoint.split_lora(self.model.state_dict(), self.lora, merge=False)[1]
-                folder = self.out / checkpoint.BEST_ADAPTER
-                save_on_master(self.rt, folder, lambda: checkpoint.replace_folder(
-                    folder, lambda tmp: checkpoint.save_adapter(tmp, adapters, self.lora)))
+            save_on_master(self.rt, best, self.save_best)
         ppl = math.exp(min(val_loss, 50))
         if self.rt.master:
             log(f"eval step {self.step:,} | val loss {val_loss:.4f} | ppl {ppl:.2f} | {windows} windows of {self.tcfg.seq_len}"
                 f" in {seconds:.1f}s" + (f" | new best, saved {best}" if better else ""))
         self.write_metrics({"step": self.step, "val_loss": val_loss, "val_ppl": ppl, "tokens": self.tokens,
                             "val_windows": windows})
+
+    def save_best(self):
+        """OUT_DIR/best (merged, for a LoRA run) and a LoRA run's adapters in peft's layout."""
+        checkpoint.save_checkpoint(self.out / checkpoint.BEST, self.model, lora=self.lora)
+        if self.lora:
+            adapters = checkpoint.split_lora(self.model.state_dict(), self.lora, merge=False)[1]
+            checkpoint.replace_folder(self.out / checkpoint.BEST_ADAPTER,
+                                      lambda tmp: checkpoint.save_adapter(tmp, adapters, self.lora))
 
     def save_latest(self):
         """OUT_DIR/latest: weights, optimizer, and what --resume needs to continue exactly."""
