@@ -360,13 +360,15 @@ def gpu_profile(run, tokens: int) -> dict:
         run()
         torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    by_name = {}
+    by_name, calls = {}, {}
     for e in kernels:
         by_name[e.name] = by_name.get(e.name, 0.0) + e.time_range.elapsed_us()
+        calls[e.name] = calls.get(e.name, 0) + 1
     busy = sum(by_name.values())
-    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:12]
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:16]
     return {"kernels_per_token": round(len(kernels) / tokens, 1), "gpu_busy_us_per_token": round(busy / tokens, 1),
-            "top_kernels_us_per_token": [[n[:80], round(t / tokens, 1)] for n, t in top]}
+            "top_kernels_us_and_calls_per_token": [[n[:80], round(t / tokens, 1), round(calls[n] / tokens, 1)]
+                                                   for n, t in top]}
 
 
 def decode_one(impl: str, device: str, shape: str, new_tokens: int, prompt_len: int, runs: int, dtype: str,
@@ -505,6 +507,69 @@ def decode_attention_one() -> dict:
 def decode_attention_table(args) -> list[dict]:
     return rows_of_one_child("decode-attention", {}, lambda row: print(json.dumps(row), flush=True))
 
+
+
+def decode_block_one() -> dict:
+    """One token through Portimbria-150M's 20 blocks (random bf16 weights, 300 positions cached),
+    each timing a CUDA graph over all 20 layers' weights (252 MB, five times the L2 cache, as in
+    a decode step): each kernel of kernels.decode_block per tile (rows per program, warps), the
+    whole decode_block, and the reference: the same blocks compiled (multiply-and-sum products,
+    the decode attention, what torch.compile makes of model.Block). Times are per layer."""
+    import torch
+
+    import kernels
+
+    cfg, model = random_model("150m", "cuda", torch.bfloat16)
+    kernels.use_decode_kernels(model, measure=False)
+    kernels.use_decode_blocks(model)
+    model.setup_cache(1, 512)
+    with torch.no_grad():
+        model(torch.randint(3, cfg.vocab_size, (1, 300), device="cuda"), start_pos=0)
+    layers, n = list(model.model.layers), cfg.num_hidden_layers
+    pos = torch.tensor([300], device="cuda")
+    cos, sin = model.rope_cos[pos], model.rope_sin[pos]
+    x = torch.randn(1, 1, cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
+    y = torch.randn(cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
+    h = torch.randn(cfg.intermediate_size, device="cuda", dtype=torch.bfloat16) * 0.1
+    kernel_calls = {
+        "norm_qkv_rope": lambda b, r, w: kernels.norm_qkv_rope(x, b.input_layernorm, b.self_attn,
+                                                               (model.rope_cos, model.rope_sin), pos, r, w),
+        "o_proj_residual": lambda b, r, w: kernels.linear_residual(y, b.self_attn.o_proj.weight, x, r, w),
+        "norm_swiglu": lambda b, r, w: kernels.norm_swiglu(x, b.post_attention_layernorm, b.mlp, r, w),
+        "down_residual": lambda b, r, w: kernels.linear_residual(h, b.mlp.down_proj.weight, x, r, w),
+    }
+    rows = []
+    with torch.no_grad():
+        for name, call in kernel_calls.items():
+            for r in (1, 2, 4, 8):
+                for w in (1, 2, 4, 8):
+                    us = kernels.cuda_graph_us(lambda: [call(b, r, w) for b in layers]) / n
+                    rows.append({"what": name, "rows": r, "warps": w, "us_per_layer": round(us, 2)})
+        fused = [b.forward for b in layers]
+        for b in layers:
+            del b.forward  # the class's forward again
+        plain = [b.forward for b in layers]
+        compiled = torch.compile(lambda: [f(x, cos, sin, pos) for f in plain], fullgraph=True, dynamic=False)
+        want, got = compiled()[-1], fused[-1](x, cos, sin, pos)
+        for name, run in (("decode_block", lambda: [f(x, cos, sin, pos) for f in fused]),
+                          ("compiled block (reference)", compiled)):
+            rows.append({"what": name, "us_per_layer": round(kernels.cuda_graph_us(run) / n, 2)})
+        rows[-2]["max_err_vs_reference"] = (got.float() - want.float()).abs().max().item()
+        rows[-2]["reference_max"] = want.float().abs().max().item()
+    return {"rows": rows}
+
+
+def decode_block_table(args) -> list[dict]:
+    rows = rows_of_one_child("decode-block", {}, lambda row: print(json.dumps(row), flush=True))
+    best = {}
+    for r in rows:
+        if "rows" in r and r["us_per_layer"] < best.get(r["what"], {"us_per_layer": 1e9})["us_per_layer"]:
+            best[r["what"]] = r
+    print(f"\n{'one token, per layer (150M, bf16)':<34}{'us':>7}  tile")
+    for r in list(best.values()) + [r for r in rows if "rows" not in r]:
+        tile = f"{r['rows']} rows, {r['warps']} warps" if "rows" in r else ""
+        print(f"{r['what']:<34}{r['us_per_layer']:>7}  {tile}")
+    return rows
 
 # ---------------------------------------------------------------------------------------------
 # Perplexity evaluation
@@ -1311,6 +1376,8 @@ BENCHMARKS = {
                         decode_table, decode_one, ("device", "new_tokens", "runs", "only")),
     "decode-attention": Benchmark("the Triton decode attention vs SDPA over expanded KV heads; GPU",
                                   decode_attention_table, decode_attention_one),
+    "decode-block": Benchmark("one token through the 150M's blocks: decode_block's kernels per tile vs the "
+                              "compiled block; GPU", decode_block_table, decode_block_one),
     "eval": Benchmark("perplexity-evaluation throughput vs HF forward with labels", eval_table, eval_one,
                       ("device",)),
     "data": Benchmark("tokenize + pack throughput vs bare Tokenizer.encode_batch; CPU", data_table, data_one,

@@ -221,6 +221,8 @@ if triton is not None:
                 n = n0 + tl.arange(0, BLOCK_N)
                 kt = tl.load(K + b * skb + kv * skh + n[:, None] * sks + d[None, :], mask=(n <= last)[:, None],
                              other=0.0)
+                vt = tl.load(V + b * svb + kv * svh + n[:, None] * svs + d[None, :], mask=(n <= last)[:, None],
+                             other=0.0)  # issued with the keys' load: both wait on memory at once
                 if IEEE:
                     sc = tl.dot(q, tl.trans(kt), input_precision="ieee")
                 else:
@@ -231,8 +233,6 @@ if triton is not None:
                 alpha = tl.exp2(m_i - m_safe)
                 p = tl.exp2(sc - m_safe[:, None])
                 l_i = l_i * alpha + tl.sum(p, 1)
-                vt = tl.load(V + b * svb + kv * svh + n[:, None] * svs + d[None, :], mask=(n <= last)[:, None],
-                             other=0.0)
                 if IEEE:
                     acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision="ieee")
                 else:
@@ -261,7 +261,7 @@ if triton is not None:
         tl.store(OUT + b * sob + (kv * G + g) * soh + t * sot + d, y.to(OUT.dtype.element_ty))
 
 
-def decode_attention(q, k, v, pos, split: int = 128, block_n: int = 64):
+def decode_attention(q, k, v, pos, split: int | None = None, block_n: int = 64):
     """Attention of a few new tokens over a static KV cache, flash-decoding style (Dao et al.
     2023): the cache is cut into splits of `split` slots, each split's partial softmax is computed
     by its own program, and a second kernel combines them with their log-sum-exp. Splits past the
@@ -270,9 +270,13 @@ def decode_attention(q, k, v, pos, split: int = 128, block_n: int = 64):
     its loads (no expanded copies).
 
     q (B, H, T, hd); k, v (B, KV, S, hd), the cache; pos (T,) increasing positions, query t sees
-    slots 0..pos[t]. Returns (B, H, T, hd) in q's dtype; equal to decode_attention_reference."""
+    slots 0..pos[t]. Returns (B, H, T, hd) in q's dtype; equal to decode_attention_reference.
+    By default about 64 splits of at least 32 slots: a short context's few slots are still spread
+    over many programs, each waiting on one load of its keys and values, not a chain of them."""
     B, H, T, hd = q.shape
     KV, S = k.shape[1], k.shape[2]
+    split = split or max(32, triton.next_power_of_2(S) // 64)
+    block_n = min(block_n, split)
     G = H // KV
     block_m = max(16, triton.next_power_of_2(G * T))
     n_split = triton.cdiv(S, split)
@@ -287,6 +291,182 @@ def decode_attention(q, k, v, pos, split: int = 128, block_n: int = 64):
         o_part, lse_part, out, out.stride(0), out.stride(1), out.stride(2), T, KV, n_split, G=G, HD=hd,
         BLOCK_M=block_m, BLOCK_S=max(2, triton.next_power_of_2(n_split)))
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# One token through a whole block in four kernels and the decode attention
+
+
+if triton is not None:
+    @triton.jit
+    def _normed(X, NW, EPS, D: tl.constexpr, BLOCK_D: tl.constexpr):
+        """RMSNorm of the D values at X (fp32 statistics), rounded to x's dtype as RMSNorm returns
+        it: (BLOCK_D,). Every program of a projection computes it for itself: the vector is a few
+        KB and sits in L2."""
+        c = tl.arange(0, BLOCK_D)
+        x = tl.load(X + c, mask=c < D, other=0.0).to(tl.float32)
+        w = tl.load(NW + c, mask=c < D, other=0.0).to(tl.float32)
+        inv = tl.rsqrt(tl.sum(x * x, 0) / D + EPS)
+        return (x * inv * w).to(X.dtype.element_ty).to(tl.float32)
+
+    @triton.jit
+    def _norm_qkv_rope(X, NW, WQ, WK, WV, COS, SIN, POS, Q_OUT, K_CACHE, V_CACHE, skh, sks, svh, svs, EPS,
+                       D: tl.constexpr, H: tl.constexpr, KV: tl.constexpr, HD: tl.constexpr, R: tl.constexpr,
+                       BLOCK_D: tl.constexpr):
+        """Program (head, j) of the H query, KV key and KV value heads: channels r = j*R .. j*R+R-1
+        of the head's first half and r + HD/2 of its second, the two that RoPE's rotate-half mixes."""
+        pid = tl.program_id(0)
+        head, j = pid // (HD // 2 // R), pid % (HD // 2 // R)
+        if head < H:
+            w_head = WQ + head * HD * D
+        elif head < H + KV:
+            w_head = WK + (head - H) * HD * D
+        else:
+            w_head = WV + (head - H - KV) * HD * D
+        r = j * R + tl.arange(0, R)
+        c = tl.arange(0, BLOCK_D)
+        wa = tl.load(w_head + r[:, None] * D + c[None, :], mask=(c < D)[None, :], other=0.0)  # loads first:
+        wb = tl.load(w_head + (r + HD // 2)[:, None] * D + c[None, :], mask=(c < D)[None, :], other=0.0)
+        xn = _normed(X, NW, EPS, D, BLOCK_D)[None, :]  # the norm is computed while they arrive
+        dt = X.dtype.element_ty
+        a = tl.sum(wa * xn, 1).to(dt).to(tl.float32)  # the projection's output, rounded
+        b = tl.sum(wb * xn, 1).to(dt).to(tl.float32)
+        pos = tl.load(POS)
+        if head < H + KV:  # RoPE on queries and keys: x * cos + rotate_half(x) * sin
+            c1 = tl.load(COS + pos * HD + r).to(dt).to(tl.float32)
+            s1 = tl.load(SIN + pos * HD + r).to(dt).to(tl.float32)
+            c2 = tl.load(COS + pos * HD + r + HD // 2).to(dt).to(tl.float32)
+            s2 = tl.load(SIN + pos * HD + r + HD // 2).to(dt).to(tl.float32)
+            a, b = a * c1 - b * s1, b * c2 + a * s2
+        if head < H:
+            out = Q_OUT + head * HD
+        elif head < H + KV:
+            out = K_CACHE + (head - H) * skh + pos * sks
+        else:
+            out = V_CACHE + (head - H - KV) * svh + pos * svs
+        tl.store(out + r, a.to(out.dtype.element_ty))
+        tl.store(out + r + HD // 2, b.to(out.dtype.element_ty))
+
+    @triton.jit
+    def _linear_residual(Y, W, RES, OUT, N: tl.constexpr, K: tl.constexpr, R: tl.constexpr,
+                         BLOCK_K: tl.constexpr):
+        """Rows n = pid*R .. pid*R+R-1 of res + W @ y."""
+        n = tl.program_id(0) * R + tl.arange(0, R)
+        acc = tl.zeros([R], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            c = k0 + tl.arange(0, BLOCK_K)
+            w = tl.load(W + n[:, None] * K + c[None, :], mask=(n < N)[:, None] & (c < K)[None, :], other=0.0)
+            y = tl.load(Y + c, mask=c < K, other=0.0).to(tl.float32)
+            acc += tl.sum(w * y[None, :], 1)
+        dt = RES.dtype.element_ty
+        res = tl.load(RES + n, mask=n < N, other=0.0).to(tl.float32)
+        tl.store(OUT + n, (res + acc.to(dt).to(tl.float32)).to(dt), mask=n < N)
+
+    @triton.jit
+    def _norm_swiglu(X, NW, WG, WU, OUT, EPS, D: tl.constexpr, F: tl.constexpr, R: tl.constexpr,
+                     BLOCK_D: tl.constexpr):
+        """Rows f = pid*R .. pid*R+R-1 of silu(Wg @ norm(x)) * (Wu @ norm(x))."""
+        f = tl.program_id(0) * R + tl.arange(0, R)
+        c = tl.arange(0, BLOCK_D)
+        m = (f < F)[:, None] & (c < D)[None, :]
+        wg = tl.load(WG + f[:, None] * D + c[None, :], mask=m, other=0.0)
+        wu = tl.load(WU + f[:, None] * D + c[None, :], mask=m, other=0.0)
+        xn = _normed(X, NW, EPS, D, BLOCK_D)[None, :]
+        dt = X.dtype.element_ty
+        g = tl.sum(wg * xn, 1).to(dt).to(tl.float32)
+        u = tl.sum(wu * xn, 1).to(dt).to(tl.float32)
+        tl.store(OUT + f, (g * tl.sigmoid(g) * u).to(dt), mask=f < F)
+
+
+# (rows per program, warps) of each kernel: measured by bench.py decode-block. Small tiles and many
+# programs, every load in flight at once, won.
+TILES = {"qkv": (1, 2), "linear": (2, 4), "swiglu": (2, 4)}
+
+
+def norm_qkv_rope(x, norm, attn, rope, pos, rows: int | None = None, num_warps: int | None = None):
+    """RMSNorm, the q/k/v projections and RoPE of one token, its key and value written into the
+    cache: the queries (1, H, 1, hd). x (1, 1, d); norm an RMSNorm, attn a model.Attention with a
+    KVCache (batch 1); rope the model's whole (cos, sin) tables (max_pos, hd), read at pos (1,):
+    gathered outside, as model.Llama does, inductor made a copy of them for each layer's kernel.
+    Plain-torch form, as model.Attention computes it, with cos, sin = rope[0][pos], rope[1][pos]:
+        h = norm(x); q, k, v = q_proj(h), k_proj(h), v_proj(h)   (viewed as heads)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin); cache.update(pos, k, v)"""
+    H, KV, hd, d = attn.n_head, attn.n_kv, attn.hd, x.shape[-1]
+    cache = attn.kv_cache
+    r = min(rows or TILES["qkv"][0], hd // 2)
+    q = torch.empty(1, H, 1, hd, dtype=x.dtype, device=x.device)
+    _norm_qkv_rope[((H + 2 * KV) * (hd // 2 // r),)](
+        x, norm.weight, attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, *rope, pos, q, cache.k,
+        cache.v, cache.k.stride(1), cache.k.stride(2), cache.v.stride(1), cache.v.stride(2), norm.eps, d, H=H,
+        KV=KV, HD=hd, R=r, BLOCK_D=triton.next_power_of_2(d), num_warps=num_warps or TILES["qkv"][1])
+    return q
+
+
+def linear_residual(y, weight, res, rows: int | None = None, num_warps: int | None = None):
+    """res + y @ weight.T for one token: y (in,), weight (out, in), res (1, 1, out) -> (1, 1, out).
+    The projections that write into the residual stream (o_proj, down_proj)."""
+    N, K = weight.shape
+    r = rows or TILES["linear"][0]
+    out = torch.empty_like(res)
+    _linear_residual[(triton.cdiv(N, r),)](y, weight, res, out, N, K, R=r,
+                                           BLOCK_K=min(triton.next_power_of_2(K), 4096),
+                                           num_warps=num_warps or TILES["linear"][1])
+    return out
+
+
+def norm_swiglu(x, norm, mlp, rows: int | None = None, num_warps: int | None = None):
+    """silu(gate_proj(h)) * up_proj(h) with h = norm(x), for one token: x (1, 1, d) -> (ffn,), the
+    input of down_proj (model.MLP before its last product)."""
+    F_, d = mlp.gate_proj.weight.shape
+    r = rows or TILES["swiglu"][0]
+    out = torch.empty(F_, dtype=x.dtype, device=x.device)
+    _norm_swiglu[(triton.cdiv(F_, r),)](x, norm.weight, mlp.gate_proj.weight, mlp.up_proj.weight, out, norm.eps,
+                                        d, F_, R=r, BLOCK_D=triton.next_power_of_2(d),
+                                        num_warps=num_warps or TILES["swiglu"][1])
+    return out
+
+
+def decode_block(block: plain.Block, x, rope, pos):
+    """model.Block.forward for one token of one sequence, in six kernels: norm + q/k/v + RoPE +
+    cache write, the decode attention (two), o_proj + residual, norm + gate/up + SiLU, down_proj
+    + residual. x (1, 1, d); rope the model's (cos, sin) tables; pos (1,). Equal to
+    block(x, rope[0][pos], rope[1][pos], pos)."""
+    attn = block.self_attn
+    q = norm_qkv_rope(x, block.input_layernorm, attn, rope, pos)
+    y = decode_attention(q, attn.kv_cache.k, attn.kv_cache.v, pos)  # (1, H, 1, hd)
+    x = linear_residual(y, attn.o_proj.weight, x)
+    return linear_residual(norm_swiglu(x, block.post_attention_layernorm, block.mlp), block.mlp.down_proj.weight, x)
+
+
+def projections(block: plain.Block) -> list:
+    a, m = block.self_attn, block.mlp
+    return [a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj]
+
+
+def fuses(block: plain.Block) -> bool:
+    """Whether decode_block can run this block: no biases, contiguous weights of one dtype, and on a
+    GPU every projection of the one-token step faster as a multiply-and-sum than through cuBLAS
+    (measure_projections): decode_block's products are multiply-and-sums too."""
+    ws = [m.weight for m in projections(block)]
+    return (all(m.bias is None and getattr(m, "multiply_sum", True) for m in projections(block)) and
+            all(w.is_contiguous() and w.dtype == ws[0].dtype for w in ws) and block.self_attn.hd % 2 == 0)
+
+
+def use_decode_blocks(model: plain.Llama):
+    """One-token steps of batch 1 through decode_block where it fuses (the block's own forward
+    otherwise, and for every other step)."""
+    for block in model.model.layers:
+        block.__dict__.pop("forward", None)  # the class's forward, if installed before
+        if fuses(block):
+            block.forward = _one_token_forward(model, block, block.forward)
+
+
+def _one_token_forward(model, block, forward):
+    def run(x, cos, sin, pos=None):
+        if pos is not None and x.shape[:2] == (1, 1) and block.self_attn.kv_cache.k.shape[0] == 1:
+            return decode_block(block, x, (model.rope_cos, model.rope_sin), pos)
+        return forward(x, cos, sin, pos)
+    return run
 
 
 class DecodeLinear(nn.Linear):
@@ -359,17 +539,23 @@ def cuda_graph_us(run, replays: int = 10) -> float:
 
 def use_decode_kernels(model: plain.Llama, measure: bool = True) -> dict:
     """Kernels for decoding a few tokens at a time (compiled): every nn.Linear becomes a
-    DecodeLinear (on a GPU the faster form per weight shape, when measure), and on a GPU with
-    Triton the cached attention of up to 16 new tokens goes through decode_attention. Returns the
-    projection timings (empty on the CPU)."""
+    DecodeLinear, and on a GPU with Triton the cached attention of up to 16 new tokens goes
+    through decode_attention; when measure, each weight shape's faster product is set and blocks
+    whose products all favour the multiply-and-sum take one-token steps through decode_block.
+    Returns the projection timings (empty on the CPU)."""
     for module in model.modules():
         if type(module) is nn.Linear:
             module.__class__ = DecodeLinear  # same weights, the decode-time forward
     on_gpu = model.lm_head.weight.is_cuda
-    if on_gpu and triton is not None:
-        for block in model.model.layers:
-            block.self_attn.attend = _cached_attention
-    return measure_projections(model) if on_gpu and measure else {}
+    if not (on_gpu and triton is not None):
+        return {}
+    for block in model.model.layers:
+        block.self_attn.attend = _cached_attention
+    if not measure:
+        return {}
+    timings = measure_projections(model)
+    use_decode_blocks(model)  # where the products were measured faster as multiply-and-sums
+    return timings
 
 
 def _cached_attention(q, k, v, pos=None):

@@ -1298,6 +1298,79 @@ def test_decode_attention_kernel_equals_plain_attention():
     assert len(worst) == 6 and all(err < 1e-5 for err in worst.values()), worst
 
 
+
+DECODE_BLOCK_CHECK = """
+import dataclasses, json, torch, kernels
+from config import model_config
+from model import Llama
+torch.manual_seed(0)
+worst = {}
+# a width and FFN that are not powers of two (masked tiles), MHA-like 3/1 heads; the 150M's own shape
+for name, shape in [("d96 3/1 heads", dict(hidden_size=96, intermediate_size=160, num_attention_heads=3,
+                                           num_key_value_heads=1)), ("150M", {})]:
+    cfg = dataclasses.replace(model_config("portimbria-150m"), num_hidden_layers=2, vocab_size=64,
+                              max_position_embeddings=64, **shape)
+    m = Llama(cfg).eval()
+    for p in m.parameters():  # norm weights away from 1, so they count
+        torch.nn.init.normal_(p, 0.0, 0.5 if p.dim() == 1 else 0.05)
+    m.setup_cache(1, 64)
+    block, cache = m.model.layers[1], m.model.layers[1].self_attn.kv_cache
+    with torch.no_grad():
+        m(torch.randint(0, 64, (1, 20)), start_pos=0)  # 20 positions cached
+        x, pos = torch.randn(1, 1, cfg.hidden_size), torch.tensor([20])
+        before = cache.k.clone(), cache.v.clone()
+        want = block(x, m.rope_cos[pos], m.rope_sin[pos], pos)
+        want_k, want_v = cache.k.clone(), cache.v.clone()
+        cache.k.copy_(before[0]), cache.v.copy_(before[1])
+        got = kernels.decode_block(block, x, (m.rope_cos, m.rope_sin), pos)
+    worst[name] = max((got - want).abs().max().item(), (cache.k - want_k).abs().max().item(),
+                      (cache.v - want_v).abs().max().item())
+    worst[name + ": position 20 written"] = (cache.k[0, :, 20] - before[0][0, :, 20]).abs().max().item()
+print(json.dumps(worst))
+"""
+
+
+def test_decode_block_kernels_equal_the_block():
+    """kernels.decode_block (norm + q/k/v + RoPE + cache write, the decode attention, o_proj +
+    residual, norm + SwiGLU, down_proj + residual), run by Triton's interpreter on the CPU, against
+    model.Block's forward of one token: output and cache, fp32, 1e-5. (The interpreter's bf16
+    products are not bf16's; bf16 is compared on the GPU by bench.py decode-block.)"""
+    pytest.importorskip("triton")
+    p = subprocess.run([sys.executable, "-c", DECODE_BLOCK_CHECK], capture_output=True, text=True,
+                       timeout=600, cwd=REPO, env=child_env(TRITON_INTERPRET="1"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    worst = json.loads(p.stdout.strip().splitlines()[-1])
+    assert len(worst) == 4, worst
+    for name, err in worst.items():
+        assert err > 0.01 if name.endswith("written") else err < 1e-5, worst
+
+
+def test_decode_blocks_take_only_one_token_steps_of_one_sequence(monkeypatch):
+    """use_decode_blocks routes a batch-1 one-token cached step through decode_block and leaves
+    prompts, several sequences and whole sequences to the block's own forward; a block whose
+    products were measured faster through cuBLAS keeps its forward."""
+    torch.manual_seed(0)
+    model = Llama(small_config()).eval()
+    kernels.use_decode_kernels(model, measure=False)  # DecodeLinear, as on the GPU before measuring
+    model.model.layers[1].mlp.down_proj.multiply_sum = False
+    kernels.use_decode_blocks(model)
+    calls = []
+    monkeypatch.setattr(kernels, "decode_block", lambda block, x, rope, pos: calls.append(
+        (list(model.model.layers).index(block), tuple(x.shape))) or type(block).forward(
+        block, x, rope[0][pos], rope[1][pos], pos))
+    with torch.no_grad():
+        model(torch.randint(0, 256, (1, 12)))
+        model.setup_cache(1, 32)
+        model(torch.randint(0, 256, (1, 5)), start_pos=0)
+        assert calls == []
+        model(torch.randint(0, 256, (1, 1)), start_pos=5)
+        assert calls == [(i, (1, 1, model.config.hidden_size)) for i in range(model.config.num_hidden_layers)
+                         if i != 1]
+        model.setup_cache(2, 32)
+        calls.clear()
+        model(torch.randint(0, 256, (2, 1)), start_pos=0)
+        assert calls == []
+
 def test_sample_prints_the_decoded_whole_sequence(hf_folder):
     """The streamed text is the decoding of prompt + new tokens, so a new token's leading space
     survives ("Hello" + "▁Votes" prints "Hello Votes", not "HelloVotes")."""
