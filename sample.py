@@ -22,12 +22,8 @@ import torch
 import checkpoint
 import data
 import kernels
-from config import SampleConfig, parse_config
+from config import SampleConfig, note, parse_config
 from model import Llama
-
-
-def warn(msg):
-    print(msg, file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,12 +326,12 @@ def fit_prompt(ids: list[int], ctx: int, max_new: int) -> tuple[list[int], int]:
     last ones."""
     if max_new >= ctx:
         lowered = ctx - min(len(ids), ctx // 2)
-        warn(f"note: --max_new_tokens {max_new} does not fit the {ctx}-token context; generating at "
+        note(f"note: --max_new_tokens {max_new} does not fit the {ctx}-token context; generating at "
              f"most {lowered} tokens after the prompt")
         max_new = lowered
     room = ctx - max_new
     if len(ids) > room:
-        warn(f"warning: the prompt has {len(ids)} tokens; with --max_new_tokens {max_new} only its first "
+        note(f"warning: the prompt has {len(ids)} tokens; with --max_new_tokens {max_new} only its first "
              f"(<s>) and its last {room - 1} fit the {ctx}-token context, the rest is dropped")
         ids = ids[:1] + ids[len(ids) - room + 1:]
     return ids, max_new
@@ -364,7 +360,7 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"sample.py: {e}") from None
     weight = model.lm_head.weight
-    warn(f"loaded {path} ({model.num_params():,} parameters) on {weight.device} in {str(weight.dtype)[6:]}")
+    note(f"loaded {path} ({model.num_params():,} parameters) on {weight.device} in {str(weight.dtype)[6:]}")
     # The decode kernels always (kernels.py); --compile adds compilation and CUDA graphs.
     if cfg.draft:
         draft = load_draft(cfg, tok)
@@ -428,14 +424,14 @@ def main(argv=None):
                                  for o in outs))
             corpus.flush()
         count = sum(len(o) for o in outs)
-        warn(f"[{count} tokens in {dt:.2f}s, {count / max(dt, 1e-9):.1f} tokens/s"
+        note(f"[{count} tokens in {dt:.2f}s, {count / max(dt, 1e-9):.1f} tokens/s"
              + (", including the one-time compilation]" if gen.compiled and n == 0 else "]"))
     if corpus:
         corpus.close()
-        warn(f"wrote {len(prompts) * cfg.num_samples} samples to {cfg.out}")
+        note(f"wrote {len(prompts) * cfg.num_samples} samples to {cfg.out}")
     if cfg.draft:
         st = gen.stats
-        warn(f"[draft: {st['accepted']:,} of {st['proposed']:,} proposed tokens accepted "
+        note(f"[draft: {st['accepted']:,} of {st['proposed']:,} proposed tokens accepted "
              f"({st['accepted'] / max(st['proposed'], 1):.1%}); {st['tokens'] / max(st['rounds'], 1):.2f} "
              f"tokens per target forward over {st['rounds']:,} forwards]")
 
@@ -459,7 +455,7 @@ def load_draft(cfg: SampleConfig, tok) -> Llama:
     if draft_tok.get_vocab() != tok.get_vocab():
         raise SystemExit(f"sample.py: --draft {path}: its tokenizer ({draft_tok.get_vocab_size()} tokens) "
                          f"is not the target's ({tok.get_vocab_size()}); a draft must use the target's tokenizer")
-    warn(f"draft {path} ({draft.num_params():,} parameters), {cfg.draft_tokens} tokens per round")
+    note(f"draft {path} ({draft.num_params():,} parameters), {cfg.draft_tokens} tokens per round")
     return draft
 
 
