@@ -4,7 +4,8 @@ shapes and the plain-torch form it is tested against (test_model.py).
 
     use_attention(model, fn)      causal attention over whole sequences (TPU: Pallas; XLA:CPU: blockwise)
     use_chunked_loss(model, n)    the loss n rows at a time, without the full logits (XLA)
-    use_decode_kernels(model)     one-token decoding: the decode attention and per-shape projections
+    use_decode_kernels(model)     decoding a few tokens: the decode attention, per-shape projections
+                                  and, where they win, one-token blocks in six kernels (decode_block)
 
 Triton ships with torch's CUDA wheels; without it (a CPU-only torch) the GPU kernels are absent and
 decoding keeps the plain attention.
