@@ -508,7 +508,6 @@ def decode_attention_table(args) -> list[dict]:
     return rows_of_one_child("decode-attention", {}, lambda row: print(json.dumps(row), flush=True))
 
 
-
 def decode_block_one() -> dict:
     """One token through Portimbria-150M's 20 blocks (random bf16 weights, 300 positions cached),
     each timing a CUDA graph over all 20 layers' weights (252 MB, five times the L2 cache, as in
@@ -570,6 +569,7 @@ def decode_block_table(args) -> list[dict]:
         tile = f"{r['rows']} rows, {r['warps']} warps" if "rows" in r else ""
         print(f"{r['what']:<34}{r['us_per_layer']:>7}  {tile}")
     return rows
+
 
 # ---------------------------------------------------------------------------------------------
 # Perplexity evaluation

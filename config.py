@@ -40,10 +40,10 @@ def arg(default, help: str):
     return dataclasses.field(default=default, metadata={"help": help})
 
 
-
 def note(msg: str):
     """Progress, warnings and notes go to stderr (results to stdout), at once."""
     print(msg, file=sys.stderr, flush=True)
+
 
 @dataclass
 class ModelConfig:

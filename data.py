@@ -345,8 +345,8 @@ class Progress:
         el = max(now - self.t0, 1e-9)
         eta = (self.total - read) / max(read / el, 1e-9)
         note(f"[{self.name}] {read / self.total:6.1%}  docs {self.docs:,}  tokens "
-              f"{self.tokens / 1e6:,.1f}M  {read / el / 1e6:.1f} MB/s  "
-              f"{'done in' if final else 'ETA'} {el if final else eta:.0f}s")
+             f"{self.tokens / 1e6:,.1f}M  {read / el / 1e6:.1f} MB/s  "
+             f"{'done in' if final else 'ETA'} {el if final else eta:.0f}s")
 
 
 def _batches(files, kind, val_frac, utf8, progress: Progress, size: int):
@@ -403,13 +403,13 @@ def _write_source(name, kind, files, src_dir: Path, tok, tok_hash, val_frac, sha
                          f"hold no document (all empty after cleaning); check the pattern and the files")
     if utf8.count:
         note(f"[{name}] {utf8.count:,} document(s) not valid UTF-8: "
-              f"{'replaced bad bytes with U+FFFD' if utf8.mode == 'replace' else 'skipped'}")
+             f"{'replaced bad bytes with U+FFFD' if utf8.mode == 'replace' else 'skipped'}")
     meta = {"kind": kind, "files": [str(f) for f in files], "tokenizer_sha256": tok_hash,
             "vocab_size": vocab, "train": writers["train"].finish(), "val": writers["val"].finish()}
     if not meta["val"]:
         note(f"[{name}] warning: none of its {progress.docs:,} documents was held out at --val_frac "
-              f"{val_frac}: train.py evaluates on the other sources only, or fails if none has "
-              f"any; raise --val_frac or add documents")
+             f"{val_frac}: train.py evaluates on the other sources only, or fails if none has "
+             f"any; raise --val_frac or add documents")
     atomic_write_json(src_dir / "meta.json", meta)  # written last: marks the source complete
     return meta
 

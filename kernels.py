@@ -387,9 +387,8 @@ TILES = {"qkv": (1, 2), "linear": (2, 4), "swiglu": (2, 4)}
 def norm_qkv_rope(x, norm, attn, rope, pos, rows: int | None = None, num_warps: int | None = None):
     """RMSNorm, the q/k/v projections and RoPE of one token, its key and value written into the
     cache: the queries (1, H, 1, hd). x (1, 1, d); norm an RMSNorm, attn a model.Attention with a
-    KVCache (batch 1); rope the model's whole (cos, sin) tables (max_pos, hd), read at pos (1,):
-    gathered outside, as model.Llama does, inductor made a copy of them for each layer's kernel.
-    Plain-torch form, as model.Attention computes it, with cos, sin = rope[0][pos], rope[1][pos]:
+    KVCache (batch 1); rope the model's whole (cos, sin) tables (max_pos, hd), read at pos (1,)
+    inside the kernel. Plain-torch form, as model.Attention computes it, with cos, sin = rope[0][pos], rope[1][pos]:
         h = norm(x); q, k, v = q_proj(h), k_proj(h), v_proj(h)   (viewed as heads)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin); cache.update(pos, k, v)"""
     H, KV, hd, d = attn.n_head, attn.n_kv, attn.hd, x.shape[-1]
@@ -448,9 +447,10 @@ def fuses(block: plain.Block) -> bool:
     """Whether decode_block can run this block: no biases, contiguous weights of one dtype, and on a
     GPU every projection of the one-token step faster as a multiply-and-sum than through cuBLAS
     (measure_projections): decode_block's products are multiply-and-sums too."""
-    ws = [m.weight for m in projections(block)]
-    return (all(m.bias is None and getattr(m, "multiply_sum", True) for m in projections(block)) and
-            all(w.is_contiguous() and w.dtype == ws[0].dtype for w in ws) and block.self_attn.hd % 2 == 0)
+    ms = projections(block)
+    return (all(m.bias is None and getattr(m, "multiply_sum", True) for m in ms) and
+            all(m.weight.is_contiguous() and m.weight.dtype == ms[0].weight.dtype for m in ms) and
+            block.self_attn.hd % 2 == 0)
 
 
 def use_decode_blocks(model: plain.Llama):

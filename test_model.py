@@ -1267,6 +1267,15 @@ def test_compiled_decoding_shares_one_graph_across_prompt_lengths():
     assert graphs == [1, 1, 1, 2]  # 600 + 8 positions need the 1024-position cache
 
 
+def in_triton_interpreter(script: str) -> dict:
+    """The JSON last printed by `script`, run in a child whose Triton kernels run on the CPU."""
+    pytest.importorskip("triton")
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=REPO,
+                       env=child_env(TRITON_INTERPRET="1"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
 DECODE_ATTENTION_CHECK = """
 import json, torch, kernels
 torch.manual_seed(0)
@@ -1290,13 +1299,8 @@ print(json.dumps(worst))
 def test_decode_attention_kernel_equals_plain_attention():
     """The Triton decode attention, run by Triton's interpreter on the CPU, against the model's
     attention over the expanded KV heads: fp32, 1e-5."""
-    pytest.importorskip("triton")
-    p = subprocess.run([sys.executable, "-c", DECODE_ATTENTION_CHECK], capture_output=True, text=True,
-                       timeout=600, cwd=REPO, env=child_env(TRITON_INTERPRET="1"))
-    assert p.returncode == 0, p.stderr[-3000:]
-    worst = json.loads(p.stdout.strip().splitlines()[-1])
+    worst = in_triton_interpreter(DECODE_ATTENTION_CHECK)
     assert len(worst) == 6 and all(err < 1e-5 for err in worst.values()), worst
-
 
 
 DECODE_BLOCK_CHECK = """
@@ -1335,11 +1339,7 @@ def test_decode_block_kernels_equal_the_block():
     residual, norm + SwiGLU, down_proj + residual), run by Triton's interpreter on the CPU, against
     model.Block's forward of one token: output and cache, fp32, 1e-5. (The interpreter's bf16
     products are not bf16's; bf16 is compared on the GPU by bench.py decode-block.)"""
-    pytest.importorskip("triton")
-    p = subprocess.run([sys.executable, "-c", DECODE_BLOCK_CHECK], capture_output=True, text=True,
-                       timeout=600, cwd=REPO, env=child_env(TRITON_INTERPRET="1"))
-    assert p.returncode == 0, p.stderr[-3000:]
-    worst = json.loads(p.stdout.strip().splitlines()[-1])
+    worst = in_triton_interpreter(DECODE_BLOCK_CHECK)
     assert len(worst) == 4, worst
     for name, err in worst.items():
         assert err > 0.01 if name.endswith("written") else err < 1e-5, worst
