@@ -407,6 +407,7 @@ def decode_one(impl: str, device: str, shape: str, new_tokens: int, prompt_len: 
                 block.self_attn.attend = kernels.decode_attention_reference  # over expanded heads
             gen.step = torch.compile(gen.step, fullgraph=True, dynamic=False)
             gen.steps, gen.sync_every = kernels.GraphedSteps(gen.step, [model]), 32
+            gen.prefill = kernels.GraphedPrefill(model)
 
         def run():
             return gen.generate(prompt[0].tolist(), settings, eos_id=-1)[0]

@@ -569,15 +569,23 @@ def _cached_attention(q, k, v, pos=None):
 # Decode steps under CUDA graphs
 
 
+# Inductor gives each user-defined Triton kernel its own stored copy of an input it has not stored
+# (a cheap pointwise result such as the step's positions), one more kernel per use: 40 a token for
+# the 150M's 20 layers. Storing every such result that has more than one user keeps it to one.
+STEP_OPTIONS = {"realize_reads_threshold": 0}
+
+
 def compile_generator(gen, sync_every: int = 32):
     """Compile a sample.Generator's decode step (use_decode_kernels first). On a GPU, its
     `sync_every` steps between two host reads become one CUDA graph replay (GraphedSteps), and it
-    reads back every `sync_every` tokens: each read drains the GPU's queue."""
+    reads back every `sync_every` tokens: each read drains the GPU's queue; the prompt's pass is a
+    CUDA graph too (GraphedPrefill)."""
     timings = use_decode_kernels(gen.model)
-    gen.step = torch.compile(gen.step, fullgraph=True, dynamic=False)
+    gen.step = torch.compile(gen.step, fullgraph=True, dynamic=False, options=STEP_OPTIONS)
     gen.compiled = True
     if gen.model.lm_head.weight.is_cuda:
         gen.steps, gen.sync_every = GraphedSteps(gen.step, [gen.model]), sync_every
+        gen.prefill = GraphedPrefill(gen.model)
     return timings
 
 
@@ -587,11 +595,58 @@ def compile_speculative(gen, sync_every: int = 8):
     two host reads become one CUDA graph replay."""
     for m in {id(gen.target): gen.target, id(gen.draft): gen.draft}.values():
         use_decode_kernels(m)
-    gen.forward = {name: torch.compile(m, fullgraph=True, dynamic=False) for name, m in
+    gen.forward = {name: torch.compile(m, fullgraph=True, dynamic=False, options=STEP_OPTIONS) for name, m in
                    (("target", gen.target), ("draft", gen.draft))}
     gen.compiled = True
     if gen.target.lm_head.weight.is_cuda:
         gen.rounds, gen.sync_every = GraphedSteps(gen.round, [gen.target, gen.draft]), sync_every
+
+
+def padded_prefill(model: plain.Llama, ids, last):
+    """The prompt's pass of Generator.prefill over ids (B, T), a prompt and padding after it, with
+    the head at position last (1,) only: (B, V) float32. Causal attention keeps the padding out of
+    the prompt's positions, and its keys and values land past the prompt, where the position
+    bound hides them until decoding overwrites them: the logits at last and the cache below it
+    are those of the unpadded pass."""
+    h = model.hidden(ids, start_pos=0)  # (B, T, d)
+    return model.lm_head(h.index_select(1, last))[:, 0].float()
+
+
+class GraphedPrefill:
+    """Generator.prefill as a CUDA graph replay: the prompt is padded to a power of two (at least
+    16 tokens, at most the cache) and one graph per (batch, padded length, cache) is captured on
+    first use (padded_prefill). Run eagerly, the prompt's pass is one host call per operation,
+    about 18 ms for the 150M whatever the prompt's length (BENCHMARKS.md)."""
+
+    def __init__(self, model: plain.Llama):
+        self.model, self.graphs = model, {}
+
+    def __call__(self, ids):
+        B, P = ids.shape
+        T = min(max(16, triton.next_power_of_2(P)), self.model.cache_len)
+        k = self.model.model.layers[0].self_attn.kv_cache.k
+        key = (B, T, k.data_ptr(), k.shape)
+        if key not in self.graphs:
+            self.graphs[key] = self.capture(B, T, ids.device)
+        graph, static_ids, last, logits = self.graphs[key]
+        static_ids.zero_()
+        static_ids[:, :P] = ids
+        last.fill_(P - 1)
+        graph.replay()
+        return logits.clone()
+
+    def capture(self, B, T, device):
+        static_ids = torch.zeros(B, T, dtype=torch.long, device=device)
+        last = torch.zeros(1, dtype=torch.long, device=device)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: cuBLAS and Triton pick their kernels outside the capture
+            padded_prefill(self.model, static_ids, last)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = padded_prefill(self.model, static_ids, last)
+        return graph, static_ids, last, logits
 
 
 class GraphedSteps:

@@ -110,6 +110,11 @@ class Generator:
         seen.scatter_(1, nxt, True)
         out.index_copy_(1, pos.view(1), nxt)
 
+    def prefill(self, ids):
+        """The prompts ids (B, P) in one pass from position 0, filling the KV cache: the logits at
+        the last position (B, V), float32."""
+        return self.model(ids, start_pos=0)[:, -1].float()
+
     def run_steps(self, n: int, *state_and_settings):
         for _ in range(n):
             self.step(*state_and_settings)
@@ -128,7 +133,7 @@ class Generator:
         seen = torch.zeros(B, m.config.vocab_size, dtype=torch.bool, device=dev)
         seen[:, ids[0]] = True
         settings = sampling_settings(cfg)
-        logits = m(ids, start_pos=0)[:, -1].float()  # prefill the prompt in one pass
+        logits = self.prefill(ids)
         tok = next_token(logits, seen, *settings)[:, None]
         seen.scatter_(1, tok, True)
         pos = torch.tensor(P, device=dev)

@@ -1371,6 +1371,28 @@ def test_decode_blocks_take_only_one_token_steps_of_one_sequence(monkeypatch):
         model(torch.randint(0, 256, (2, 1)), start_pos=0)
         assert calls == []
 
+def test_padded_prefill_equals_the_prompt_alone():
+    """kernels.padded_prefill (the pass GraphedPrefill replays) over a prompt with padding after it
+    gives the logits at the prompt's last token and the cache below it of the prompt alone, fp32."""
+    torch.manual_seed(0)
+    model = Llama(small_config()).eval()
+    ids = torch.randint(0, 256, (2, 11))
+    with torch.no_grad():
+        model.setup_cache(2, 32)
+        want = model(ids, start_pos=0)[:, -1].float()
+        caches = [(b.self_attn.kv_cache.k[:, :, :11].clone(), b.self_attn.kv_cache.v[:, :, :11].clone())
+                  for b in model.model.layers]
+        model.setup_cache(2, 32)
+        padded = torch.cat([ids, torch.zeros(2, 5, dtype=torch.long)], 1)
+        got = kernels.padded_prefill(model, padded, torch.tensor([10]))
+    assert (got - want).abs().max() < 1e-5
+    for b, (k, v) in zip(model.model.layers, caches):
+        assert (b.self_attn.kv_cache.k[:, :, :11] - k).abs().max() < 1e-5
+        assert (b.self_attn.kv_cache.v[:, :, :11] - v).abs().max() < 1e-5
+    with torch.no_grad():  # the head reads the position given: at 15, in the padding, the logits differ
+        assert (kernels.padded_prefill(model, padded, torch.tensor([15])) - want).abs().max() > 1e-3
+
+
 def test_sample_prints_the_decoded_whole_sequence(hf_folder):
     """The streamed text is the decoding of prompt + new tokens, so a new token's leading space
     survives ("Hello" + "▁Votes" prints "Hello Votes", not "HelloVotes")."""
