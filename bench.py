@@ -375,8 +375,8 @@ def decode_one(impl: str, device: str, shape: str, new_tokens: int, prompt_len: 
                sampling: bool = False, profile: bool = False):
     """Batch-1 decoding of new_tokens after a random prompt: 'ours' (sample.py --compile: compiled
     step, decode kernels, CUDA graphs), 'eager' (sample.py), 'plain-compiled' (the plain model's
-    step compiled, cuBLAS and SDPA over expanded KV heads, under the same CUDA graphs: plain
-    PyTorch with torch.compile) or 'hf' (HF generate)."""
+    step compiled, cuBLAS and SDPA over expanded KV heads, under the same CUDA graphs, steps and
+    prompt: plain PyTorch with torch.compile) or 'hf' (HF generate)."""
     import torch
 
     import kernels

@@ -476,14 +476,18 @@ class DecodeLinear(nn.Linear):
       streams W and fuses it with its neighbours: faster than cuBLAS's GEMV for small weights
       (width 768), slower for large ones (width 4096), so `multiply_sum` is set per weight shape
       by measure_projections on a GPU; on the CPU it beat the BLAS GEMV at every width measured.
+      On a GPU two tokens too (a draft's catch-up in a speculative round): the 150M's two-token
+      forward took 681 us this way against 997 through cuBLAS (BENCHMARKS.md).
     - A few tokens on the CPU: (W @ x^T)^T. The BLAS reaches the same numbers through a faster
       path than x @ W^T, whose small-M GEMM packs the whole weight (BENCHMARKS.md)."""
 
     multiply_sum = True
 
     def forward(self, x):
-        if self.bias is None and x.shape[-2] == 1 and self.multiply_sum and torch.compiler.is_compiling():
-            return (x.unsqueeze(-2) * self.weight).sum(-1)  # (B, 1, 1, in) * (out, in) -> (B, 1, out)
+        tokens = x.shape[-2]
+        if (self.bias is None and self.multiply_sum and torch.compiler.is_compiling()
+                and (tokens == 1 or tokens == 2 and x.is_cuda)):
+            return (x.unsqueeze(-2) * self.weight).sum(-1)  # (B, T, 1, in) * (out, in) -> (B, T, out)
         if self.bias is None and x.device.type == "cpu" and 1 < x.shape[-2] <= 16:
             return (self.weight @ x.flatten(0, -2).T).T.view(*x.shape[:-1], -1)  # (out, in) @ (in, B*T)
         return F.linear(x, self.weight, self.bias)
