@@ -476,8 +476,9 @@ class DecodeLinear(nn.Linear):
       streams W and fuses it with its neighbours: faster than cuBLAS's GEMV for small weights
       (width 768), slower for large ones (width 4096), so `multiply_sum` is set per weight shape
       by measure_projections on a GPU; on the CPU it beat the BLAS GEMV at every width measured.
-      On a GPU two tokens too (a draft's catch-up in a speculative round): the 150M's two-token
-      forward took 681 us this way against 997 through cuBLAS (BENCHMARKS.md).
+      On a GPU two tokens too (a draft's catch-up in a speculative round), by the same per-shape
+      choice (timed at one token): the 150M's two-token forward took 681 us this way against 997
+      through cuBLAS (BENCHMARKS.md).
     - A few tokens on the CPU: (W @ x^T)^T. The BLAS reaches the same numbers through a faster
       path than x @ W^T, whose small-M GEMM packs the whole weight (BENCHMARKS.md)."""
 
@@ -486,7 +487,7 @@ class DecodeLinear(nn.Linear):
     def forward(self, x):
         tokens = x.shape[-2]
         if (self.bias is None and self.multiply_sum and torch.compiler.is_compiling()
-                and (tokens == 1 or tokens == 2 and x.is_cuda)):
+                and (tokens == 1 or (tokens == 2 and x.is_cuda))):
             return (x.unsqueeze(-2) * self.weight).sum(-1)  # (B, T, 1, in) * (out, in) -> (B, T, out)
         if self.bias is None and x.device.type == "cpu" and 1 < x.shape[-2] <= 16:
             return (self.weight @ x.flatten(0, -2).T).T.view(*x.shape[:-1], -1)  # (out, in) @ (in, B*T)
@@ -574,10 +575,11 @@ def _cached_attention(q, k, v, pos=None):
 
 
 def step_options(model: plain.Llama) -> dict | None:
-    """Inductor's options for a decode step on a GPU. Inductor gives each user-defined Triton
-    kernel its own stored copy of an input it has not stored (a cheap pointwise result such as the
-    step's positions), one more kernel per use: 40 a token for the 150M's 20 layers. Storing every
-    such result that has more than one user keeps it to one."""
+    """Inductor's options for a decode step on a GPU (None, the defaults, on the CPU, where the
+    step has no user-defined Triton kernel). Inductor gives each user-defined Triton kernel its own
+    stored copy of an input it has not stored (a cheap pointwise result such as the step's
+    positions), one more kernel per use: 40 a token for the 150M's 20 layers. A threshold of 0
+    stores every pointwise result that has more than one user, which keeps it to one."""
     return {"realize_reads_threshold": 0} if model.lm_head.weight.is_cuda else None
 
 
@@ -608,35 +610,44 @@ def compile_speculative(gen, sync_every: int = 8):
         gen.rounds, gen.sync_every = GraphedSteps(gen.round, [gen.target, gen.draft]), sync_every
 
 
+def cache_addresses(models) -> tuple:
+    """Where the models' KV caches live: a captured graph reads and writes these addresses."""
+    return tuple((b.self_attn.kv_cache.k.data_ptr(), b.self_attn.kv_cache.v.data_ptr(),
+                  tuple(b.self_attn.kv_cache.k.shape)) for m in models for b in m.model.layers)
+
+
 def padded_prefill(model: plain.Llama, ids, last):
     """The prompt's pass of Generator.prefill over ids (B, T), a prompt and padding after it, with
     the head at position last (1,) only: (B, V) float32. Causal attention keeps the padding out of
     the prompt's positions, and its keys and values land past the prompt, where the position
     bound hides them until decoding overwrites them: the logits at last and the cache below it
-    are those of the unpadded pass."""
+    are those of the unpadded pass (up to rounding: in bf16 the products of more rows may take
+    other kernels)."""
     h = model.hidden(ids, start_pos=0)  # (B, T, d)
     return model.lm_head(h.index_select(1, last))[:, 0].float()
 
 
 class GraphedPrefill:
-    """Generator.prefill as a CUDA graph replay: the prompt is padded to a power of two (at least
-    16 tokens, at most the cache) and one graph per (batch, padded length, cache) is captured on
-    first use (padded_prefill). Run eagerly, the prompt's pass is one host call per operation:
-    18 ms for a 16-token prompt of the 150M on an H200, 70 us a token of 256 (BENCHMARKS.md)."""
+    """Generator.prefill as a CUDA graph replay, ids (B, P) -> the logits at the last position
+    (B, V) float32: the prompt is padded to a power of two (at least 16 tokens, at most the cache)
+    and one graph per (batch, padded length) of the current caches is captured on first use
+    (padded_prefill). Run eagerly, the prompt's pass is one host call per operation: 18 ms for a
+    16-token prompt of the 150M on an H200, 70 us a token of 256 (BENCHMARKS.md)."""
 
     def __init__(self, model: plain.Llama):
-        self.model, self.graphs = model, {}
+        self.model, self.graphs, self.caches = model, {}, None
+        self.pool = torch.cuda.graph_pool_handle()  # shared: a graph's output is copied out at once
 
     def __call__(self, ids):
         B, P = ids.shape
-        T = min(max(16, triton.next_power_of_2(P)), self.model.cache_len)
-        k = self.model.model.layers[0].self_attn.kv_cache.k
-        key = (B, T, k.data_ptr(), k.shape)
-        if key not in self.graphs:
-            self.graphs[key] = self.capture(B, T, ids.device)
-        graph, static_ids, last, logits = self.graphs[key]
-        static_ids.zero_()
-        static_ids[:, :P] = ids
+        T = min(max(16, 1 << (P - 1).bit_length()), self.model.cache_len)
+        caches = cache_addresses([self.model])
+        if caches != self.caches:  # new caches: the graphs of the old ones would write freed memory
+            self.graphs, self.caches = {}, caches
+        if (B, T) not in self.graphs:
+            self.graphs[B, T] = self.capture(B, T, ids.device)
+        graph, static_ids, last, logits = self.graphs[B, T]
+        static_ids[:, :P] = ids  # what the padding holds does not matter: no prompt position sees it
         last.fill_(P - 1)
         graph.replay()
         return logits.clone()
@@ -650,7 +661,7 @@ class GraphedPrefill:
             padded_prefill(self.model, static_ids, last)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, pool=self.pool):
             logits = padded_prefill(self.model, static_ids, last)
         return graph, static_ids, last, logits
 
@@ -670,9 +681,7 @@ class GraphedSteps:
     def __call__(self, n, *args):
         state = [a for a in args if isinstance(a, torch.Tensor)]
         settings = tuple(a for a in args if not isinstance(a, torch.Tensor))
-        caches = tuple((b.self_attn.kv_cache.k.data_ptr(), b.self_attn.kv_cache.k.shape)
-                       for m in self.models for b in m.model.layers[:1])
-        key = (n, tuple((s.shape, s.dtype) for s in state), settings, caches)
+        key = (n, tuple((s.shape, s.dtype) for s in state), settings, cache_addresses(self.models))
         if key not in self.graphs:
             self.graphs[key] = self.capture(n, state, settings)
         graph, static = self.graphs[key]

@@ -1371,6 +1371,7 @@ def test_decode_blocks_take_only_one_token_steps_of_one_sequence(monkeypatch):
         model(torch.randint(0, 256, (2, 1)), start_pos=0)
         assert calls == []
 
+
 def test_padded_prefill_equals_the_prompt_alone():
     """kernels.padded_prefill (the pass GraphedPrefill replays) over a prompt with padding after it
     gives the logits at the prompt's last token and the cache below it of the prompt alone, fp32."""
@@ -1391,6 +1392,13 @@ def test_padded_prefill_equals_the_prompt_alone():
         assert (b.self_attn.kv_cache.v[:, :, :11] - v).abs().max() < 1e-5
     with torch.no_grad():  # the head reads the position given: at 15, in the padding, the logits differ
         assert (kernels.padded_prefill(model, padded, torch.tensor([15])) - want).abs().max() > 1e-3
+    # decoding after the padded pass (the padding's cache slots are overwritten) gives the same tokens
+    padded_gen, plain_gen = sample.Generator(model), sample.Generator(model)
+    padded_gen.prefill = lambda ids: kernels.padded_prefill(
+        model, torch.nn.functional.pad(ids, (0, 16 - ids.shape[1]), value=7), torch.tensor([ids.shape[1] - 1]))
+    settings = SampleConfig(max_new_tokens=12, temperature=0, repetition_penalty=1.0)
+    prompt = torch.randint(3, 256, (11,)).tolist()
+    assert padded_gen.generate(prompt, settings, eos_id=-1) == plain_gen.generate(prompt, settings, eos_id=-1)
 
 
 def test_sample_prints_the_decoded_whole_sequence(hf_folder):
