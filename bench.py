@@ -374,7 +374,8 @@ def gpu_profile(run, tokens: int) -> dict:
 def decode_one(impl: str, device: str, shape: str, new_tokens: int, prompt_len: int, runs: int, dtype: str,
                sampling: bool = False, profile: bool = False):
     """Batch-1 decoding of new_tokens after a random prompt: 'ours' (sample.py --compile: compiled
-    step, decode kernels, CUDA graphs), 'eager' (sample.py), 'plain-compiled' (the plain model's
+    step, decode kernels, CUDA graphs), 'ours-nopdl' (the same with decode_block's kernels launched
+    without programmatic dependent launch), 'eager' (sample.py), 'plain-compiled' (the plain model's
     step compiled, cuBLAS and SDPA over expanded KV heads, under the same CUDA graphs, steps and
     prompt: plain PyTorch with torch.compile) or 'hf' (HF generate)."""
     import torch
@@ -400,7 +401,8 @@ def decode_one(impl: str, device: str, shape: str, new_tokens: int, prompt_len: 
                                   pad_token_id=0, **hf_args)[0, prompt_len:].tolist()
     else:
         gen = Generator(model)
-        if impl == "ours":
+        if impl in ("ours", "ours-nopdl"):
+            kernels.PDL = impl == "ours"
             extra["projections_us"] = {f"{o}x{i}": t for (o, i), t in kernels.compile_generator(gen).items()}
         elif impl == "plain-compiled":  # torch.compile of the plain model's step: cuBLAS, SDPA
             for block in model.model.layers:
@@ -438,7 +440,8 @@ def decode_table(args) -> list[dict]:
     n = args.new_tokens
     if device == "cuda":
         configs = [("ours", "150m", 16, n, False, True), ("ours", "150m", 16, n, True, False),
-                   ("ours", "150m", 4000, 96, False, True), ("plain-compiled", "150m", 16, n, False, False),
+                   ("ours", "150m", 4000, 96, False, True), ("ours-nopdl", "150m", 16, n, False, True),
+                   ("ours-nopdl", "150m", 4000, 96, False, False), ("plain-compiled", "150m", 16, n, False, False),
                    ("hf", "150m", 16, n, False, False),
                    ("ours", "7b", 16, n, False, True), ("plain-compiled", "7b", 16, n, False, False),
                    ("ours", "7b", 4000, 96, False, False), ("hf", "7b", 16, n, False, False)]
@@ -467,7 +470,7 @@ def decode_table(args) -> list[dict]:
         print(f"{r['config']:<36}{r['us_per_token']:>10,}{r['tok_s']:>9,}{ratio:>9}"
               f"{r.get('kernels_per_token', '-'):>9}{r.get('gpu_busy_us_per_token', '-'):>8}")
     print("vs ref: the 150M against HF generate, the 7B shape against the compiled plain step under CUDA graphs")
-    same = [r for r in rows if r.get("impl") in ("ours", "plain-compiled", "eager") and "tokens" in r
+    same = [r for r in rows if r.get("impl") in ("ours", "ours-nopdl", "plain-compiled", "eager") and "tokens" in r
             and not r["sampling"] and r["prompt"] == 16]
     for shape in ("150m", "7b"):
         outs = [r["tokens"] for r in same if r["shape"] == shape]
@@ -532,10 +535,14 @@ def decode_block_one() -> dict:
     y = torch.randn(cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
     h = torch.randn(cfg.intermediate_size, device="cuda", dtype=torch.bfloat16) * 0.1
     kernel_calls = {
-        "norm_qkv_rope": lambda b, r, w: kernels.norm_qkv_rope(x, b.input_layernorm, b.self_attn,
-                                                               (model.rope_cos, model.rope_sin), pos, r, w),
+        "norm_qkv_rope": lambda b, r, w: kernels.norm_qkv_rope(
+            x, b.input_layernorm.weight, b.input_layernorm.eps, b.self_attn.q_proj.weight, b.self_attn.k_proj.weight,
+            b.self_attn.v_proj.weight, (model.rope_cos, model.rope_sin), pos,
+            (b.self_attn.kv_cache.k, b.self_attn.kv_cache.v), r, w),
         "o_proj_residual": lambda b, r, w: kernels.linear_residual(y, b.self_attn.o_proj.weight, x, r, w),
-        "norm_swiglu": lambda b, r, w: kernels.norm_swiglu(x, b.post_attention_layernorm, b.mlp, r, w),
+        "norm_swiglu": lambda b, r, w: kernels.norm_swiglu(x, b.post_attention_layernorm.weight,
+                                                           b.post_attention_layernorm.eps, b.mlp.gate_proj.weight,
+                                                           b.mlp.up_proj.weight, r, w),
         "down_residual": lambda b, r, w: kernels.linear_residual(h, b.mlp.down_proj.weight, x, r, w),
     }
     rows = []

@@ -195,13 +195,35 @@ def decode_attention_reference(q, k, v, pos):
 
 
 if triton is not None:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    @triton.jit
+    def _let_the_next_kernel_start(PDL: tl.constexpr):
+        """Programmatic dependent launch (PDL, Hopper on): a kernel launched with it may start while
+        the one before it is still running, once every program of that one has come here. Its
+        programs load what no kernel writes (weights), then _wait_for_the_previous_kernel, so its
+        launch and its weight loads overlap the tail of the kernel before."""
+        if PDL:
+            gdc_launch_dependents()
+
+    @triton.jit
+    def _wait_for_the_previous_kernel(PDL: tl.constexpr):
+        """Block until the kernel before has finished and its writes are visible (griddepcontrol.wait).
+        Every read of an activation or the cache, and every write, comes after it: a write before it
+        could reach a buffer the kernel before still reads."""
+        if PDL:
+            gdc_wait()
+
     @triton.jit
     def _decode_attention_split(Q, K, V, POS, O_PART, LSE_PART, sqb, sqh, sqt, skb, skh, sks, svb, svh, svs,
                                 T, KV, QK_SCALE: tl.constexpr, G: tl.constexpr, HD: tl.constexpr, BLOCK_M: tl.constexpr,
-                                BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr):
+                                BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
+                                PDL: tl.constexpr = False):
         """One (sequence, KV head, split of SPLIT cache slots): the G query heads that share the KV
         head and the T new tokens are the BLOCK_M rows of one tile (row m = g * T + t), so each key
         is read once for all of them. Writes the split's normalised output and log2-sum-exp."""
+        _let_the_next_kernel_start(PDL)
+        _wait_for_the_previous_kernel(PDL)  # it wrote this token's key and value
         bk, s = tl.program_id(0), tl.program_id(1)
         b, kv = bk // KV, bk % KV
         m = tl.arange(0, BLOCK_M)
@@ -248,8 +270,11 @@ if triton is not None:
 
     @triton.jit
     def _decode_attention_combine(O_PART, LSE_PART, OUT, sob, soh, sot, T, KV, NUM_SPLITS, G: tl.constexpr,
-                                  HD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr):
+                                  HD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
+                                  PDL: tl.constexpr = False):
         """One output row: the splits' outputs weighted by their share of the softmax sum."""
+        _let_the_next_kernel_start(PDL)
+        _wait_for_the_previous_kernel(PDL)
         bk, m = tl.program_id(0), tl.program_id(1)
         b, kv, g, t = bk // KV, bk % KV, m // T, m % T
         s = tl.arange(0, BLOCK_S)
@@ -262,7 +287,7 @@ if triton is not None:
         tl.store(OUT + b * sob + (kv * G + g) * soh + t * sot + d, y.to(OUT.dtype.element_ty))
 
 
-def decode_attention(q, k, v, pos, split: int | None = None, block_n: int = 64):
+def decode_attention(q, k, v, pos, split: int | None = None, block_n: int = 64, pdl: bool = False):
     """Attention of a few new tokens over a static KV cache, flash-decoding style (Dao et al.
     2023): the cache is cut into splits of `split` slots, each split's partial softmax is computed
     by its own program, and a second kernel combines them with their log-sum-exp. Splits past the
@@ -273,7 +298,8 @@ def decode_attention(q, k, v, pos, split: int | None = None, block_n: int = 64):
     q (B, H, T, hd); k, v (B, KV, S, hd), the cache; pos (T,) increasing positions, query t sees
     slots 0..pos[t]. Returns (B, H, T, hd) in q's dtype; equal to decode_attention_reference.
     By default about 64 splits of at least 32 slots: a short context's few slots are still spread
-    over many programs, each waiting on one load of its keys and values, not a chain of them."""
+    over many programs, each waiting on one load of its keys and values, not a chain of them.
+    pdl: both kernels launched with programmatic dependent launch (decode_block's chain)."""
     B, H, T, hd = q.shape
     KV, S = k.shape[1], k.shape[2]
     split = split or max(32, triton.next_power_of_2(S) // 64)
@@ -286,11 +312,12 @@ def decode_attention(q, k, v, pos, split: int | None = None, block_n: int = 64):
     _decode_attention_split[(B * KV, n_split)](
         q, k, v, pos, o_part, lse_part, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
         k.stride(2), v.stride(0), v.stride(1), v.stride(2), T, KV, QK_SCALE=hd ** -0.5 * math.log2(math.e),
-        G=G, HD=hd, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT=split, IEEE=q.dtype == torch.float32)
+        G=G, HD=hd, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT=split, IEEE=q.dtype == torch.float32, PDL=pdl,
+        launch_pdl=pdl)
     out = torch.empty(B, H, T, hd, dtype=q.dtype, device=q.device)
     _decode_attention_combine[(B * KV, G * T)](
         o_part, lse_part, out, out.stride(0), out.stride(1), out.stride(2), T, KV, n_split, G=G, HD=hd,
-        BLOCK_M=block_m, BLOCK_S=max(2, triton.next_power_of_2(n_split)))
+        BLOCK_M=block_m, BLOCK_S=max(2, triton.next_power_of_2(n_split)), PDL=pdl, launch_pdl=pdl)
     return out
 
 
@@ -313,9 +340,10 @@ if triton is not None:
     @triton.jit
     def _norm_qkv_rope(X, NW, WQ, WK, WV, COS, SIN, POS, Q_OUT, K_CACHE, V_CACHE, skh, sks, svh, svs, EPS,
                        D: tl.constexpr, H: tl.constexpr, KV: tl.constexpr, HD: tl.constexpr, R: tl.constexpr,
-                       BLOCK_D: tl.constexpr):
+                       BLOCK_D: tl.constexpr, PDL: tl.constexpr):
         """Program (head, j) of the H query, KV key and KV value heads: channels r = j*R .. j*R+R-1
         of the head's first half and r + HD/2 of its second, the two that RoPE's rotate-half mixes."""
+        _let_the_next_kernel_start(PDL)
         pid = tl.program_id(0)
         head, j = pid // (HD // 2 // R), pid % (HD // 2 // R)
         if head < H:
@@ -328,6 +356,7 @@ if triton is not None:
         c = tl.arange(0, BLOCK_D)
         wa = tl.load(w_head + r[:, None] * D + c[None, :], mask=(c < D)[None, :], other=0.0)  # loads first:
         wb = tl.load(w_head + (r + HD // 2)[:, None] * D + c[None, :], mask=(c < D)[None, :], other=0.0)
+        _wait_for_the_previous_kernel(PDL)
         xn = _normed(X, NW, EPS, D, BLOCK_D)[None, :]  # the norm is computed while they arrive
         dt = X.dtype.element_ty
         a = tl.sum(wa * xn, 1).to(dt).to(tl.float32)  # the projection's output, rounded
@@ -350,13 +379,15 @@ if triton is not None:
 
     @triton.jit
     def _linear_residual(Y, W, RES, OUT, N: tl.constexpr, K: tl.constexpr, R: tl.constexpr,
-                         BLOCK_K: tl.constexpr):
+                         BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         """Rows n = pid*R .. pid*R+R-1 of res + W @ y."""
+        _let_the_next_kernel_start(PDL)
         n = tl.program_id(0) * R + tl.arange(0, R)
         acc = tl.zeros([R], tl.float32)
         for k0 in range(0, K, BLOCK_K):
             c = k0 + tl.arange(0, BLOCK_K)
             w = tl.load(W + n[:, None] * K + c[None, :], mask=(n < N)[:, None] & (c < K)[None, :], other=0.0)
+            _wait_for_the_previous_kernel(PDL)  # (at once after the first time)
             y = tl.load(Y + c, mask=c < K, other=0.0).to(tl.float32)
             acc += tl.sum(w * y[None, :], 1)
         dt = RES.dtype.element_ty
@@ -365,13 +396,15 @@ if triton is not None:
 
     @triton.jit
     def _norm_swiglu(X, NW, WG, WU, OUT, EPS, D: tl.constexpr, F: tl.constexpr, R: tl.constexpr,
-                     BLOCK_D: tl.constexpr):
+                     BLOCK_D: tl.constexpr, PDL: tl.constexpr):
         """Rows f = pid*R .. pid*R+R-1 of silu(Wg @ norm(x)) * (Wu @ norm(x))."""
+        _let_the_next_kernel_start(PDL)
         f = tl.program_id(0) * R + tl.arange(0, R)
         c = tl.arange(0, BLOCK_D)
         m = (f < F)[:, None] & (c < D)[None, :]
         wg = tl.load(WG + f[:, None] * D + c[None, :], mask=m, other=0.0)
         wu = tl.load(WU + f[:, None] * D + c[None, :], mask=m, other=0.0)
+        _wait_for_the_previous_kernel(PDL)
         xn = _normed(X, NW, EPS, D, BLOCK_D)[None, :]
         dt = X.dtype.element_ty
         g = tl.sum(wg * xn, 1).to(dt).to(tl.float32)
@@ -384,58 +417,80 @@ if triton is not None:
 TILES = {"qkv": (1, 2), "linear": (2, 4), "swiglu": (2, 4)}
 
 
-def norm_qkv_rope(x, norm, attn, rope, pos, rows: int | None = None, num_warps: int | None = None):
+def norm_qkv_rope(x, norm_w, eps, wq, wk, wv, rope, pos, cache, rows=None, num_warps=None, pdl=False):
     """RMSNorm, the q/k/v projections and RoPE of one token, its key and value written into the
-    cache: the queries (1, H, 1, hd). x (1, 1, d); norm an RMSNorm, attn a model.Attention with a
-    KVCache (batch 1); rope the model's whole (cos, sin) tables (max_pos, hd), read at pos (1,)
-    inside the kernel. Plain-torch form, as model.Attention computes it, with cos, sin = rope[0][pos], rope[1][pos]:
+    cache: the queries (1, H, 1, hd). x (1, 1, d); norm_w (d,) and eps the RMSNorm's; wq (H*hd, d),
+    wk, wv (KV*hd, d); rope the model's whole (cos, sin) tables (max_pos, hd), read at pos (1,)
+    inside the kernel; cache (k, v), each (1, KV, S, hd). Plain-torch form, as model.Attention
+    computes it, with cos, sin = rope[0][pos], rope[1][pos]:
         h = norm(x); q, k, v = q_proj(h), k_proj(h), v_proj(h)   (viewed as heads)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin); cache.update(pos, k, v)"""
-    H, KV, hd, d = attn.n_head, attn.n_kv, attn.hd, x.shape[-1]
-    cache = attn.kv_cache
+    (k, v), d = cache, x.shape[-1]
+    KV, hd = k.shape[1], k.shape[3]
+    H = wq.shape[0] // hd
     r = min(rows or TILES["qkv"][0], hd // 2)
     q = torch.empty(1, H, 1, hd, dtype=x.dtype, device=x.device)
     _norm_qkv_rope[((H + 2 * KV) * (hd // 2 // r),)](
-        x, norm.weight, attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, *rope, pos, q, cache.k,
-        cache.v, cache.k.stride(1), cache.k.stride(2), cache.v.stride(1), cache.v.stride(2), norm.eps, d, H=H,
-        KV=KV, HD=hd, R=r, BLOCK_D=triton.next_power_of_2(d), num_warps=num_warps or TILES["qkv"][1])
+        x, norm_w, wq, wk, wv, *rope, pos, q, k, v, k.stride(1), k.stride(2), v.stride(1), v.stride(2), eps, d,
+        H=H, KV=KV, HD=hd, R=r, BLOCK_D=triton.next_power_of_2(d), PDL=pdl, launch_pdl=pdl,
+        num_warps=num_warps or TILES["qkv"][1])
     return q
 
 
-def linear_residual(y, weight, res, rows: int | None = None, num_warps: int | None = None):
+def linear_residual(y, weight, res, rows=None, num_warps=None, pdl=False):
     """res + y @ weight.T for one token: y (in,), weight (out, in), res (1, 1, out) -> (1, 1, out).
     The projections that write into the residual stream (o_proj, down_proj)."""
     N, K = weight.shape
     r = rows or TILES["linear"][0]
     out = torch.empty_like(res)
     _linear_residual[(triton.cdiv(N, r),)](y, weight, res, out, N, K, R=r,
-                                           BLOCK_K=min(triton.next_power_of_2(K), 4096),
-                                           num_warps=num_warps or TILES["linear"][1])
+                                           BLOCK_K=min(triton.next_power_of_2(K), 4096), PDL=pdl,
+                                           launch_pdl=pdl, num_warps=num_warps or TILES["linear"][1])
     return out
 
 
-def norm_swiglu(x, norm, mlp, rows: int | None = None, num_warps: int | None = None):
+def norm_swiglu(x, norm_w, eps, wg, wu, rows=None, num_warps=None, pdl=False):
     """silu(gate_proj(h)) * up_proj(h) with h = norm(x), for one token: x (1, 1, d) -> (ffn,), the
-    input of down_proj (model.MLP before its last product)."""
-    F_, d = mlp.gate_proj.weight.shape
+    input of down_proj (model.MLP before its last product); norm_w (d,), eps; wg, wu (ffn, d)."""
+    F_, d = wg.shape
     r = rows or TILES["swiglu"][0]
     out = torch.empty(F_, dtype=x.dtype, device=x.device)
-    _norm_swiglu[(triton.cdiv(F_, r),)](x, norm.weight, mlp.gate_proj.weight, mlp.up_proj.weight, out, norm.eps,
-                                        d, F_, R=r, BLOCK_D=triton.next_power_of_2(d),
-                                        num_warps=num_warps or TILES["swiglu"][1])
+    _norm_swiglu[(triton.cdiv(F_, r),)](x, norm_w, wg, wu, out, eps, d, F_, R=r, BLOCK_D=triton.next_power_of_2(d),
+                                        PDL=pdl, launch_pdl=pdl, num_warps=num_warps or TILES["swiglu"][1])
     return out
+
+
+# Whether decode_block launches its kernels with programmatic dependent launch on a GPU that has it
+# (compute capability 9.0 on); bench.py decode turns it off for the side-by-side row.
+PDL = True
 
 
 def decode_block(block: plain.Block, x, rope, pos):
     """model.Block.forward for one token of one sequence, in six kernels: norm + q/k/v + RoPE +
     cache write, the decode attention (two), o_proj + residual, norm + gate/up + SiLU, down_proj
     + residual. x (1, 1, d); rope the model's (cos, sin) tables; pos (1,). Equal to
-    block(x, rope[0][pos], rope[1][pos], pos)."""
-    attn = block.self_attn
-    q = norm_qkv_rope(x, block.input_layernorm, attn, rope, pos)
-    y = decode_attention(q, attn.kv_cache.k, attn.kv_cache.v, pos)  # (1, H, 1, hd)
-    x = linear_residual(y, attn.o_proj.weight, x)
-    return linear_residual(norm_swiglu(x, block.post_attention_layernorm, block.mlp), block.mlp.down_proj.weight, x)
+    block(x, rope[0][pos], rope[1][pos], pos). One custom op to torch.compile: inductor neither
+    looks into its kernels nor launches them, so they can be launched with PDL."""
+    a, m, n1, n2 = block.self_attn, block.mlp, block.input_layernorm, block.post_attention_layernorm
+    weights = [n1.weight, a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.o_proj.weight, n2.weight,
+               m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight]
+    return _decode_block(x, pos, a.kv_cache.k, a.kv_cache.v, rope[0], rope[1], weights, [n1.eps, n2.eps])
+
+
+if triton is not None:
+    @torch.library.custom_op("portimbria::decode_block", mutates_args=("k", "v"))
+    def _decode_block(x: torch.Tensor, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                      sin: torch.Tensor, weights: list[torch.Tensor], eps: list[float]) -> torch.Tensor:
+        n1, wq, wk, wv, wo, n2, wg, wu, wd = weights
+        pdl = PDL and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
+        q = norm_qkv_rope(x, n1, eps[0], wq, wk, wv, (cos, sin), pos, (k, v), pdl=pdl)
+        y = decode_attention(q, k, v, pos, pdl=pdl)  # (1, H, 1, hd)
+        x = linear_residual(y, wo, x, pdl=pdl)
+        return linear_residual(norm_swiglu(x, n2, eps[1], wg, wu, pdl=pdl), wd, x, pdl=pdl)
+
+    @_decode_block.register_fake
+    def _(x, pos, k, v, cos, sin, weights, eps):
+        return torch.empty_like(x)
 
 
 def projections(block: plain.Block) -> list:
@@ -600,7 +655,7 @@ def compile_generator(gen, sync_every: int = 32):
 def compile_speculative(gen, sync_every: int = 8):
     """Compile a sample.SpeculativeGenerator's forwards (three shapes: the draft's one and two
     tokens, the target's k + 1) with the decode kernels; on a GPU, the `sync_every` rounds between
-    two host reads become one CUDA graph replay."""
+    two host reads become one CUDA graph replay, and each model's prompt pass is one too."""
     for m in {id(gen.target): gen.target, id(gen.draft): gen.draft}.values():
         use_decode_kernels(m)
     gen.forward = {name: torch.compile(m, fullgraph=True, dynamic=False, options=step_options(m)) for name, m in
@@ -608,6 +663,7 @@ def compile_speculative(gen, sync_every: int = 8):
     gen.compiled = True
     if gen.target.lm_head.weight.is_cuda:
         gen.rounds, gen.sync_every = GraphedSteps(gen.round, [gen.target, gen.draft]), sync_every
+        gen.prefill = {name: GraphedPrefill(m) for name, m in (("target", gen.target), ("draft", gen.draft))}
 
 
 def cache_addresses(models) -> tuple:

@@ -12,6 +12,7 @@ greedy decoding, which gives HF `generate(do_sample=False, repetition_penalty=..
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import sys
 import time
@@ -77,6 +78,12 @@ def next_token(logits, seen, temperature: float, top_k: int, top_p: float, penal
     return draw(process_logits(logits, seen, temperature, top_k, top_p, penalty).softmax(-1))
 
 
+def prefill(model: Llama, ids):
+    """The prompts ids (B, P) in one pass from position 0, filling the KV cache: the logits at the
+    last position (B, V), float32."""
+    return model(ids, start_pos=0)[:, -1].float()
+
+
 def cache_length(model: Llama, prompt_len: int, max_new: int) -> int:
     """KV cache positions for a prompt and its new tokens, rounded up to a multiple of 512: the
     compiled decode step is specialised to the cache's shape, so prompts of similar length share
@@ -111,9 +118,7 @@ class Generator:
         out.index_copy_(1, pos.view(1), nxt)
 
     def prefill(self, ids):
-        """The prompts ids (B, P) in one pass from position 0, filling the KV cache: the logits at
-        the last position (B, V), float32."""
-        return self.model(ids, start_pos=0)[:, -1].float()
+        return prefill(self.model, ids)
 
     def run_steps(self, n: int, *state_and_settings):
         for _ in range(n):
@@ -193,6 +198,7 @@ class SpeculativeGenerator:
                              f"target's ({target.config.vocab_size}); a draft must use the target's tokenizer")
         self.target, self.draft, self.k, self.sync_every = target, draft, draft_tokens, sync_every
         self.forward = {"target": target, "draft": draft}  # the calls a round makes (compiled from outside)
+        self.prefill = {"target": functools.partial(prefill, target), "draft": functools.partial(prefill, draft)}
         self.rounds = self.run_rounds
         self.compiled = False
         self.reset_stats()
@@ -264,8 +270,8 @@ class SpeculativeGenerator:
         seen = torch.zeros(1, V, dtype=torch.bool, device=dev)
         seen[0, seq[0, :P]] = True
         # Prefill: the target scores the prompt and picks the first new token; the draft reads the prompt.
-        first = next_token(target(seq[:, :P], start_pos=0)[0, -1:].float(), seen, *settings)
-        draft(seq[:, :P], start_pos=0)
+        first = next_token(self.prefill["target"](seq[:, :P]), seen, *settings)
+        self.prefill["draft"](seq[:, :P])
         seq[0, P] = first[0]
         seen[0, first] = True
         n = torch.tensor(P + 1, device=dev)
