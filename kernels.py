@@ -5,7 +5,7 @@ shapes and the plain-torch form it is tested against (test_model.py).
     use_attention(model, fn)      causal attention over whole sequences (TPU: Pallas; XLA:CPU: blockwise)
     use_chunked_loss(model, n)    the loss n rows at a time, without the full logits (XLA)
     use_decode_kernels(model)     decoding a few tokens: the decode attention, per-shape projections
-                                  and, where they win, one-token blocks in six kernels (decode_block)
+                                  and, where they win, blocks of one or two tokens in six kernels (decode_block)
 
 Triton ships with torch's CUDA wheels; without it (a CPU-only torch) the GPU kernels are absent and
 decoding keeps the plain attention.
@@ -296,7 +296,8 @@ def decode_attention(q, k, v, pos, split: int | None = None, block_n: int = 64, 
     its loads (no expanded copies).
 
     q (B, H, T, hd); k, v (B, KV, S, hd), the cache; pos (T,) increasing positions, query t sees
-    slots 0..pos[t]. Returns (B, H, T, hd) in q's dtype; equal to decode_attention_reference.
+    slots 0..pos[t]. Returns (B, H, T, hd) in q's dtype, laid out as (B, T, H, hd), the order
+    o_proj reads it in; equal to decode_attention_reference.
     By default about 64 splits of at least 32 slots: a short context's few slots are still spread
     over many programs, each waiting on one load of its keys and values, not a chain of them.
     pdl: both kernels launched with programmatic dependent launch (decode_block's chain)."""
@@ -314,7 +315,7 @@ def decode_attention(q, k, v, pos, split: int | None = None, block_n: int = 64, 
         k.stride(2), v.stride(0), v.stride(1), v.stride(2), T, KV, QK_SCALE=hd ** -0.5 * math.log2(math.e),
         G=G, HD=hd, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT=split, IEEE=q.dtype == torch.float32, PDL=pdl,
         launch_pdl=pdl)
-    out = torch.empty(B, H, T, hd, dtype=q.dtype, device=q.device)
+    out = torch.empty(B, T, H, hd, dtype=q.dtype, device=q.device).transpose(1, 2)  # o_proj's order
     _decode_attention_combine[(B * KV, G * T)](
         o_part, lse_part, out, out.stride(0), out.stride(1), out.stride(2), T, KV, n_split, G=G, HD=hd,
         BLOCK_M=block_m, BLOCK_S=max(2, triton.next_power_of_2(n_split)), PDL=pdl, launch_pdl=pdl)
@@ -322,27 +323,33 @@ def decode_attention(q, k, v, pos, split: int | None = None, block_n: int = 64, 
 
 
 # ---------------------------------------------------------------------------------------------
-# One token through a whole block in four kernels and the decode attention
+# One or two tokens through a whole block in four kernels and the decode attention
 
 
 if triton is not None:
     @triton.jit
-    def _normed(X, NW, EPS, D: tl.constexpr, BLOCK_D: tl.constexpr):
-        """RMSNorm of the D values at X (fp32 statistics), rounded to x's dtype as RMSNorm returns
-        it: (BLOCK_D,). Every program of a projection computes it for itself: the vector is a few
-        KB and sits in L2."""
-        c = tl.arange(0, BLOCK_D)
-        x = tl.load(X + c, mask=c < D, other=0.0).to(tl.float32)
+    def _normed(X, NW, EPS, T: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+        """RMSNorm of the T rows of D values at X (fp32 statistics), rounded to x's dtype as RMSNorm
+        returns it: (BLOCK_T, BLOCK_D), rows past T zero. Every program of a projection computes it
+        for itself: the rows are a few KB and sit in L2."""
+        t, c = tl.arange(0, BLOCK_T)[:, None], tl.arange(0, BLOCK_D)[None, :]
+        x = tl.load(X + t * D + c, mask=(t < T) & (c < D), other=0.0).to(tl.float32)
         w = tl.load(NW + c, mask=c < D, other=0.0).to(tl.float32)
-        inv = tl.rsqrt(tl.sum(x * x, 0) / D + EPS)
-        return (x * inv * w).to(X.dtype.element_ty).to(tl.float32)
+        inv = tl.rsqrt(tl.sum(x * x, 1) / D + EPS)
+        return (x * inv[:, None] * w).to(X.dtype.element_ty).to(tl.float32)
+
+    @triton.jit
+    def _rows_times(w, x):
+        """w (R, K) times each row of x (BLOCK_T, K): (BLOCK_T, R), the weight read once for all rows."""
+        return tl.sum(w[None, :, :] * x[:, None, :], 2)
 
     @triton.jit
     def _norm_qkv_rope(X, NW, WQ, WK, WV, COS, SIN, POS, Q_OUT, K_CACHE, V_CACHE, skh, sks, svh, svs, EPS,
-                       D: tl.constexpr, H: tl.constexpr, KV: tl.constexpr, HD: tl.constexpr, R: tl.constexpr,
-                       BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+                       T: tl.constexpr, D: tl.constexpr, H: tl.constexpr, KV: tl.constexpr, HD: tl.constexpr,
+                       R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
         """Program (head, j) of the H query, KV key and KV value heads: channels r = j*R .. j*R+R-1
-        of the head's first half and r + HD/2 of its second, the two that RoPE's rotate-half mixes."""
+        of the head's first half and r + HD/2 of its second, the two that RoPE's rotate-half mixes,
+        for each of the T tokens."""
         _let_the_next_kernel_start(PDL)
         pid = tl.program_id(0)
         head, j = pid // (HD // 2 // R), pid % (HD // 2 // R)
@@ -357,47 +364,51 @@ if triton is not None:
         wa = tl.load(w_head + r[:, None] * D + c[None, :], mask=(c < D)[None, :], other=0.0)  # loads first:
         wb = tl.load(w_head + (r + HD // 2)[:, None] * D + c[None, :], mask=(c < D)[None, :], other=0.0)
         _wait_for_the_previous_kernel(PDL)
-        xn = _normed(X, NW, EPS, D, BLOCK_D)[None, :]  # the norm is computed while they arrive
+        xn = _normed(X, NW, EPS, T, D, BLOCK_T, BLOCK_D)  # the norm is computed while they arrive
         dt = X.dtype.element_ty
-        a = tl.sum(wa * xn, 1).to(dt).to(tl.float32)  # the projection's output, rounded
-        b = tl.sum(wb * xn, 1).to(dt).to(tl.float32)
-        pos = tl.load(POS)
+        a = _rows_times(wa, xn).to(dt).to(tl.float32)  # (BLOCK_T, R): the projection's output, rounded
+        b = _rows_times(wb, xn).to(dt).to(tl.float32)
+        t = tl.arange(0, BLOCK_T)
+        pos = tl.load(POS + t, mask=t < T, other=0)[:, None]
+        r = r[None, :]
         if head < H + KV:  # RoPE on queries and keys: x * cos + rotate_half(x) * sin
             c1 = tl.load(COS + pos * HD + r).to(dt).to(tl.float32)
             s1 = tl.load(SIN + pos * HD + r).to(dt).to(tl.float32)
             c2 = tl.load(COS + pos * HD + r + HD // 2).to(dt).to(tl.float32)
             s2 = tl.load(SIN + pos * HD + r + HD // 2).to(dt).to(tl.float32)
             a, b = a * c1 - b * s1, b * c2 + a * s2
-        if head < H:
-            out = Q_OUT + head * HD
+        if head < H:  # q (1, H, T, HD)
+            out = Q_OUT + head * T * HD + t[:, None] * HD
         elif head < H + KV:
             out = K_CACHE + (head - H) * skh + pos * sks
         else:
             out = V_CACHE + (head - H - KV) * svh + pos * svs
-        tl.store(out + r, a.to(out.dtype.element_ty))
-        tl.store(out + r + HD // 2, b.to(out.dtype.element_ty))
+        tl.store(out + r, a.to(out.dtype.element_ty), mask=(t < T)[:, None])
+        tl.store(out + r + HD // 2, b.to(out.dtype.element_ty), mask=(t < T)[:, None])
 
     @triton.jit
-    def _linear_residual(Y, W, RES, OUT, N: tl.constexpr, K: tl.constexpr, R: tl.constexpr,
-                         BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-        """Rows n = pid*R .. pid*R+R-1 of res + W @ y."""
+    def _linear_residual(Y, W, RES, OUT, T: tl.constexpr, N: tl.constexpr, K: tl.constexpr, R: tl.constexpr,
+                         BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+        """Rows n = pid*R .. pid*R+R-1 of res + W @ y, for each of the T tokens."""
         _let_the_next_kernel_start(PDL)
         n = tl.program_id(0) * R + tl.arange(0, R)
-        acc = tl.zeros([R], tl.float32)
+        t = tl.arange(0, BLOCK_T)[:, None]
+        acc = tl.zeros([BLOCK_T, R], tl.float32)
         for k0 in range(0, K, BLOCK_K):
             c = k0 + tl.arange(0, BLOCK_K)
             w = tl.load(W + n[:, None] * K + c[None, :], mask=(n < N)[:, None] & (c < K)[None, :], other=0.0)
             _wait_for_the_previous_kernel(PDL)  # (at once after the first time)
-            y = tl.load(Y + c, mask=c < K, other=0.0).to(tl.float32)
-            acc += tl.sum(w * y[None, :], 1)
+            y = tl.load(Y + t * K + c[None, :], mask=(t < T) & (c < K)[None, :], other=0.0).to(tl.float32)
+            acc += _rows_times(w, y)
         dt = RES.dtype.element_ty
-        res = tl.load(RES + n, mask=n < N, other=0.0).to(tl.float32)
-        tl.store(OUT + n, (res + acc.to(dt).to(tl.float32)).to(dt), mask=n < N)
+        rows, keep = t * N + n[None, :], (t < T) & (n < N)[None, :]
+        res = tl.load(RES + rows, mask=keep, other=0.0).to(tl.float32)
+        tl.store(OUT + rows, (res + acc.to(dt).to(tl.float32)).to(dt), mask=keep)
 
     @triton.jit
-    def _norm_swiglu(X, NW, WG, WU, OUT, EPS, D: tl.constexpr, F: tl.constexpr, R: tl.constexpr,
-                     BLOCK_D: tl.constexpr, PDL: tl.constexpr):
-        """Rows f = pid*R .. pid*R+R-1 of silu(Wg @ norm(x)) * (Wu @ norm(x))."""
+    def _norm_swiglu(X, NW, WG, WU, OUT, EPS, T: tl.constexpr, D: tl.constexpr, F: tl.constexpr,
+                     R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+        """Rows f = pid*R .. pid*R+R-1 of silu(Wg @ norm(x)) * (Wu @ norm(x)), for each of the T tokens."""
         _let_the_next_kernel_start(PDL)
         f = tl.program_id(0) * R + tl.arange(0, R)
         c = tl.arange(0, BLOCK_D)
@@ -405,11 +416,12 @@ if triton is not None:
         wg = tl.load(WG + f[:, None] * D + c[None, :], mask=m, other=0.0)
         wu = tl.load(WU + f[:, None] * D + c[None, :], mask=m, other=0.0)
         _wait_for_the_previous_kernel(PDL)
-        xn = _normed(X, NW, EPS, D, BLOCK_D)[None, :]
+        xn = _normed(X, NW, EPS, T, D, BLOCK_T, BLOCK_D)
         dt = X.dtype.element_ty
-        g = tl.sum(wg * xn, 1).to(dt).to(tl.float32)
-        u = tl.sum(wu * xn, 1).to(dt).to(tl.float32)
-        tl.store(OUT + f, (g * tl.sigmoid(g) * u).to(dt), mask=f < F)
+        g = _rows_times(wg, xn).to(dt).to(tl.float32)  # (BLOCK_T, R)
+        u = _rows_times(wu, xn).to(dt).to(tl.float32)
+        t = tl.arange(0, BLOCK_T)[:, None]
+        tl.store(OUT + t * F + f[None, :], (g * tl.sigmoid(g) * u).to(dt), mask=(t < T) & (f < F)[None, :])
 
 
 # (rows per program, warps) of each kernel: measured by bench.py decode-block. Small tiles and many
@@ -418,57 +430,63 @@ TILES = {"qkv": (1, 2), "linear": (2, 4), "swiglu": (2, 4)}
 
 
 def norm_qkv_rope(x, norm_w, eps, wq, wk, wv, rope, pos, cache, rows=None, num_warps=None, pdl=False):
-    """RMSNorm, the q/k/v projections and RoPE of one token, its key and value written into the
-    cache: the queries (1, H, 1, hd). x (1, 1, d); norm_w (d,) and eps the RMSNorm's; wq (H*hd, d),
-    wk, wv (KV*hd, d); rope the model's whole (cos, sin) tables (max_pos, hd), read at pos (1,)
-    inside the kernel; cache (k, v), each (1, KV, S, hd). Plain-torch form, as model.Attention
-    computes it, with cos, sin = rope[0][pos], rope[1][pos]:
+    """RMSNorm, the q/k/v projections and RoPE of T tokens (one or two), their keys and values
+    written into the cache: the queries (1, H, T, hd). x (1, T, d); norm_w (d,) and eps the
+    RMSNorm's; wq (H*hd, d), wk, wv (KV*hd, d); rope the model's whole (cos, sin) tables
+    (max_pos, hd), read at pos (T,) inside the kernel; cache (k, v), each (1, KV, S, hd).
+    Plain-torch form, as model.Attention computes it, with cos, sin = rope[0][pos], rope[1][pos]:
         h = norm(x); q, k, v = q_proj(h), k_proj(h), v_proj(h)   (viewed as heads)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin); cache.update(pos, k, v)"""
-    (k, v), d = cache, x.shape[-1]
+    (k, v), (T, d) = cache, x.shape[-2:]
     KV, hd = k.shape[1], k.shape[3]
     H = wq.shape[0] // hd
     r = min(rows or TILES["qkv"][0], hd // 2)
-    q = torch.empty(1, H, 1, hd, dtype=x.dtype, device=x.device)
+    q = torch.empty(1, H, T, hd, dtype=x.dtype, device=x.device)
     _norm_qkv_rope[((H + 2 * KV) * (hd // 2 // r),)](
-        x, norm_w, wq, wk, wv, *rope, pos, q, k, v, k.stride(1), k.stride(2), v.stride(1), v.stride(2), eps, d,
-        H=H, KV=KV, HD=hd, R=r, BLOCK_D=triton.next_power_of_2(d), PDL=pdl, launch_pdl=pdl,
-        num_warps=num_warps or TILES["qkv"][1])
+        x, norm_w, wq, wk, wv, *rope, pos, q, k, v, k.stride(1), k.stride(2), v.stride(1), v.stride(2), eps, T, d,
+        H=H, KV=KV, HD=hd, R=r, BLOCK_T=triton.next_power_of_2(T), BLOCK_D=triton.next_power_of_2(d), PDL=pdl,
+        launch_pdl=pdl, num_warps=num_warps or TILES["qkv"][1])
     return q
 
 
 def linear_residual(y, weight, res, rows=None, num_warps=None, pdl=False):
-    """res + y @ weight.T for one token: y (in,), weight (out, in), res (1, 1, out) -> (1, 1, out).
-    The projections that write into the residual stream (o_proj, down_proj)."""
+    """res + y @ weight.T for T tokens: y (T, in) contiguous, weight (out, in), res (1, T, out) ->
+    (1, T, out). The projections that write into the residual stream (o_proj, down_proj)."""
     N, K = weight.shape
+    T = res.shape[1]
     r = rows or TILES["linear"][0]
     out = torch.empty_like(res)
-    _linear_residual[(triton.cdiv(N, r),)](y, weight, res, out, N, K, R=r,
+    _linear_residual[(triton.cdiv(N, r),)](y, weight, res, out, T, N, K, R=r, BLOCK_T=triton.next_power_of_2(T),
                                            BLOCK_K=min(triton.next_power_of_2(K), 4096), PDL=pdl,
                                            launch_pdl=pdl, num_warps=num_warps or TILES["linear"][1])
     return out
 
 
 def norm_swiglu(x, norm_w, eps, wg, wu, rows=None, num_warps=None, pdl=False):
-    """silu(gate_proj(h)) * up_proj(h) with h = norm(x), for one token: x (1, 1, d) -> (ffn,), the
+    """silu(gate_proj(h)) * up_proj(h) with h = norm(x), for T tokens: x (1, T, d) -> (T, ffn), the
     input of down_proj (model.MLP before its last product); norm_w (d,), eps; wg, wu (ffn, d)."""
-    F_, d = wg.shape
+    (F_, d), T = wg.shape, x.shape[1]
     r = rows or TILES["swiglu"][0]
-    out = torch.empty(F_, dtype=x.dtype, device=x.device)
-    _norm_swiglu[(triton.cdiv(F_, r),)](x, norm_w, wg, wu, out, eps, d, F_, R=r, BLOCK_D=triton.next_power_of_2(d),
-                                        PDL=pdl, launch_pdl=pdl, num_warps=num_warps or TILES["swiglu"][1])
+    out = torch.empty(T, F_, dtype=x.dtype, device=x.device)
+    _norm_swiglu[(triton.cdiv(F_, r),)](x, norm_w, wg, wu, out, eps, T, d, F_, R=r, BLOCK_T=triton.next_power_of_2(T),
+                                        BLOCK_D=triton.next_power_of_2(d), PDL=pdl, launch_pdl=pdl,
+                                        num_warps=num_warps or TILES["swiglu"][1])
     return out
 
 
 # Whether decode_block launches its kernels with programmatic dependent launch on a GPU that has it
 # (compute capability 9.0 on); bench.py decode turns it off for the side-by-side row.
 PDL = True
+# The most tokens decode_block takes: a one-token step and a speculative draft's two-token catch-up.
+# Each product reads a weight tile once for all the tokens; at more tokens the tiles' partial
+# products no longer fit a program's registers.
+BLOCK_TOKENS = 2
 
 
 def decode_block(block: plain.Block, x, rope, pos):
-    """model.Block.forward for one token of one sequence, in six kernels: norm + q/k/v + RoPE +
-    cache write, the decode attention (two), o_proj + residual, norm + gate/up + SiLU, down_proj
-    + residual. x (1, 1, d); rope the model's (cos, sin) tables; pos (1,). Equal to
+    """model.Block.forward for one or two tokens of one sequence, in six kernels: norm + q/k/v +
+    RoPE + cache write, the decode attention (two), o_proj + residual, norm + gate/up + SiLU,
+    down_proj + residual. x (1, T, d); rope the model's (cos, sin) tables; pos (T,). Equal to
     block(x, rope[0][pos], rope[1][pos], pos). One custom op to torch.compile: inductor neither
     looks into its kernels nor launches them, so they can be launched with PDL."""
     a, m, n1, n2 = block.self_attn, block.mlp, block.input_layernorm, block.post_attention_layernorm
@@ -483,14 +501,15 @@ if triton is not None:
                       sin: torch.Tensor, weights: list[torch.Tensor], eps: list[float]) -> torch.Tensor:
         n1, wq, wk, wv, wo, n2, wg, wu, wd = weights
         pdl = PDL and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
+        x = x.contiguous()
         q = norm_qkv_rope(x, n1, eps[0], wq, wk, wv, (cos, sin), pos, (k, v), pdl=pdl)
-        y = decode_attention(q, k, v, pos, pdl=pdl)  # (1, H, 1, hd)
+        y = decode_attention(q, k, v, pos, pdl=pdl).transpose(1, 2)  # (1, T, H, hd), contiguous
         x = linear_residual(y, wo, x, pdl=pdl)
         return linear_residual(norm_swiglu(x, n2, eps[1], wg, wu, pdl=pdl), wd, x, pdl=pdl)
 
     @_decode_block.register_fake
     def _(x, pos, k, v, cos, sin, weights, eps):
-        return torch.empty_like(x)
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def projections(block: plain.Block) -> list:
@@ -509,17 +528,18 @@ def fuses(block: plain.Block) -> bool:
 
 
 def use_decode_blocks(model: plain.Llama):
-    """One-token steps of batch 1 through decode_block where it fuses (the block's own forward
+    """Steps of one or two tokens of batch 1 through decode_block where it fuses (the block's own forward
     otherwise, and for every other step)."""
     for block in model.model.layers:
         block.__dict__.pop("forward", None)  # the class's forward, if installed before
         if fuses(block):
-            block.forward = _one_token_forward(model, block, block.forward)
+            block.forward = _few_token_forward(model, block, block.forward)
 
 
-def _one_token_forward(model, block, forward):
+def _few_token_forward(model, block, forward):
     def run(x, cos, sin, pos=None):
-        if pos is not None and x.shape[:2] == (1, 1) and block.self_attn.kv_cache.k.shape[0] == 1:
+        if (pos is not None and x.shape[0] == 1 and x.shape[1] <= BLOCK_TOKENS
+                and block.self_attn.kv_cache.k.shape[0] == 1):
             return decode_block(block, x, (model.rope_cos, model.rope_sin), pos)
         return forward(x, cos, sin, pos)
     return run

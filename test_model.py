@@ -1321,15 +1321,18 @@ for name, shape in [("d96 3/1 heads", dict(hidden_size=96, intermediate_size=160
     block, cache = m.model.layers[1], m.model.layers[1].self_attn.kv_cache
     with torch.no_grad():
         m(torch.randint(0, 64, (1, 20)), start_pos=0)  # 20 positions cached
-        x, pos = torch.randn(1, 1, cfg.hidden_size), torch.tensor([20])
-        before = cache.k.clone(), cache.v.clone()
-        want = block(x, m.rope_cos[pos], m.rope_sin[pos], pos)
-        want_k, want_v = cache.k.clone(), cache.v.clone()
-        cache.k.copy_(before[0]), cache.v.copy_(before[1])
-        got = kernels.decode_block(block, x, (m.rope_cos, m.rope_sin), pos)
-    worst[name] = max((got - want).abs().max().item(), (cache.k - want_k).abs().max().item(),
-                      (cache.v - want_v).abs().max().item())
-    worst[name + ": position 20 written"] = (cache.k[0, :, 20] - before[0][0, :, 20]).abs().max().item()
+        for T in (1, 2):  # a one-token step; a speculative draft's two-token catch-up
+            x, pos = torch.randn(1, T, cfg.hidden_size), 20 + torch.arange(T)
+            before = cache.k.clone(), cache.v.clone()
+            want = block(x, m.rope_cos[pos], m.rope_sin[pos], pos)
+            want_k, want_v = cache.k.clone(), cache.v.clone()
+            cache.k.copy_(before[0]), cache.v.copy_(before[1])
+            got = kernels.decode_block(block, x, (m.rope_cos, m.rope_sin), pos)
+            worst[f"{name} T={T}"] = max((got - want).abs().max().item(), (cache.k - want_k).abs().max().item(),
+                                         (cache.v - want_v).abs().max().item())
+            worst[f"{name} T={T}: position {19 + T} written"] = (
+                cache.k[0, :, 19 + T] - before[0][0, :, 19 + T]).abs().max().item()
+            cache.k.copy_(before[0]), cache.v.copy_(before[1])
 print(json.dumps(worst))
 """
 
@@ -1337,16 +1340,17 @@ print(json.dumps(worst))
 def test_decode_block_kernels_equal_the_block():
     """kernels.decode_block (norm + q/k/v + RoPE + cache write, the decode attention, o_proj +
     residual, norm + SwiGLU, down_proj + residual), run by Triton's interpreter on the CPU, against
-    model.Block's forward of one token: output and cache, fp32, 1e-5. (The interpreter's bf16
-    products are not bf16's; bf16 is compared on the GPU by bench.py decode-block.)"""
+    model.Block's forward of one and of two tokens: output and cache, fp32, 1e-5. (The
+    interpreter's bf16 products are not bf16's; bf16 is compared on the GPU by bench.py
+    decode-block.)"""
     worst = in_triton_interpreter(DECODE_BLOCK_CHECK)
-    assert len(worst) == 4, worst
+    assert len(worst) == 8, worst
     for name, err in worst.items():
         assert err > 0.01 if name.endswith("written") else err < 1e-5, worst
 
 
-def test_decode_blocks_take_only_one_token_steps_of_one_sequence(monkeypatch):
-    """use_decode_blocks routes a batch-1 one-token cached step through decode_block and leaves
+def test_decode_blocks_take_only_few_token_steps_of_one_sequence(monkeypatch):
+    """use_decode_blocks routes a batch-1 cached step of one or two tokens through decode_block and leaves
     prompts, several sequences and whole sequences to the block's own forward; a block whose
     products were measured faster through cuBLAS keeps its forward."""
     torch.manual_seed(0)
@@ -1365,6 +1369,10 @@ def test_decode_blocks_take_only_one_token_steps_of_one_sequence(monkeypatch):
         assert calls == []
         model(torch.randint(0, 256, (1, 1)), start_pos=5)
         assert calls == [(i, (1, 1, model.config.hidden_size)) for i in range(model.config.num_hidden_layers)
+                         if i != 1]
+        calls.clear()
+        model(torch.randint(0, 256, (1, 2)), start_pos=6)  # a draft's two-token catch-up
+        assert calls == [(i, (1, 2, model.config.hidden_size)) for i in range(model.config.num_hidden_layers)
                          if i != 1]
         model.setup_cache(2, 32)
         calls.clear()
