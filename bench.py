@@ -434,7 +434,7 @@ def decode_one(impl: str, device: str, shape: str, new_tokens: int, prompt_len: 
     return {"impl": impl, "shape": shape, "device": device, "dtype": dtype, "prompt": prompt_len,
             "sampling": sampling, "new_tokens": len(out), "tok_s": round(len(out) / best, 1),
             "us_per_token": round(best / len(out) * 1e6, 1), "prompt_ms": round(first * 1e3, 2),
-            "us_per_step": round((best - first) / (len(out) - 1) * 1e6, 1), "first_run_s": round(times[0], 2),
+            "us_per_step": round((best - first) / (len(out) - 1) * 1e6, 1) if len(out) > 1 else None, "first_run_s": round(times[0], 2),
             "runs_s": [round(t, 3) for t in times], "tokens": out[:64], **extra}
 
 def decode_table(args) -> list[dict]:
@@ -476,7 +476,7 @@ def decode_table(args) -> list[dict]:
         ratio = f"{r['tok_s'] / ref['tok_s']:.2f}x" if ref else "-"
         print(f"{r['config']:<36}{r['us_per_token']:>10,}{r['tok_s']:>9,}{ratio:>9}"
               f"{r.get('kernels_per_token', '-'):>9}{r.get('gpu_busy_us_per_token', '-'):>8}{r['prompt_ms']:>11}"
-              f"{r['us_per_step']:>9}")
+              f"{r['us_per_step'] or '-':>9}")
     print("vs ref: the 150M against HF generate, the 7B shape against the compiled plain step under CUDA graphs;\n"
           "us/token: the whole generate (the prompt's pass included) over the new tokens; prompt ms: the prompt's\n"
           "pass and the first token alone; step us: each token after the first, (whole - prompt) / (new - 1).\n"
@@ -526,9 +526,10 @@ def decode_attention_table(args) -> list[dict]:
 def decode_block_one() -> dict:
     """One token through Portimbria-150M's 20 blocks (random bf16 weights, 300 positions cached),
     each timing a CUDA graph over all 20 layers' weights (252 MB, five times the L2 cache, as in
-    a decode step): each kernel of kernels.decode_block per tile (rows per program, warps), the
-    whole decode_block, and the reference: the same blocks compiled (multiply-and-sum products,
-    the decode attention, what torch.compile makes of model.Block). Times are per layer."""
+    a decode step): each kernel of kernels.decode_block per tile (rows per program, warps; launched
+    without PDL), then one and two tokens through the whole decode_block and through the
+    reference: the same blocks compiled (multiply-and-sum products, the decode attention, what
+    torch.compile makes of model.Block). Times are per layer."""
     import torch
 
     import kernels
@@ -587,10 +588,10 @@ def decode_block_table(args) -> list[dict]:
     for r in rows:
         if "rows" in r and r["us_per_layer"] < best.get(r["what"], {"us_per_layer": 1e9})["us_per_layer"]:
             best[r["what"]] = r
-    print(f"\n{'one token, per layer (150M, bf16)':<34}{'us':>7}  tile")
+    print(f"\n{'one or two tokens, per layer (150M, bf16)':<42}{'us':>7}  tile")
     for r in list(best.values()) + [r for r in rows if "rows" not in r]:
         tile = f"{r['rows']} rows, {r['warps']} warps" if "rows" in r else ""
-        print(f"{r['what']:<34}{r['us_per_layer']:>7}  {tile}")
+        print(f"{r['what']:<42}{r['us_per_layer']:>7}  {tile}")
     return rows
 
 
@@ -1399,7 +1400,7 @@ BENCHMARKS = {
                         decode_table, decode_one, ("device", "new_tokens", "runs", "only")),
     "decode-attention": Benchmark("the Triton decode attention vs SDPA over expanded KV heads; GPU",
                                   decode_attention_table, decode_attention_one),
-    "decode-block": Benchmark("one token through the 150M's blocks: decode_block's kernels per tile vs the "
+    "decode-block": Benchmark("one or two tokens through the 150M's blocks: decode_block's kernels per tile vs the "
                               "compiled block; GPU", decode_block_table, decode_block_one),
     "eval": Benchmark("perplexity-evaluation throughput vs HF forward with labels", eval_table, eval_one,
                       ("device",)),

@@ -287,6 +287,12 @@ if triton is not None:
         tl.store(OUT + b * sob + (kv * G + g) * soh + t * sot + d, y.to(OUT.dtype.element_ty))
 
 
+def pdl_options(pdl: bool) -> dict:
+    """A decode kernel's launch arguments for PDL: the kernel's PDL flag, and Triton's launch_pdl
+    only where it is asked for (ROCm's Triton has no such option)."""
+    return {"PDL": True, "launch_pdl": True} if pdl else {"PDL": False}
+
+
 def decode_attention(q, k, v, pos, split: int | None = None, block_n: int = 64, pdl: bool = False):
     """Attention of a few new tokens over a static KV cache, flash-decoding style (Dao et al.
     2023): the cache is cut into splits of `split` slots, each split's partial softmax is computed
@@ -313,12 +319,12 @@ def decode_attention(q, k, v, pos, split: int | None = None, block_n: int = 64, 
     _decode_attention_split[(B * KV, n_split)](
         q, k, v, pos, o_part, lse_part, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
         k.stride(2), v.stride(0), v.stride(1), v.stride(2), T, KV, QK_SCALE=hd ** -0.5 * math.log2(math.e),
-        G=G, HD=hd, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT=split, IEEE=q.dtype == torch.float32, PDL=pdl,
-        launch_pdl=pdl)
+        G=G, HD=hd, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT=split, IEEE=q.dtype == torch.float32,
+        **pdl_options(pdl))
     out = torch.empty(B, T, H, hd, dtype=q.dtype, device=q.device).transpose(1, 2)  # o_proj's order
     _decode_attention_combine[(B * KV, G * T)](
         o_part, lse_part, out, out.stride(0), out.stride(1), out.stride(2), T, KV, n_split, G=G, HD=hd,
-        BLOCK_M=block_m, BLOCK_S=max(2, triton.next_power_of_2(n_split)), PDL=pdl, launch_pdl=pdl)
+        BLOCK_M=block_m, BLOCK_S=max(2, triton.next_power_of_2(n_split)), **pdl_options(pdl))
     return out
 
 
@@ -444,8 +450,8 @@ def norm_qkv_rope(x, norm_w, eps, wq, wk, wv, rope, pos, cache, rows=None, num_w
     q = torch.empty(1, H, T, hd, dtype=x.dtype, device=x.device)
     _norm_qkv_rope[((H + 2 * KV) * (hd // 2 // r),)](
         x, norm_w, wq, wk, wv, *rope, pos, q, k, v, k.stride(1), k.stride(2), v.stride(1), v.stride(2), eps, T, d,
-        H=H, KV=KV, HD=hd, R=r, BLOCK_T=triton.next_power_of_2(T), BLOCK_D=triton.next_power_of_2(d), PDL=pdl,
-        launch_pdl=pdl, num_warps=num_warps or TILES["qkv"][1])
+        H=H, KV=KV, HD=hd, R=r, BLOCK_T=triton.next_power_of_2(T), BLOCK_D=triton.next_power_of_2(d),
+        **pdl_options(pdl), num_warps=num_warps or TILES["qkv"][1])
     return q
 
 
@@ -457,8 +463,8 @@ def linear_residual(y, weight, res, rows=None, num_warps=None, pdl=False):
     r = rows or TILES["linear"][0]
     out = torch.empty_like(res)
     _linear_residual[(triton.cdiv(N, r),)](y, weight, res, out, T, N, K, R=r, BLOCK_T=triton.next_power_of_2(T),
-                                           BLOCK_K=min(triton.next_power_of_2(K), 4096), PDL=pdl,
-                                           launch_pdl=pdl, num_warps=num_warps or TILES["linear"][1])
+                                           BLOCK_K=min(triton.next_power_of_2(K), 4096), **pdl_options(pdl),
+                                           num_warps=num_warps or TILES["linear"][1])
     return out
 
 
@@ -469,7 +475,7 @@ def norm_swiglu(x, norm_w, eps, wg, wu, rows=None, num_warps=None, pdl=False):
     r = rows or TILES["swiglu"][0]
     out = torch.empty(T, F_, dtype=x.dtype, device=x.device)
     _norm_swiglu[(triton.cdiv(F_, r),)](x, norm_w, wg, wu, out, eps, T, d, F_, R=r, BLOCK_T=triton.next_power_of_2(T),
-                                        BLOCK_D=triton.next_power_of_2(d), PDL=pdl, launch_pdl=pdl,
+                                        BLOCK_D=triton.next_power_of_2(d), **pdl_options(pdl),
                                         num_warps=num_warps or TILES["swiglu"][1])
     return out
 
@@ -500,7 +506,8 @@ if triton is not None:
     def _decode_block(x: torch.Tensor, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                       sin: torch.Tensor, weights: list[torch.Tensor], eps: list[float]) -> torch.Tensor:
         n1, wq, wk, wv, wo, n2, wg, wu, wd = weights
-        pdl = PDL and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
+        pdl = (PDL and x.is_cuda and torch.version.hip is None
+               and torch.cuda.get_device_capability(x.device)[0] >= 9)  # Hopper on
         x = x.contiguous()
         q = norm_qkv_rope(x, n1, eps[0], wq, wk, wv, (cos, sin), pos, (k, v), pdl=pdl)
         y = decode_attention(q, k, v, pos, pdl=pdl).transpose(1, 2)  # (1, T, H, hd), contiguous
@@ -551,9 +558,9 @@ class DecodeLinear(nn.Linear):
       streams W and fuses it with its neighbours: faster than cuBLAS's GEMV for small weights
       (width 768), slower for large ones (width 4096), so `multiply_sum` is set per weight shape
       by measure_projections on a GPU; on the CPU it beat the BLAS GEMV at every width measured.
-      On a GPU two tokens too (a draft's catch-up in a speculative round), by the same per-shape
-      choice (timed at one token): the 150M's two-token forward took 681 us this way against 997
-      through cuBLAS (BENCHMARKS.md).
+      On a GPU two tokens too (a draft's catch-up in a speculative round, where decode_block does
+      not take the block), by the same per-shape choice (timed at one token): the 150M's
+      two-token forward took 681 us this way against 997 through cuBLAS (BENCHMARKS.md).
     - A few tokens on the CPU: (W @ x^T)^T. The BLAS reaches the same numbers through a faster
       path than x @ W^T, whose small-M GEMM packs the whole weight (BENCHMARKS.md)."""
 
@@ -622,7 +629,7 @@ def use_decode_kernels(model: plain.Llama, measure: bool = True) -> dict:
     """Kernels for decoding a few tokens at a time (compiled): every nn.Linear becomes a
     DecodeLinear, and on a GPU with Triton the cached attention of up to 16 new tokens goes
     through decode_attention; when measure, each weight shape's faster product is set and blocks
-    whose products all favour the multiply-and-sum take one-token steps through decode_block.
+    whose products all favour the multiply-and-sum take steps of one or two tokens through decode_block.
     Returns the projection timings (empty on the CPU)."""
     for module in model.modules():
         if type(module) is nn.Linear:
@@ -653,8 +660,10 @@ def step_options(model: plain.Llama) -> dict | None:
     """Inductor's options for a decode step on a GPU (None, the defaults, on the CPU, where the
     step has no user-defined Triton kernel). Inductor gives each user-defined Triton kernel its own
     stored copy of an input it has not stored (a cheap pointwise result such as the step's
-    positions), one more kernel per use: 40 a token for the 150M's 20 layers. A threshold of 0
-    stores every pointwise result that has more than one user, which keeps it to one."""
+    positions), one more kernel per use: 40 a token for the 150M's 20 layers, measured while
+    decode_block's kernels were still inductor's to launch (it is one custom op now, whose inputs
+    inductor stores anyway; the decode attention of longer forwards is still inductor's). A
+    threshold of 0 stores every pointwise result that has more than one user, which keeps it to one."""
     return {"realize_reads_threshold": 0} if model.lm_head.weight.is_cuda else None
 
 

@@ -1333,6 +1333,20 @@ for name, shape in [("d96 3/1 heads", dict(hidden_size=96, intermediate_size=160
             worst[f"{name} T={T}: position {19 + T} written"] = (
                 cache.k[0, :, 19 + T] - before[0][0, :, 19 + T]).abs().max().item()
             cache.k.copy_(before[0]), cache.v.copy_(before[1])
+    if name.startswith("d96"):  # the custom op's schema, fake and mutation, and its compiled form
+        rope = (m.rope_cos, m.rope_sin)
+        a, mlp, n1, n2 = block.self_attn, block.mlp, block.input_layernorm, block.post_attention_layernorm
+        weights = [n1.weight, a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.o_proj.weight, n2.weight,
+                   mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight]
+        with torch.no_grad():
+            torch.library.opcheck(kernels._decode_block, (x, pos, cache.k, cache.v, *rope, weights,
+                                                          [n1.eps, n2.eps]))
+            cache.k.copy_(before[0]), cache.v.copy_(before[1])
+            want = kernels.decode_block(block, x, rope, pos)
+            want_k = cache.k.clone()
+            cache.k.copy_(before[0]), cache.v.copy_(before[1])
+            got = torch.compile(lambda x: kernels.decode_block(block, x, rope, pos), fullgraph=True)(x)
+        worst["compiled op"] = max((got - want).abs().max().item(), (cache.k - want_k).abs().max().item())
 print(json.dumps(worst))
 """
 
@@ -1340,11 +1354,12 @@ print(json.dumps(worst))
 def test_decode_block_kernels_equal_the_block():
     """kernels.decode_block (norm + q/k/v + RoPE + cache write, the decode attention, o_proj +
     residual, norm + SwiGLU, down_proj + residual), run by Triton's interpreter on the CPU, against
-    model.Block's forward of one and of two tokens: output and cache, fp32, 1e-5. (The
-    interpreter's bf16 products are not bf16's; bf16 is compared on the GPU by bench.py
-    decode-block.)"""
+    model.Block's forward of one and of two tokens: output and cache, fp32, 1e-5; the custom op
+    passes torch.library.opcheck (schema, fake, mutation), and compiled it gives the eager op's
+    output and cache. (The interpreter's bf16 products are not bf16's; bf16 is compared on the GPU
+    by bench.py decode-block.)"""
     worst = in_triton_interpreter(DECODE_BLOCK_CHECK)
-    assert len(worst) == 8, worst
+    assert len(worst) == 9, worst
     for name, err in worst.items():
         assert err > 0.01 if name.endswith("written") else err < 1e-5, worst
 
