@@ -434,7 +434,8 @@ def decode_one(impl: str, device: str, shape: str, new_tokens: int, prompt_len: 
     return {"impl": impl, "shape": shape, "device": device, "dtype": dtype, "prompt": prompt_len,
             "sampling": sampling, "new_tokens": len(out), "tok_s": round(len(out) / best, 1),
             "us_per_token": round(best / len(out) * 1e6, 1), "prompt_ms": round(first * 1e3, 2),
-            "us_per_step": round((best - first) / (len(out) - 1) * 1e6, 1) if len(out) > 1 else None, "first_run_s": round(times[0], 2),
+            "us_per_step": round((best - first) / (len(out) - 1) * 1e6, 1) if len(out) > 1 else None,
+            "first_run_s": round(times[0], 2),
             "runs_s": [round(t, 3) for t in times], "tokens": out[:64], **extra}
 
 def decode_table(args) -> list[dict]:
@@ -542,7 +543,6 @@ def decode_block_one() -> dict:
         model(torch.randint(3, cfg.vocab_size, (1, 300), device="cuda"), start_pos=0)
     layers, n = list(model.model.layers), cfg.num_hidden_layers
     pos = torch.tensor([300], device="cuda")
-    cos, sin = model.rope_cos[pos], model.rope_sin[pos]
     x = torch.randn(1, 1, cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
     y = torch.randn(cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
     h = torch.randn(cfg.intermediate_size, device="cuda", dtype=torch.bfloat16) * 0.1

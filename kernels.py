@@ -495,10 +495,15 @@ def decode_block(block: plain.Block, x, rope, pos):
     down_proj + residual. x (1, T, d); rope the model's (cos, sin) tables; pos (T,). Equal to
     block(x, rope[0][pos], rope[1][pos], pos). One custom op to torch.compile: inductor neither
     looks into its kernels nor launches them, so they can be launched with PDL."""
+    cache = block.self_attn.kv_cache
+    return _decode_block(x, pos, cache.k, cache.v, rope[0], rope[1], *block_weights(block))
+
+
+def block_weights(block: plain.Block) -> tuple[list, list]:
+    """A block's weights in the order the decode_block op takes them, and its two norms' eps."""
     a, m, n1, n2 = block.self_attn, block.mlp, block.input_layernorm, block.post_attention_layernorm
-    weights = [n1.weight, a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.o_proj.weight, n2.weight,
-               m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight]
-    return _decode_block(x, pos, a.kv_cache.k, a.kv_cache.v, rope[0], rope[1], weights, [n1.eps, n2.eps])
+    return ([n1.weight, a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.o_proj.weight, n2.weight,
+             m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight], [n1.eps, n2.eps])
 
 
 if triton is not None:
@@ -712,6 +717,16 @@ def padded_prefill(model: plain.Llama, ids, last):
     return model.lm_head(h.index_select(1, last))[:, 0].float()
 
 
+def warm_up(run):
+    """run() once on a side stream before its capture, as CUDA graphs want: torch.compile compiles,
+    cuBLAS and Triton pick their kernels, outside the graph."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+
+
 class GraphedPrefill:
     """Generator.prefill as a CUDA graph replay, ids (B, P) -> the logits at the last position
     (B, V) float32: the prompt is padded to a power of two (at least 16 tokens, at most the cache)
@@ -740,11 +755,7 @@ class GraphedPrefill:
     def capture(self, B, T, device):
         static_ids = torch.zeros(B, T, dtype=torch.long, device=device)
         last = torch.zeros(1, dtype=torch.long, device=device)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up: cuBLAS and Triton pick their kernels outside the capture
-            padded_prefill(self.model, static_ids, last)
-        torch.cuda.current_stream().wait_stream(side)
+        warm_up(lambda: padded_prefill(self.model, static_ids, last))
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             logits = padded_prefill(self.model, static_ids, last)
@@ -779,11 +790,7 @@ class GraphedSteps:
     def capture(self, n, state, settings):
         static = [s.clone() for s in state]
         rng = torch.cuda.get_rng_state()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up: compiles, and CUDA graphs want a first run
-            self.step(*static, *settings)
-        torch.cuda.current_stream().wait_stream(side)
+        warm_up(lambda: self.step(*static, *settings))
         for s, a in zip(static, state):
             s.copy_(a)
         torch.cuda.set_rng_state(rng)

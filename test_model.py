@@ -1335,12 +1335,9 @@ for name, shape in [("d96 3/1 heads", dict(hidden_size=96, intermediate_size=160
             cache.k.copy_(before[0]), cache.v.copy_(before[1])
     if name.startswith("d96"):  # the custom op's schema, fake and mutation, and its compiled form
         rope = (m.rope_cos, m.rope_sin)
-        a, mlp, n1, n2 = block.self_attn, block.mlp, block.input_layernorm, block.post_attention_layernorm
-        weights = [n1.weight, a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.o_proj.weight, n2.weight,
-                   mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight]
         with torch.no_grad():
-            torch.library.opcheck(kernels._decode_block, (x, pos, cache.k, cache.v, *rope, weights,
-                                                          [n1.eps, n2.eps]))
+            torch.library.opcheck(kernels._decode_block, (x, pos, cache.k, cache.v, *rope,
+                                                          *kernels.block_weights(block)))
             cache.k.copy_(before[0]), cache.v.copy_(before[1])
             want = kernels.decode_block(block, x, rope, pos)
             want_k = cache.k.clone()
