@@ -31,15 +31,16 @@ from typing import Callable
 ROOT = Path(__file__).resolve().parent
 
 
-def child(what: str, config: dict, timeout=900) -> dict:
+def child(what: str, config: dict, timeout=900, cache: str | None = None) -> dict:
     """One configuration of the benchmark `what` in a fresh process (`bench.py WHAT --one JSON`):
-    its result, or {"error": the tail of its output}."""
-    # A fresh inductor cache per configuration: compile times are cold ones, and no configuration
-    # reuses a graph compiled for another (the cache does not key on every setting, pytorch#185449).
-    with tempfile.TemporaryDirectory(prefix="bench_inductor_") as cache:
+    its result, or {"error": the tail of its output}. cache: an inductor cache folder to share."""
+    # A fresh inductor cache per configuration unless given: compile times are cold ones, and no
+    # configuration reuses a graph compiled for another (the cache does not key on every setting,
+    # pytorch#185449).
+    with tempfile.TemporaryDirectory(prefix="bench_inductor_") as fresh:
         p = subprocess.run([sys.executable, str(ROOT / "bench.py"), what, "--one", json.dumps(config)],
                            capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                           env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache})
+                           env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache or fresh})
     lines = [x for x in p.stdout.splitlines() if x.startswith("{")]
     if p.returncode or not lines:
         return {"error": (p.stderr or p.stdout)[-1500:]}
@@ -752,8 +753,8 @@ def speculative_one(impl: str, target: str, draft: str, new_tokens: int, draft_t
                 for m in (t, d):
                     kernels.use_decode_kernels(m, measure=False)
 
-        def run(ids):
-            return gen.generate(ids, settings, eos_id=-1)[0]
+        def run(ids, new=new_tokens):
+            return gen.generate(ids, dataclasses.replace(settings, max_new_tokens=new), eos_id=-1)[0]
     with torch.no_grad():
         for ids in prompts:  # compile and warm up (the prefills' kernels too)
             run(ids)
@@ -765,6 +766,17 @@ def speculative_one(impl: str, target: str, draft: str, new_tokens: int, draft_t
         outs = [run(ids) for ids in prompts]
         sync()
         elapsed = time.time() - t0
+        stats = dict(getattr(gen, "stats", {}))
+        firsts = []  # the prompts' passes and first tokens alone: what the per-step figures leave out
+        for _ in range(0 if impl.startswith("hf") else 3):
+            sync()
+            t0 = time.time()
+            for ids in prompts:
+                run(ids, 1)
+            sync()
+            firsts.append(time.time() - t0)
+        if firsts:
+            extra["prompts_ms"] = round(min(firsts) * 1e3, 2)
         if impl == "ours" and device == "cuda":  # the target's (K+1)-token forward alone
             tokens = torch.randint(3, 32768, (1, draft_tokens + 1), device=device)
             start = torch.tensor(100, device=device)
@@ -774,12 +786,29 @@ def speculative_one(impl: str, target: str, draft: str, new_tokens: int, draft_t
     n = sum(len(o) for o in outs)
     r = {"impl": impl, "draft_tokens": draft_tokens, "tokens": n, "tok_s": round(n / elapsed, 1),
          "ms_per_token": round(elapsed * 1000 / n, 3), "outputs": outs, **extra}
+    steps = elapsed - extra.get("prompts_ms", 0) / 1e3  # the decoding after the prompts' passes
+    if impl in ("alone", "draft", "alone-eager"):
+        r["step_ms"] = round(steps * 1000 / (n - len(prompts)), 3)  # one step a token after the first
     if impl in ("ours", "eager"):
-        st = gen.stats
-        r.update(acceptance=round(st["accepted"] / max(st["proposed"], 1), 4), rounds=st["rounds"],
-                 round_ms=round(elapsed * 1000 / st["rounds"], 3),
-                 tokens_per_target_forward=round(st["tokens"] / st["rounds"], 3))
+        per_round = stats["accepted"] / stats["rounds"]
+        r.update(acceptance=round(stats["accepted"] / max(stats["proposed"], 1), 4),
+                 accepted_per_round=round(per_round, 4), alpha=round(acceptance_rate(per_round, draft_tokens), 4),
+                 rounds=stats["rounds"],
+                 round_ms=round(elapsed * 1000 / stats["rounds"], 3), step_round_ms=round(steps * 1000 / stats["rounds"], 3),
+                 tokens_per_target_forward=round(stats["tokens"] / stats["rounds"], 3))
     return r
+
+
+def acceptance_rate(accepted_per_round: float, k: int) -> float:
+    """Leviathan et al.'s acceptance rate a (each proposal kept with probability a, independently)
+    that keeps `accepted_per_round` of k proposals a round on average: a + a^2 + ... + a^k of them,
+    since a round stops at its first rejection. The share of proposals kept is not a: 13% of them
+    kept at K = 4 is a = 0.35."""
+    lo, hi = 0.0, 1.0
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if sum(mid ** i for i in range(1, k + 1)) < accepted_per_round else (lo, mid)
+    return lo
 
 
 def speculative_table(args) -> list[dict]:
@@ -805,13 +834,16 @@ def speculative_table(args) -> list[dict]:
         configs = [("alone", 0), ("draft", 0)] + [("ours", k) for k in ks]
         configs += [] if args.no_hf else [("hf-alone", 0), ("hf", ks[-1])]
     rows = []
-    for impl, k in configs:
-        r = child("speculative", {**base, "impl": impl, "draft_tokens": k, "new_tokens": args.new_tokens},
-                  timeout=1800)
-        r.setdefault("impl", impl)
-        r.setdefault("draft_tokens", k)
-        rows.append(r)
-        print(json.dumps({k2: v for k2, v in r.items() if k2 != "outputs"}), flush=True)
+    # One inductor cache for all: the configurations compile the same forwards under the same settings
+    # (a K compiles its target's K + 1 tokens), and this benchmark times decoding, not compilation.
+    with tempfile.TemporaryDirectory(prefix="bench_inductor_") as cache:
+        for impl, k in configs:
+            r = child("speculative", {**base, "impl": impl, "draft_tokens": k, "new_tokens": args.new_tokens},
+                      timeout=1800, cache=cache)
+            r.setdefault("impl", impl)
+            r.setdefault("draft_tokens", k)
+            rows.append(r)
+            print(json.dumps({k2: v for k2, v in r.items() if k2 != "outputs"}), flush=True)
     ok = {(r["impl"], r["draft_tokens"]): r for r in rows if "tok_s" in r}
     for r in rows:
         if "tok_s" not in r:
@@ -819,33 +851,41 @@ def speculative_table(args) -> list[dict]:
     alone = ok.get(("alone-eager" if device == "cpu" else "alone", 0))
     if not alone:
         return rows
+    # Step figures leave the prompts' passes out (bench.py decode's split): a round, a draft step and
+    # a target step are what eq. 1 and the round's budget speak of; tok/s counts everything.
     print(f"\ngreedy, batch 1, {base['target']} + {base['draft']}, {args.new_tokens} new tokens x "
-          f"{len(SPEC_PROMPTS)} prompts; target alone {alone['ms_per_token']} ms/token")
+          f"{len(SPEC_PROMPTS)} prompts; target alone {alone['ms_per_token']} ms/token, "
+          f"{alone['step_ms']} ms a step")
     step = ok.get(("draft", 0))
     if step:
-        print(f"draft alone {step['ms_per_token']} ms/token: c = {step['ms_per_token'] / alone['ms_per_token']:.3f}")
-    head = f"{'config':<12}{'tok/s':>9}{'vs alone':>10}{'accept':>8}{'round ms':>10}"
+        print(f"draft alone {step['ms_per_token']} ms/token, {step['step_ms']} ms a step: "
+              f"c = {step['step_ms'] / alone['step_ms']:.3f}")
+    head = f"{'config':<12}{'tok/s':>9}{'vs alone':>10}{'accept':>8}{'alpha':>7}{'round ms':>10}"
     if step:
-        head += f"{'K*draft+verify':>16}{'ratio':>7}{'eq.1':>7}" + "".join(f"{f'a={a}':>7}" for a in (0.5, 0.6, 0.7, 0.8))
-    print(head + f"{'equal':>12}")
+        head += (f"{'step round':>11}{'K*draft+verify':>16}{'ratio':>7}{'eq.1':>7}"
+                 + "".join(f"{f'a={a}':>7}" for a in (0.5, 0.6, 0.7, 0.8)))
+    print(head + f"{'equal to the target alone':>28}")
     for (impl, k), r in ok.items():
         if impl in ("alone", "alone-eager", "draft"):
             continue
         name = impl + (f" K={k}" if impl in ("ours", "eager", "hf") else "")
         accept = f"{r['acceptance']:.1%}" if "acceptance" in r else "-"
-        line = (f"{name:<12}{r['tok_s']:>9,}{r['tok_s'] / alone['tok_s']:>9.2f}x{accept:>8}"
+        line = (f"{name:<12}{r['tok_s']:>9,}{r['tok_s'] / alone['tok_s']:>9.2f}x{accept:>8}{r.get('alpha', '-'):>7}"
                 f"{r.get('round_ms', '-'):>10}")
         if step and "verify_ms" in r:
-            parts = k * step["ms_per_token"] + r["verify_ms"]
-            a, c = r["acceptance"], step["ms_per_token"] / alone["ms_per_token"]
-            # Leviathan et al. 2023, eq. 1 and Theorem 3.8: (1 - a^(k+1)) / ((1 - a)(k c + 1))
-            eq1 = (1 - a ** (k + 1)) / ((1 - a) * (k * c + 1)) if a < 1 else (k + 1) / (k * c + 1)
-            line += f"{parts:>16.2f}{r['round_ms'] / parts:>7.2f}{eq1:>6.2f}x"
+            parts = k * step["step_ms"] + r["verify_ms"]
+            c = step["step_ms"] / alone["step_ms"]
+            # Leviathan et al. 2023, eq. 1: (1 - a^(k+1)) / ((1 - a)(k c + 1)), whose numerator is the
+            # tokens a round yields at acceptance rate a; with the a that gives the measured tokens a round
+            # (acceptance_rate), that is 1 + the accepted proposals a round.
+            eq1 = (1 + r["accepted_per_round"]) / (k * c + 1)
+            line += f"{r['step_round_ms']:>11}{parts:>16.2f}{r['step_round_ms'] / parts:>7.2f}{eq1:>6.2f}x"
             # the measured round with acceptance a: (1 - a^(k+1)) / (1 - a) tokens per round
-            line += "".join(f"{(1 - a ** (k + 1)) / (1 - a) * alone['ms_per_token'] / r['round_ms']:>6.2f}x"
+            line += "".join(f"{(1 - a ** (k + 1)) / (1 - a) * alone['step_ms'] / r['step_round_ms']:>6.2f}x"
                             for a in (0.5, 0.6, 0.7, 0.8))
         equal = sum(x == y for o, w in zip(r["outputs"], alone["outputs"]) for x, y in zip(o, w))
-        print(line + f"{equal:>7}/{alone['tokens']}")
+        same = sum(o == w for o, w in zip(r["outputs"], alone["outputs"]))
+        print(line + f"{equal:>7}/{alone['tokens']} tokens, {same}/{len(alone['outputs'])} texts")
     return rows
 
 

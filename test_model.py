@@ -1658,6 +1658,19 @@ def test_speculative_sampling_keeps_the_targets_distribution():
     assert tv(freq(plain, 0), exact) < 0.05  # the same tolerance holds for the plain sampler
 
 
+def test_acceptance_rate_inverts_the_rounds_accepted_count():
+    """bench.py's eq. 1 takes the acceptance rate a from the accepted proposals a round: rounds that
+    keep each of K = 4 proposals with probability 0.35 until the first rejection give back a = 0.35,
+    where the share of proposals kept is about 0.13."""
+    import bench
+
+    g = torch.Generator().manual_seed(0)
+    kept = (torch.rand(20000, 4, generator=g) < 0.35).int().cumprod(1).sum(1).float()  # accepted a round
+    assert abs(kept.mean().item() / 4 - 0.13) < 0.01
+    assert abs(bench.acceptance_rate(kept.mean().item(), 4) - 0.35) < 0.01
+    assert bench.acceptance_rate(0.0, 4) == 0.0 and bench.acceptance_rate(4.0, 4) > 0.999
+
+
 def test_sample_cli_with_a_draft(hf_folder, tmp_path):
     args = ["--ckpt", str(hf_folder), "--prompt", "Hello", "--temperature", "0", "--max_new_tokens", "20"]
     alone = run_script("sample.py", *args)
