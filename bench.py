@@ -788,14 +788,15 @@ def speculative_one(impl: str, target: str, draft: str, new_tokens: int, draft_t
          "ms_per_token": round(elapsed * 1000 / n, 3), "outputs": outs, **extra}
     steps = elapsed - extra.get("prompts_ms", 0) / 1e3  # the decoding after the prompts' passes
     if impl in ("alone", "draft", "alone-eager"):
-        r["step_ms"] = round(steps * 1000 / (n - len(prompts)), 3)  # one step a token after the first
+        r["step_ms"] = round(steps * 1000 / max(n - len(prompts), 1), 3)  # one step for each token after the first
     if impl in ("ours", "eager"):
-        per_round = stats["accepted"] / stats["rounds"]
+        rounds = max(stats["rounds"], 1)
+        per_round = stats["accepted"] / rounds
         r.update(acceptance=round(stats["accepted"] / max(stats["proposed"], 1), 4),
                  accepted_per_round=round(per_round, 4), alpha=round(acceptance_rate(per_round, draft_tokens), 4),
-                 rounds=stats["rounds"],
-                 round_ms=round(elapsed * 1000 / stats["rounds"], 3), step_round_ms=round(steps * 1000 / stats["rounds"], 3),
-                 tokens_per_target_forward=round(stats["tokens"] / stats["rounds"], 3))
+                 rounds=stats["rounds"], round_ms=round(elapsed * 1000 / rounds, 3),
+                 step_round_ms=round(steps * 1000 / rounds, 3),
+                 tokens_per_target_forward=round(stats["tokens"] / rounds, 3))
     return r
 
 
