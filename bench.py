@@ -372,6 +372,18 @@ def gpu_profile(run, tokens: int) -> dict:
                                                    for n, t in top]}
 
 
+def best_seconds(fn: Callable, sync: Callable, runs: int = 3) -> float:
+    """The shortest of `runs` calls of fn(), each timed between two syncs of the device."""
+    times = []
+    for _ in range(runs):
+        sync()
+        t0 = time.time()
+        fn()
+        sync()
+        times.append(time.time() - t0)
+    return min(times)
+
+
 def decode_one(impl: str, device: str, shape: str, new_tokens: int, prompt_len: int, runs: int, dtype: str,
                sampling: bool = False, profile: bool = False):
     """Batch-1 decoding of new_tokens after a random prompt: 'ours' (sample.py --compile: compiled
@@ -422,16 +434,10 @@ def decode_one(impl: str, device: str, shape: str, new_tokens: int, prompt_len: 
             out = run()
             sync()
             times.append(time.time() - t0)
-        firsts = []  # the prompt's pass and the first token alone: what the per-step figure leaves out
-        for _ in range(3):
-            sync()
-            t0 = time.time()
-            run(1)
-            sync()
-            firsts.append(time.time() - t0)
+        first = best_seconds(lambda: run(1), sync)  # the prompt's pass and the first token: what the step leaves out
         if profile and device == "cuda":
             extra.update(gpu_profile(run, len(out)))
-    best, first = min(times[1:] if len(times) > 1 else times), min(firsts)
+    best = min(times[1:] if len(times) > 1 else times)
     return {"impl": impl, "shape": shape, "device": device, "dtype": dtype, "prompt": prompt_len,
             "sampling": sampling, "new_tokens": len(out), "tok_s": round(len(out) / best, 1),
             "us_per_token": round(best / len(out) * 1e6, 1), "prompt_ms": round(first * 1e3, 2),
@@ -767,16 +773,8 @@ def speculative_one(impl: str, target: str, draft: str, new_tokens: int, draft_t
         sync()
         elapsed = time.time() - t0
         stats = dict(getattr(gen, "stats", {}))
-        firsts = []  # the prompts' passes and first tokens alone: what the per-step figures leave out
-        for _ in range(0 if impl.startswith("hf") else 3):
-            sync()
-            t0 = time.time()
-            for ids in prompts:
-                run(ids, 1)
-            sync()
-            firsts.append(time.time() - t0)
-        if firsts:
-            extra["prompts_ms"] = round(min(firsts) * 1e3, 2)
+        if not impl.startswith("hf"):  # the prompts' passes and first tokens: what the step figures leave out
+            extra["prompts_ms"] = round(best_seconds(lambda: [run(ids, 1) for ids in prompts], sync) * 1e3, 2)
         if impl == "ours" and device == "cuda":  # the target's (K+1)-token forward alone
             tokens = torch.randint(3, 32768, (1, draft_tokens + 1), device=device)
             start = torch.tensor(100, device=device)
