@@ -820,8 +820,14 @@ def speculative_table(args) -> list[dict]:
         work = Path(os.environ.get("BENCH_SPEC_DIR") or tempfile.mkdtemp(prefix="bench_spec_"))
         print("trained pair: --target {} --draft {}".format(*train_pair(work, args.train_steps)))
         return []
+    ks = [int(k) for k in args.draft_tokens.split(",") if k.strip().isdigit() and int(k) > 0]
+    if len(ks) != len(args.draft_tokens.split(",")):
+        raise SystemExit(f"bench.py speculative: --draft_tokens {args.draft_tokens!r} is not a list of draft "
+                         "lengths; give positive whole numbers, e.g. --draft_tokens 2,4,6")
+    if args.new_tokens < 2:  # the prompt's pass gives the first token, the rounds the rest
+        raise SystemExit(f"bench.py speculative: --new_tokens {args.new_tokens} leaves no token for a round to "
+                         "make; give 2 or more (default 256)")
     device = in_child(device_of, choice=args.device)[0]
-    ks = [int(k) for k in args.draft_tokens.split(",")]
     if device == "cpu":
         base = dict(target="random-cpu", draft="random-cpu", device="cpu", dtype="fp32")
         configs = [("alone-eager", 0)] + [("eager", k) for k in ks]

@@ -1788,6 +1788,8 @@ BAD_OPTIONS = [
     ("eval_tasks.py", ["--data", "{tmp}", "--tasks", "truthfulqa_mc2"], "no {tmp}/truthfulqa_mc2.jsonl: truthfulqa_mc2 is not bundled"),
     ("eval_tasks.py", ["--data", "{tmp}", "--tasks", "piqa"], "{tmp}/piqa.jsonl: item 0 is not a piqa item (field 'goal')"),
     ("eval_tasks.py", ["--limit", "-1"], "eval_tasks.py: --limit must be >= 0, got -1"),
+    ("bench.py", ["speculative", "--new_tokens", "1"], "--new_tokens 1 leaves no token for a round to make"),
+    ("bench.py", ["speculative", "--draft_tokens", "4,0"], "--draft_tokens '4,0' is not a list of draft lengths"),
 ]
 if not torch.cuda.is_available():
     BAD_OPTIONS.append(("sample.py", ["--device", "cuda"], "--device cuda: no CUDA GPU is visible to PyTorch"))
