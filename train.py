@@ -706,7 +706,6 @@ class Run:
     def finish(self):
         if not self.rt.master:
             return
-        self.metrics.close()
         plot_metrics(self.out)
         best = "no best/ yet (no evaluation after step 0)"
         if math.isfinite(self.best_val_loss):
@@ -736,16 +735,20 @@ def drop_metrics_after(path: Path, step: int):
 
 def train(tcfg: TrainConfig, mcfg: ModelConfig, rt: Runtime) -> Run:
     run = Run(tcfg, mcfg, rt)
-    if run.step == 0 and tcfg.eval_interval < run.max_steps:
-        run.evaluate()  # the untrained baseline: about ln(vocab)
-    while run.step < run.max_steps and not run.stopping:
-        run.train_step()
-        if run.due(tcfg.log_interval):
-            run.report_and_vote()  # the host read: a log line, and the ranks' vote to stop on a signal
-        if run.due(tcfg.eval_interval):
-            run.evaluate()
-        if run.due(tcfg.ckpt_interval) or run.stopping:
-            run.save_latest()
+    try:
+        if run.step == 0 and tcfg.eval_interval < run.max_steps:
+            run.evaluate()  # the untrained baseline: about ln(vocab)
+        while run.step < run.max_steps and not run.stopping:
+            run.train_step()
+            if run.due(tcfg.log_interval):
+                run.report_and_vote()  # the host read: a log line, and the ranks' vote to stop on a signal
+            if run.due(tcfg.eval_interval):
+                run.evaluate()
+            if run.due(tcfg.ckpt_interval) or run.stopping:
+                run.save_latest()
+    finally:  # also when a step ends the run (non-finite losses, a failed save): each row is flushed as written
+        if run.metrics:
+            run.metrics.close()
     run.finish()
     return run
 
@@ -765,7 +768,7 @@ def plot_metrics(out: Path):
     except ImportError:
         log(f"no {out}/loss.png: matplotlib is not installed (pip install -r requirements.txt)")
         return
-    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     tr = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     va = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
