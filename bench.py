@@ -794,7 +794,7 @@ def speculative_one(impl: str, target: str, draft: str, new_tokens: int, draft_t
                  accepted_per_round=round(per_round, 4), alpha=round(acceptance_rate(per_round, draft_tokens), 4),
                  rounds=stats["rounds"], round_ms=round(elapsed * 1000 / rounds, 3),
                  step_round_ms=round(steps * 1000 / rounds, 3),
-                 tokens_per_target_forward=round(stats["tokens"] / rounds, 3))
+                 tokens_per_target_forward=round(stats["tokens"] / max(stats["forwards"], 1), 3))
     return r
 
 

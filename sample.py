@@ -204,7 +204,10 @@ class SpeculativeGenerator:
         self.reset_stats()
 
     def reset_stats(self):
-        self.stats = dict(rounds=0, proposed=0, accepted=0, tokens=0)
+        # rounds, proposed and accepted count every round run (past the end of a text too, when
+        # several run between two host reads); forwards: the target's, its prompt passes included;
+        # tokens: the tokens they made, an ending EOS included.
+        self.stats = dict(rounds=0, proposed=0, accepted=0, forwards=0, tokens=0)
 
     def round(self, seq, n, seen, counts, temperature: float, top_k: int, top_p: float, penalty: float,
               k: int | None = None):
@@ -260,6 +263,9 @@ class SpeculativeGenerator:
         dev, V = target.lm_head.weight.device, target.config.vocab_size
         P, max_new = len(prompt_ids), cfg.max_new_tokens
         context = min(target.config.max_position_embeddings, draft.config.max_position_embeddings)
+        if P + max_new > context:  # the draft's context can be the shorter one
+            raise ValueError(f"prompt {P} + {max_new} new tokens exceed the {context}-token context of the "
+                             f"{'draft' if context < target.config.max_position_embeddings else 'target'}")
         length = min(context, cache_length(target, P, max_new) + 512)  # room for the last round's proposals
         for m in (target, draft):
             m.setup_cache(1, length, keep_larger=True)
@@ -297,6 +303,7 @@ class SpeculativeGenerator:
         self.stats["rounds"] += rounds
         self.stats["proposed"] += proposed
         self.stats["accepted"] += accepted
+        self.stats["forwards"] += rounds + 1
         self.stats["tokens"] += len(out)
         return out[:-1] if out and out[-1] == eos_id else out
 
@@ -443,8 +450,8 @@ def main(argv=None):
     if cfg.draft:
         st = gen.stats
         note(f"[draft: {st['accepted']:,} of {st['proposed']:,} proposed tokens accepted "
-             f"({st['accepted'] / max(st['proposed'], 1):.1%}); {st['tokens'] / max(st['rounds'], 1):.2f} "
-             f"tokens per target forward over {st['rounds']:,} forwards]")
+             f"({st['accepted'] / max(st['proposed'], 1):.1%}); {st['tokens'] / max(st['forwards'], 1):.2f} "
+             f"tokens per target forward over {st['forwards']:,} forwards]")
 
 
 def open_corpus(path: str | None):

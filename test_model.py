@@ -1617,6 +1617,19 @@ def test_speculative_greedy_is_the_targets_greedy_output(draft_kind, penalty):
     assert gen.generate(prompt, settings, eos_id=eos)[0] == want[:want.index(eos)]
 
 
+def test_speculative_stats_count_the_targets_forwards():
+    """The target as its own draft keeps every proposal: at K = 3 the prompt's pass makes the first
+    token and each round 4, so 20 tokens take 1 + 5 target forwards. A draft whose context is
+    shorter than the text's is refused, not cut short."""
+    target = random_llama(0)
+    settings = SampleConfig(max_new_tokens=20, temperature=0, repetition_penalty=1.0)
+    gen = sample.SpeculativeGenerator(target, target, 3)
+    assert len(gen.generate([1, 5, 9], settings, eos_id=-1)[0]) == 20
+    assert gen.stats == dict(rounds=5, proposed=15, accepted=15, forwards=6, tokens=20)
+    short = sample.SpeculativeGenerator(target, random_llama(1, max_position_embeddings=16), 3)
+    with pytest.raises(ValueError, match="prompt 3 \\+ 20 new tokens exceed the 16-token context of the draft"):
+        short.generate([1, 5, 9], settings, eos_id=-1)
+
 def test_speculative_sampling_keeps_the_targets_distribution():
     """Accept/reject sampling: the first token's frequencies match the target's processed
     distribution and the second token's match target-only sampling, though the draft's own
