@@ -88,7 +88,7 @@ def run_train(args, out, data_dir, env_extra=None, check=True, **kw):
 
 
 def losses(out):
-    rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    rows = train.read_metrics(Path(out))
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
@@ -758,7 +758,7 @@ def test_train_kill_and_resume_gives_identical_losses(tmp_path, demo_data):
     got = losses(out)
     for s in range(saved + 1, 9):
         assert got[s] == want[s], (s, got[s], want[s])
-    logged = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    logged = [r["step"] for r in train.read_metrics(out) if "loss" in r]
     assert logged == list(range(1, 9))  # the killed run's rows past its checkpoint were dropped
     # The checkpoints are HF folders: transformers loads model and tokenizer as they are.
     from transformers import AutoTokenizer, LlamaForCausalLM
@@ -789,7 +789,7 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, demo_data, monkeypatch
         train.train(tcfg, mcfg, train.TorchRuntime("cpu"))
     out = capsys.readouterr().out
     assert out.count("skipped 1 update(s) with a non-finite loss") == 3
-    rows = [json.loads(line) for line in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()]
+    rows = train.read_metrics(tmp_path / "nan")
     assert [r["skipped"] for r in rows if "skipped" in r] == [1, 1, 1]
     assert all(math.isnan(r["loss"]) for r in rows if "loss" in r)  # no step had a finite loss
 
@@ -916,7 +916,7 @@ def test_init_from_starts_from_the_folders_weights_and_fine_tunes(tmp_path, trai
     out = tmp_path / "ft"
     run_finetune(["--init_from", str(trained_out / "best"), "--max_steps", "6", "--eval_interval", "3",
                   "--lr", "3e-3", "--precision", "fp32"], out, demo_data)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = train.read_metrics(out)
     val = {r["step"]: r["val_loss"] for r in rows if "val_loss" in r}
     assert sorted(val) == [0, 3, 6] and val[6] < val[0]
     base = json.loads((trained_out / "best" / "config.json").read_text())
@@ -1118,7 +1118,7 @@ def test_xla_path_trains_and_compiles_a_bounded_set_of_graphs(tmp_path, demo_dat
     run_train(["--device", "tpu", "--max_steps", "30", "--log_interval", "3", "--eval_interval", "6",
                "--grad_accum", "2", "--batch_size", "2", "--lr", "3e-3"], out, demo_data,
               env_extra={"PJRT_DEVICE": "CPU"})
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = train.read_metrics(out)
     train_rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train_rows] == list(range(3, 31, 3))
     assert [r["step"] for r in rows if "val_loss" in r] == [0, 6, 12, 18, 24, 30]
@@ -1178,7 +1178,7 @@ def test_xla_sigterm_saves_and_resume_continues_exactly(tmp_path, demo_data):
     # cannot load what it finds, "Deserializing serialized executable not supported", so here the
     # count of compiles does not drop; a TPU loads them.)
     assert any((out / "xla_cache" / "0").iterdir())
-    resumed = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line][-1]
+    resumed = [r for r in train.read_metrics(out) if "loss" in r][-1]
     assert resumed["step"] == 12 and resumed["xla_cache_misses"] <= 2 < resumed["xla_compiles"]
 
 
@@ -2139,7 +2139,7 @@ def test_a_new_run_in_a_used_out_dir_is_refused_unless_told_to_start_over(tmp_pa
     p = run_train(["--max_steps", "4", "--log_interval", "2", "--eval_interval", "4", "--overwrite", "true"],
                   out, demo_data)
     assert f"--overwrite: deleted metrics.jsonl, loss.png, best, latest in {out}" in p.stdout
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = train.read_metrics(out)
     assert [(r["step"], "val_loss" in r) for r in rows] == [(2, False), (4, False), (4, True)]
     assert json.loads((out / "latest" / "trainer_state.json").read_text())["step"] == 4
 

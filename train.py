@@ -758,6 +758,10 @@ def fmt_time(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+def read_metrics(out: Path) -> list[dict]:
+    """OUT_DIR/metrics.jsonl's rows: one per logged step and one per evaluation."""
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
 def plot_metrics(out: Path):
     """OUT_DIR/loss.png: train and validation loss from metrics.jsonl."""
     try:
@@ -768,7 +772,7 @@ def plot_metrics(out: Path):
     except ImportError:
         log(f"no {out}/loss.png: matplotlib is not installed (pip install -r requirements.txt)")
         return
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(out)
     tr = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     va = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
