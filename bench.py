@@ -326,18 +326,22 @@ def attention_table(args) -> list[dict]:
 # Mistral-7B's shape with the Portimbria vocabulary: the card's speculative-decoding target.
 SHAPE_7B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                 num_key_value_heads=8, tie_word_embeddings=False)
+# TinyLlama-1.1B's shape with the Portimbria vocabulary (tied): the speculative benchmark's trained target.
+SHAPE_1B = dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
+                intermediate_size=5632)
 
 
 def random_model(shape: str, device: str, dtype, hf: bool = False):
-    """Portimbria-150M ('150m') or the 7B shape ('7b'), random weights made on the device."""
+    """Portimbria-150M ('150m'), the 1.1B target ('1b') or the 7B shape ('7b'), random weights made
+    on the device."""
     import torch
 
     from config import model_config
 
     cfg = model_config("portimbria-150m")
     cfg.fp32_edge_blocks = False
-    if shape == "7b":
-        cfg = dataclasses.replace(cfg, **SHAPE_7B)
+    if shape in ("1b", "7b"):
+        cfg = dataclasses.replace(cfg, **(SHAPE_7B if shape == "7b" else SHAPE_1B))
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -531,51 +535,60 @@ def decode_attention_table(args) -> list[dict]:
     return rows_of_one_child("decode-attention", {}, lambda row: print(json.dumps(row), flush=True))
 
 
-def decode_block_one() -> dict:
-    """One token through Portimbria-150M's 20 blocks (random bf16 weights, 300 positions cached),
-    each timing a CUDA graph over all 20 layers' weights (252 MB, five times the L2 cache, as in
-    a decode step): each kernel of kernels.decode_block per tile (rows per program, warps; launched
-    without PDL), then one and two tokens through the whole decode_block and through the
-    reference: the same blocks compiled (multiply-and-sum products, the decode attention, what
-    torch.compile makes of model.Block). Times are per layer."""
+def decode_block_one(shape: str = "150m", tokens: str = "1,2,5") -> dict:
+    """A few tokens through the blocks of one shape ('150m', '1b', '7b'; random bf16 weights, 300
+    positions cached), each timing a CUDA graph over all layers' weights (252 MB at 150m, several
+    times the L2 cache, as in a decode step): each kernel of kernels.decode_block per tile (rows per
+    program, warps; launched without PDL) at one token for the 150M, at the most tokens asked for
+    on the tensor cores (columns per chunk too) for wider shapes, then each number of tokens through
+    the whole decode_block and through the reference: the same blocks compiled (DecodeLinear's
+    products, the decode attention, what torch.compile makes of model.Block). Times are per layer."""
     import torch
 
     import kernels
 
-    cfg, model = random_model("150m", "cuda", torch.bfloat16)
+    cfg, model = random_model(shape, "cuda", torch.bfloat16)
     kernels.use_decode_kernels(model, measure=False)
     kernels.use_decode_blocks(model)
     model.setup_cache(1, 512)
     with torch.no_grad():
         model(torch.randint(3, cfg.vocab_size, (1, 300), device="cuda"), start_pos=0)
     layers, n = list(model.model.layers), cfg.num_hidden_layers
-    pos = torch.tensor([300], device="cuda")
-    x = torch.randn(1, 1, cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
-    y = torch.randn(cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
-    h = torch.randn(cfg.intermediate_size, device="cuda", dtype=torch.bfloat16) * 0.1
+    # the kernels' tiles: at one token for the 150M; on the tensor cores (kernels.DOT_TILES) at the most
+    # tokens asked for, the verification's, for wider shapes
+    T = 1 if shape == "150m" else max(map(int, tokens.split(",")))
+    pos = 300 + torch.arange(T, device="cuda")
+    x = torch.randn(1, T, cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
+    y = torch.randn(T, cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
+    h = torch.randn(T, cfg.intermediate_size, device="cuda", dtype=torch.bfloat16) * 0.1
     kernel_calls = {
-        "norm_qkv_rope": lambda b, r, w: kernels.norm_qkv_rope(
+        "norm_qkv_rope": ("qkv", lambda b, r, w: kernels.norm_qkv_rope(
             x, b.input_layernorm.weight, b.input_layernorm.eps, b.self_attn.q_proj.weight, b.self_attn.k_proj.weight,
             b.self_attn.v_proj.weight, (model.rope_cos, model.rope_sin), pos,
-            (b.self_attn.kv_cache.k, b.self_attn.kv_cache.v), r, w),
-        "o_proj_residual": lambda b, r, w: kernels.linear_residual(y, b.self_attn.o_proj.weight, x, r, w),
-        "norm_swiglu": lambda b, r, w: kernels.norm_swiglu(x, b.post_attention_layernorm.weight,
-                                                           b.post_attention_layernorm.eps, b.mlp.gate_proj.weight,
-                                                           b.mlp.up_proj.weight, r, w),
-        "down_residual": lambda b, r, w: kernels.linear_residual(h, b.mlp.down_proj.weight, x, r, w),
+            (b.self_attn.kv_cache.k, b.self_attn.kv_cache.v), r, w)),
+        "o_proj_residual": ("linear", lambda b, r, w: kernels.linear_residual(y, b.self_attn.o_proj.weight, x, r, w)),
+        "norm_swiglu": ("swiglu", lambda b, r, w: kernels.norm_swiglu(
+            x, b.post_attention_layernorm.weight, b.post_attention_layernorm.eps, b.mlp.gate_proj.weight,
+            b.mlp.up_proj.weight, r, w)),
+        "down_residual": ("linear", lambda b, r, w: kernels.linear_residual(h, b.mlp.down_proj.weight, x, r, w)),
     }
+    tiles = ([(r, None, w) for r in (1, 2, 4, 8) for w in (1, 2, 4, 8)] if T == 1 else
+             [(r, k, w) for r in (16, 32, 64) for k in (128, 256) for w in (4, 8)])
     rows = []
     with torch.no_grad():
-        for name, call in kernel_calls.items():
-            for r in (1, 2, 4, 8):
-                for w in (1, 2, 4, 8):
-                    us = kernels.cuda_graph_us(lambda: [call(b, r, w) for b in layers]) / n
-                    rows.append({"what": name, "rows": r, "warps": w, "us_per_layer": round(us, 2)})
+        for name, (kind, call) in kernel_calls.items():
+            chosen = kernels.DOT_TILES[kind]
+            for r, k, w in tiles:
+                kernels.DOT_TILES[kind] = (r, k or chosen[1], w)
+                us = kernels.cuda_graph_us(lambda: [call(b, r, w) for b in layers]) / n
+                rows.append({"shape": shape, "what": name, "tokens": T, "rows": r, "warps": w,
+                             **({"chunk": k} if k else {}), "us_per_layer": round(us, 2)})
+            kernels.DOT_TILES[kind] = chosen
         fused = [b.forward for b in layers]
         for b in layers:
             del b.forward  # the class's forward again
         plain = [b.forward for b in layers]
-        for T in (1, 2):  # a one-token step; a speculative draft's two-token catch-up
+        for T in map(int, tokens.split(",")):  # a one-token step, a draft's catch-up, a verification
             xt, pt = torch.randn(1, T, cfg.hidden_size, device="cuda", dtype=torch.bfloat16), 300 + torch.arange(
                 T, device="cuda")
             ct, st = model.rope_cos[pt], model.rope_sin[pt]
@@ -583,22 +596,28 @@ def decode_block_one() -> dict:
             want, got = compiled()[-1], fused[-1](xt, ct, st, pt)
             for name, run in ((f"decode_block T={T}", lambda: [f(xt, ct, st, pt) for f in fused]),
                               (f"compiled block T={T} (reference)", compiled)):
-                rows.append({"what": name, "us_per_layer": round(kernels.cuda_graph_us(run) / n, 2)})
+                rows.append({"shape": shape, "what": name, "us_per_layer": round(kernels.cuda_graph_us(run) / n, 2)})
             rows[-2]["max_err_vs_reference"] = (got.float() - want.float()).abs().max().item()
             rows[-2]["reference_max"] = want.float().abs().max().item()
     return {"rows": rows}
 
 
 def decode_block_table(args) -> list[dict]:
-    rows = rows_of_one_child("decode-block", {}, lambda row: print(json.dumps(row), flush=True))
-    best = {}
-    for r in rows:
-        if "rows" in r and r["us_per_layer"] < best.get(r["what"], {"us_per_layer": 1e9})["us_per_layer"]:
-            best[r["what"]] = r
-    print(f"\n{'one or two tokens, per layer (150M, bf16)':<42}{'us':>7}  tile")
-    for r in list(best.values()) + [r for r in rows if "rows" not in r]:
-        tile = f"{r['rows']} rows, {r['warps']} warps" if "rows" in r else ""
-        print(f"{r['what']:<42}{r['us_per_layer']:>7}  {tile}")
+    rows = []
+    for shape in args.shapes.split(","):
+        rows += rows_of_one_child("decode-block", dict(shape=shape, tokens=args.tokens),
+                                  lambda row: print(json.dumps(row), flush=True))
+    for shape in args.shapes.split(","):
+        mine = [r for r in rows if r["shape"] == shape]
+        best = {}
+        for r in mine:
+            if "rows" in r and r["us_per_layer"] < best.get(r["what"], {"us_per_layer": 1e9})["us_per_layer"]:
+                best[r["what"]] = r
+        print(f"\n{'a few tokens, per layer (' + shape + ', bf16)':<42}{'us':>7}  best tile")
+        for r in list(best.values()) + [r for r in mine if "rows" not in r]:
+            tile = (f"{r['tokens']} tokens: {r['rows']} rows, " + (f"{r['chunk']} columns, " if "chunk" in r else "")
+                    + f"{r['warps']} warps") if "rows" in r else ""
+            print(f"{r['what']:<42}{r['us_per_layer']:>7}  {tile}")
     return rows
 
 
@@ -662,9 +681,8 @@ def eval_table(args) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 # Speculative decoding
 
-# A 1.1B target of TinyLlama's shape with the Portimbria vocabulary, as train.py options.
-TARGET_SHAPE = ["--hidden_size", "2048", "--num_hidden_layers", "22", "--num_attention_heads", "32",
-                "--num_key_value_heads", "4", "--intermediate_size", "5632"]
+# The 1.1B target, as train.py options.
+TARGET_SHAPE = [a for k, v in SHAPE_1B.items() for a in (f"--{k}", str(v))]
 SPEC_PROMPTS = ["ROMEO:", "KING HENRY:\nNow, lords,", "def main(argv):\n    ", "import os\nimport sys\n\n",
                 "First Citizen:\nBefore we proceed any further,"]
 
@@ -1410,6 +1428,8 @@ OPTIONS = {  # argparse keywords of each --option; a benchmark names the ones it
     "only": dict(default=None, help="the configurations whose 'impl shape prompt' holds one of these, "
                  "e.g. 'ours 7b,hf'"),
     "mb": dict(type=int, default=200),
+    "shapes": dict(default="150m", help="150m, 1b (the speculative benchmark's trained target), 7b"),
+    "tokens": dict(default="1,2,5", help="tokens a forward: a step, a draft's catch-up, a verification of K=4"),
     "target": dict(default=None, help="the target's folder (default: speculative, random weights; distill, "
                    "a small pair trained first)"),
     "draft": dict(default=None, help="the draft's folder (default: as --target)"),
@@ -1445,8 +1465,8 @@ BENCHMARKS = {
                         decode_table, decode_one, ("device", "new_tokens", "runs", "only")),
     "decode-attention": Benchmark("the Triton decode attention vs SDPA over expanded KV heads; GPU",
                                   decode_attention_table, decode_attention_one),
-    "decode-block": Benchmark("one or two tokens through the 150M's blocks: decode_block's kernels per tile vs the "
-                              "compiled block; GPU", decode_block_table, decode_block_one),
+    "decode-block": Benchmark("a few tokens through a model's blocks: decode_block's kernels per tile vs the "
+                              "compiled block; GPU", decode_block_table, decode_block_one, ("shapes", "tokens")),
     "eval": Benchmark("perplexity-evaluation throughput vs HF forward with labels", eval_table, eval_one,
                       ("device",)),
     "data": Benchmark("tokenize + pack throughput vs bare Tokenizer.encode_batch; CPU", data_table, data_one,

@@ -5,7 +5,7 @@ shapes and the plain-torch form it is tested against (test_model.py).
     use_attention(model, fn)      causal attention over whole sequences (TPU: Pallas; XLA:CPU: blockwise)
     use_chunked_loss(model, n)    the loss n rows at a time, without the full logits (XLA)
     use_decode_kernels(model)     decoding a few tokens: the decode attention, per-shape projections
-                                  and, where they win, blocks of one or two tokens in six kernels (decode_block)
+                                  and blocks of up to 8 tokens of one sequence in six kernels (decode_block)
 
 Triton ships with torch's CUDA wheels; without it (a CPU-only torch) the GPU kernels are absent and
 decoding keeps the plain attention.
@@ -329,30 +329,68 @@ def decode_attention(q, k, v, pos, split: int | None = None, block_n: int = 64, 
 
 
 # ---------------------------------------------------------------------------------------------
-# One or two tokens through a whole block in four kernels and the decode attention
+# A few tokens through a whole block in four kernels and the decode attention
 
 
 if triton is not None:
     @triton.jit
-    def _normed(X, NW, EPS, T: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-        """RMSNorm of the T rows of D values at X (fp32 statistics), rounded to x's dtype as RMSNorm
-        returns it: (BLOCK_T, BLOCK_D), rows past T zero. Every program of a projection computes it
-        for itself: the rows are a few KB and sit in L2."""
-        t, c = tl.arange(0, BLOCK_T)[:, None], tl.arange(0, BLOCK_D)[None, :]
-        x = tl.load(X + t * D + c, mask=(t < T) & (c < D), other=0.0).to(tl.float32)
+    def _normed(X, NW, EPS, D: tl.constexpr, BLOCK_D: tl.constexpr):
+        """RMSNorm of the D values at X (fp32 statistics), rounded to x's dtype as RMSNorm returns
+        it: (BLOCK_D,), zero past D. Every program of a projection computes it for itself: a row is
+        a few KB and sits in L2."""
+        c = tl.arange(0, BLOCK_D)
+        x = tl.load(X + c, mask=c < D, other=0.0).to(tl.float32)
         w = tl.load(NW + c, mask=c < D, other=0.0).to(tl.float32)
-        inv = tl.rsqrt(tl.sum(x * x, 1) / D + EPS)
-        return (x * inv[:, None] * w).to(X.dtype.element_ty).to(tl.float32)
+        inv = tl.rsqrt(tl.sum(x * x, 0) / D + EPS)
+        return (x * inv * w).to(X.dtype.element_ty).to(tl.float32)
 
     @triton.jit
-    def _rows_times(w, x):
-        """w (R, K) times each row of x (BLOCK_T, K): (BLOCK_T, R), the weight read once for all rows."""
-        return tl.sum(w[None, :, :] * x[:, None, :], 2)
+    def _times(w, x):
+        """w (R, K) times one row x (K,): (R,). One token at a time, with the weight held in
+        registers for all of them: registers do not grow with the tokens, and each token's sums
+        run in the order of a one-token step, so a position gets the same numbers in a step of
+        one token and in a verification of several (batch invariance)."""
+        return tl.sum(w * x[None, :], 1)
+
+    @triton.jit
+    def _inv_rms(X, EPS, T: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+        """1 / sqrt(mean(x^2) + eps) of each of the T rows of D values at X (fp32): (BLOCK_T,)."""
+        t = tl.arange(0, BLOCK_T)[:, None]
+        ss = tl.zeros([BLOCK_T], tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            c = k0 + tl.arange(0, BLOCK_K)[None, :]
+            x = tl.load(X + t * D + c, mask=(t < T) & (c < D), other=0.0).to(tl.float32)
+            ss += tl.sum(x * x, 1)
+        return tl.rsqrt(ss / D + EPS)
+
+    @triton.jit
+    def _chunk(X, NW, inv, k0, T: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Columns k0 .. k0+BLOCK_K-1 of the T rows at X, normalised (RMSNorm with weight NW and the
+        rows' inv, rounded to x's dtype as RMSNorm returns it) unless NW is None: (BLOCK_T, BLOCK_K),
+        zero past T and D, a tensor-core product's left operand."""
+        t, c = tl.arange(0, BLOCK_T)[:, None], k0 + tl.arange(0, BLOCK_K)[None, :]
+        x = tl.load(X + t * D + c, mask=(t < T) & (c < D), other=0.0)
+        if NW is not None:
+            w = tl.load(NW + c, mask=c < D, other=0.0).to(tl.float32)
+            x = (x.to(tl.float32) * inv[:, None] * w).to(X.dtype.element_ty)
+        return x
+
+    @triton.jit
+    def _dot(x, w):
+        """x (BLOCK_T, K) times w (R, K) transposed on the tensor cores, fp32 sums: (BLOCK_T, R).
+        'ieee' keeps fp32 operands exact; bf16 and fp16 ones ignore it."""
+        return tl.dot(x, tl.trans(w), input_precision="ieee")
+
+    @triton.jit
+    def _put(acc, i: tl.constexpr, row):
+        """acc (BLOCK_T, R) with row i set to row (R,)."""
+        return tl.where(tl.arange(0, acc.shape[0])[:, None] == i, row[None, :], acc)
 
     @triton.jit
     def _norm_qkv_rope(X, NW, WQ, WK, WV, COS, SIN, POS, Q_OUT, K_CACHE, V_CACHE, skh, sks, svh, svs, EPS,
                        T: tl.constexpr, D: tl.constexpr, H: tl.constexpr, KV: tl.constexpr, HD: tl.constexpr,
-                       R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+                       R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr,
+                       PDL: tl.constexpr):
         """Program (head, j) of the H query, KV key and KV value heads: channels r = j*R .. j*R+R-1
         of the head's first half and r + HD/2 of its second, the two that RoPE's rotate-half mixes,
         for each of the T tokens."""
@@ -366,14 +404,26 @@ if triton is not None:
         else:
             w_head = WV + (head - H - KV) * HD * D
         r = j * R + tl.arange(0, R)
-        c = tl.arange(0, BLOCK_D)
-        wa = tl.load(w_head + r[:, None] * D + c[None, :], mask=(c < D)[None, :], other=0.0)  # loads first:
-        wb = tl.load(w_head + (r + HD // 2)[:, None] * D + c[None, :], mask=(c < D)[None, :], other=0.0)
-        _wait_for_the_previous_kernel(PDL)
-        xn = _normed(X, NW, EPS, T, D, BLOCK_T, BLOCK_D)  # the norm is computed while they arrive
+        if DOT:  # several tokens: the weight streamed through the tensor cores in chunks of BLOCK_D
+            _wait_for_the_previous_kernel(PDL)
+            inv = _inv_rms(X, EPS, T, D, BLOCK_T, BLOCK_D)
+            a, b = tl.zeros([BLOCK_T, R], tl.float32), tl.zeros([BLOCK_T, R], tl.float32)
+            for k0 in range(0, D, BLOCK_D):
+                c = k0 + tl.arange(0, BLOCK_D)[None, :]
+                xn = _chunk(X, NW, inv, k0, T, D, BLOCK_T, BLOCK_D)
+                a += _dot(xn, tl.load(w_head + r[:, None] * D + c, mask=c < D, other=0.0))
+                b += _dot(xn, tl.load(w_head + (r + HD // 2)[:, None] * D + c, mask=c < D, other=0.0))
+        else:  # a token or two: whole rows of the weight held in registers, the tokens one at a time
+            c = tl.arange(0, BLOCK_D)
+            wa = tl.load(w_head + r[:, None] * D + c[None, :], mask=(c < D)[None, :], other=0.0)  # loads first:
+            wb = tl.load(w_head + (r + HD // 2)[:, None] * D + c[None, :], mask=(c < D)[None, :], other=0.0)
+            _wait_for_the_previous_kernel(PDL)
+            a, b = tl.zeros([BLOCK_T, R], tl.float32), tl.zeros([BLOCK_T, R], tl.float32)
+            for i in tl.static_range(T):
+                xn = _normed(X + i * D, NW, EPS, D, BLOCK_D)  # the norm is computed while they arrive
+                a, b = _put(a, i, _times(wa, xn)), _put(b, i, _times(wb, xn))
         dt = X.dtype.element_ty
-        a = _rows_times(wa, xn).to(dt).to(tl.float32)  # (BLOCK_T, R): the projection's output, rounded
-        b = _rows_times(wb, xn).to(dt).to(tl.float32)
+        a, b = a.to(dt).to(tl.float32), b.to(dt).to(tl.float32)  # (BLOCK_T, R): the projection's output, rounded
         t = tl.arange(0, BLOCK_T)
         pos = tl.load(POS + t, mask=t < T, other=0)[:, None]
         r = r[None, :]
@@ -394,7 +444,7 @@ if triton is not None:
 
     @triton.jit
     def _linear_residual(Y, W, RES, OUT, T: tl.constexpr, N: tl.constexpr, K: tl.constexpr, R: tl.constexpr,
-                         BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                         BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr, PDL: tl.constexpr):
         """Rows n = pid*R .. pid*R+R-1 of res + W @ y, for each of the T tokens."""
         _let_the_next_kernel_start(PDL)
         n = tl.program_id(0) * R + tl.arange(0, R)
@@ -404,8 +454,12 @@ if triton is not None:
             c = k0 + tl.arange(0, BLOCK_K)
             w = tl.load(W + n[:, None] * K + c[None, :], mask=(n < N)[:, None] & (c < K)[None, :], other=0.0)
             _wait_for_the_previous_kernel(PDL)  # (at once after the first time)
-            y = tl.load(Y + t * K + c[None, :], mask=(t < T) & (c < K)[None, :], other=0.0).to(tl.float32)
-            acc += _rows_times(w, y)
+            if DOT:
+                acc += _dot(_chunk(Y, None, None, k0, T, K, BLOCK_T, BLOCK_K), w)
+            else:
+                for i in tl.static_range(T):
+                    y = tl.load(Y + i * K + c, mask=c < K, other=0.0).to(tl.float32)
+                    acc += tl.where(t == i, _times(w, y)[None, :], 0.0)
         dt = RES.dtype.element_ty
         rows, keep = t * N + n[None, :], (t < T) & (n < N)[None, :]
         res = tl.load(RES + rows, mask=keep, other=0.0).to(tl.float32)
@@ -413,30 +467,57 @@ if triton is not None:
 
     @triton.jit
     def _norm_swiglu(X, NW, WG, WU, OUT, EPS, T: tl.constexpr, D: tl.constexpr, F: tl.constexpr,
-                     R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+                     R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr,
+                     PDL: tl.constexpr):
         """Rows f = pid*R .. pid*R+R-1 of silu(Wg @ norm(x)) * (Wu @ norm(x)), for each of the T tokens."""
         _let_the_next_kernel_start(PDL)
         f = tl.program_id(0) * R + tl.arange(0, R)
-        c = tl.arange(0, BLOCK_D)
-        m = (f < F)[:, None] & (c < D)[None, :]
-        wg = tl.load(WG + f[:, None] * D + c[None, :], mask=m, other=0.0)
-        wu = tl.load(WU + f[:, None] * D + c[None, :], mask=m, other=0.0)
-        _wait_for_the_previous_kernel(PDL)
-        xn = _normed(X, NW, EPS, T, D, BLOCK_T, BLOCK_D)
+        if DOT:
+            _wait_for_the_previous_kernel(PDL)
+            inv = _inv_rms(X, EPS, T, D, BLOCK_T, BLOCK_D)
+            g, u = tl.zeros([BLOCK_T, R], tl.float32), tl.zeros([BLOCK_T, R], tl.float32)
+            for k0 in range(0, D, BLOCK_D):
+                c = k0 + tl.arange(0, BLOCK_D)[None, :]
+                m = (f < F)[:, None] & (c < D)
+                xn = _chunk(X, NW, inv, k0, T, D, BLOCK_T, BLOCK_D)
+                g += _dot(xn, tl.load(WG + f[:, None] * D + c, mask=m, other=0.0))
+                u += _dot(xn, tl.load(WU + f[:, None] * D + c, mask=m, other=0.0))
+        else:
+            c = tl.arange(0, BLOCK_D)
+            m = (f < F)[:, None] & (c < D)[None, :]
+            wg = tl.load(WG + f[:, None] * D + c[None, :], mask=m, other=0.0)
+            wu = tl.load(WU + f[:, None] * D + c[None, :], mask=m, other=0.0)
+            _wait_for_the_previous_kernel(PDL)
+            g, u = tl.zeros([BLOCK_T, R], tl.float32), tl.zeros([BLOCK_T, R], tl.float32)
+            for i in tl.static_range(T):
+                xn = _normed(X + i * D, NW, EPS, D, BLOCK_D)
+                g, u = _put(g, i, _times(wg, xn)), _put(u, i, _times(wu, xn))
         dt = X.dtype.element_ty
-        g = _rows_times(wg, xn).to(dt).to(tl.float32)  # (BLOCK_T, R)
-        u = _rows_times(wu, xn).to(dt).to(tl.float32)
+        g, u = g.to(dt).to(tl.float32), u.to(dt).to(tl.float32)  # (BLOCK_T, R)
         t = tl.arange(0, BLOCK_T)[:, None]
         tl.store(OUT + t * F + f[None, :], (g * tl.sigmoid(g) * u).to(dt), mask=(t < T) & (f < F)[None, :])
 
 
-# (rows per program, warps) of each kernel: measured by bench.py decode-block. Small tiles and many
-# programs, every load in flight at once, won.
+# (rows per program, warps) of each kernel for a token or two: measured by bench.py decode-block.
+# Small tiles and many programs, every load in flight at once, won.
 TILES = {"qkv": (1, 2), "linear": (2, 4), "swiglu": (2, 4)}
+# From DOT_TOKENS tokens on, the products run on the tensor cores (tl.dot, the tokens padded to its
+# least of 16 rows): (rows per program, columns per chunk, warps) of each kernel.
+DOT_TOKENS = 3
+DOT_TILES = {"qkv": (32, 256, 4), "linear": (32, 256, 4), "swiglu": (64, 256, 4)}
+
+
+def tiles(kernel: str, T: int, width: int, rows=None, num_warps=None, most_rows: int = 1 << 30) -> dict:
+    """A kernel's launch settings for T tokens over rows of `width` values: R, BLOCK_T, the chunk of
+    columns (BLOCK_K, the whole row below DOT_TOKENS, at most 4096), num_warps and DOT."""
+    dot = T >= DOT_TOKENS and most_rows >= 16
+    r, k, w = DOT_TILES[kernel] if dot else (*TILES[kernel][:1], 4096, TILES[kernel][1])
+    return dict(R=min(rows or r, most_rows), BLOCK_T=max(16 if dot else 1, triton.next_power_of_2(T)),
+                BLOCK_K=min(k, triton.next_power_of_2(width)), num_warps=num_warps or w, DOT=dot)
 
 
 def norm_qkv_rope(x, norm_w, eps, wq, wk, wv, rope, pos, cache, rows=None, num_warps=None, pdl=False):
-    """RMSNorm, the q/k/v projections and RoPE of T tokens (one or two), their keys and values
+    """RMSNorm, the q/k/v projections and RoPE of T tokens (a few), their keys and values
     written into the cache: the queries (1, H, T, hd). x (1, T, d); norm_w (d,) and eps the
     RMSNorm's; wq (H*hd, d), wk, wv (KV*hd, d); rope the model's whole (cos, sin) tables
     (max_pos, hd), read at pos (T,) inside the kernel; cache (k, v), each (1, KV, S, hd).
@@ -446,12 +527,12 @@ def norm_qkv_rope(x, norm_w, eps, wq, wk, wv, rope, pos, cache, rows=None, num_w
     (k, v), (T, d) = cache, x.shape[-2:]
     KV, hd = k.shape[1], k.shape[3]
     H = wq.shape[0] // hd
-    r = min(rows or TILES["qkv"][0], hd // 2)
+    t = tiles("qkv", T, d, rows, num_warps, most_rows=hd // 2)
     q = torch.empty(1, H, T, hd, dtype=x.dtype, device=x.device)
-    _norm_qkv_rope[((H + 2 * KV) * (hd // 2 // r),)](
+    _norm_qkv_rope[((H + 2 * KV) * (hd // 2 // t["R"]),)](
         x, norm_w, wq, wk, wv, *rope, pos, q, k, v, k.stride(1), k.stride(2), v.stride(1), v.stride(2), eps, T, d,
-        H=H, KV=KV, HD=hd, R=r, BLOCK_T=triton.next_power_of_2(T), BLOCK_D=triton.next_power_of_2(d),
-        **pdl_options(pdl), num_warps=num_warps or TILES["qkv"][1])
+        H=H, KV=KV, HD=hd, R=t["R"], BLOCK_T=t["BLOCK_T"], BLOCK_D=t["BLOCK_K"] if t["DOT"] else triton.next_power_of_2(d),
+        DOT=t["DOT"], **pdl_options(pdl), num_warps=t["num_warps"])
     return q
 
 
@@ -460,11 +541,9 @@ def linear_residual(y, weight, res, rows=None, num_warps=None, pdl=False):
     (1, T, out). The projections that write into the residual stream (o_proj, down_proj)."""
     N, K = weight.shape
     T = res.shape[1]
-    r = rows or TILES["linear"][0]
+    t = tiles("linear", T, K, rows, num_warps)
     out = torch.empty_like(res)
-    _linear_residual[(triton.cdiv(N, r),)](y, weight, res, out, T, N, K, R=r, BLOCK_T=triton.next_power_of_2(T),
-                                           BLOCK_K=min(triton.next_power_of_2(K), 4096), **pdl_options(pdl),
-                                           num_warps=num_warps or TILES["linear"][1])
+    _linear_residual[(triton.cdiv(N, t["R"]),)](y, weight, res, out, T, N, K, **t, **pdl_options(pdl))
     return out
 
 
@@ -472,25 +551,24 @@ def norm_swiglu(x, norm_w, eps, wg, wu, rows=None, num_warps=None, pdl=False):
     """silu(gate_proj(h)) * up_proj(h) with h = norm(x), for T tokens: x (1, T, d) -> (T, ffn), the
     input of down_proj (model.MLP before its last product); norm_w (d,), eps; wg, wu (ffn, d)."""
     (F_, d), T = wg.shape, x.shape[1]
-    r = rows or TILES["swiglu"][0]
+    t = tiles("swiglu", T, d, rows, num_warps)
     out = torch.empty(T, F_, dtype=x.dtype, device=x.device)
-    _norm_swiglu[(triton.cdiv(F_, r),)](x, norm_w, wg, wu, out, eps, T, d, F_, R=r, BLOCK_T=triton.next_power_of_2(T),
-                                        BLOCK_D=triton.next_power_of_2(d), **pdl_options(pdl),
-                                        num_warps=num_warps or TILES["swiglu"][1])
+    _norm_swiglu[(triton.cdiv(F_, t["R"]),)](x, norm_w, wg, wu, out, eps, T, d, F_, R=t["R"], BLOCK_T=t["BLOCK_T"],
+                                             BLOCK_D=t["BLOCK_K"] if t["DOT"] else triton.next_power_of_2(d),
+                                             DOT=t["DOT"], **pdl_options(pdl), num_warps=t["num_warps"])
     return out
 
 
 # Whether decode_block launches its kernels with programmatic dependent launch on a GPU that has it
 # (compute capability 9.0 on); bench.py decode turns it off for the side-by-side row.
 PDL = True
-# The most tokens decode_block takes: a one-token step and a speculative draft's two-token catch-up.
-# Each product reads a weight tile once for all the tokens; at more tokens the tiles' partial
-# products no longer fit a program's registers.
-BLOCK_TOKENS = 2
+# The most tokens decode_block takes: a one-token step, a speculative draft's two-token catch-up, the
+# target's verification of up to 7 proposals.
+BLOCK_TOKENS = 8
 
 
 def decode_block(block: plain.Block, x, rope, pos):
-    """model.Block.forward for one or two tokens of one sequence, in six kernels: norm + q/k/v +
+    """model.Block.forward for a few tokens of one sequence (at most BLOCK_TOKENS), in six kernels: norm + q/k/v +
     RoPE + cache write, the decode attention (two), o_proj + residual, norm + gate/up + SiLU,
     down_proj + residual. x (1, T, d); rope the model's (cos, sin) tables; pos (T,). Equal to
     block(x, rope[0][pos], rope[1][pos], pos). One custom op to torch.compile: inductor neither
@@ -511,8 +589,11 @@ if triton is not None:
     def _decode_block(x: torch.Tensor, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                       sin: torch.Tensor, weights: list[torch.Tensor], eps: list[float]) -> torch.Tensor:
         n1, wq, wk, wv, wo, n2, wg, wu, wd = weights
-        pdl = (PDL and x.is_cuda and torch.version.hip is None
-               and torch.cuda.get_device_capability(x.device)[0] >= 9)  # Hopper on
+        # Hopper on; not for the tensor-core products, which wait for the kernel before them at once:
+        # there, kernels started early only held the SMs (a 7B-shaped block of 5 tokens took 182 us
+        # with PDL, 138 without: BENCHMARKS.md)
+        pdl = (PDL and x.is_cuda and torch.version.hip is None and x.shape[1] < DOT_TOKENS
+               and torch.cuda.get_device_capability(x.device)[0] >= 9)
         x = x.contiguous()
         q = norm_qkv_rope(x, n1, eps[0], wq, wk, wv, (cos, sin), pos, (k, v), pdl=pdl)
         y = decode_attention(q, k, v, pos, pdl=pdl).transpose(1, 2)  # (1, T, H, hd), contiguous
@@ -530,18 +611,18 @@ def projections(block: plain.Block) -> list:
 
 
 def fuses(block: plain.Block) -> bool:
-    """Whether decode_block can run this block: no biases, contiguous weights of one dtype, and on a
-    GPU every projection of the one-token step faster as a multiply-and-sum than through cuBLAS
-    (measure_projections): decode_block's products are multiply-and-sums too."""
+    """Whether decode_block can run this block: no biases, contiguous weights of one dtype, an even
+    head size. On an H200 it beat the compiled block at every width measured, for one, two and
+    five tokens (bench.py decode-block), so no timing decides it."""
     ms = projections(block)
-    return (all(m.bias is None and getattr(m, "multiply_sum", True) for m in ms) and
+    return (all(m.bias is None for m in ms) and
             all(m.weight.is_contiguous() and m.weight.dtype == ms[0].weight.dtype for m in ms) and
             block.self_attn.hd % 2 == 0)
 
 
 def use_decode_blocks(model: plain.Llama):
-    """Steps of one or two tokens of batch 1 through decode_block where it fuses (the block's own forward
-    otherwise, and for every other step)."""
+    """Cached forwards of up to BLOCK_TOKENS tokens of batch 1 through decode_block where it fuses (the
+    block's own forward otherwise, and for every other forward)."""
     for block in model.model.layers:
         block.__dict__.pop("forward", None)  # the class's forward, if installed before
         if fuses(block):
@@ -563,8 +644,8 @@ class DecodeLinear(nn.Linear):
       streams W and fuses it with its neighbours: faster than cuBLAS's GEMV for small weights
       (width 768), slower for large ones (width 4096), so `multiply_sum` is set per weight shape
       by measure_projections on a GPU; on the CPU it beat the BLAS GEMV at every width measured.
-      On a GPU two tokens too (a draft's catch-up in a speculative round, where decode_block does
-      not take the block), by the same per-shape choice (timed at one token): the 150M's
+      On a GPU two tokens too (where decode_block does not take the block: one with a bias, or
+      batch > 1), by the same per-shape choice (timed at one token): the 150M's
       two-token forward took 681 us this way against 997 through cuBLAS (BENCHMARKS.md).
     - A few tokens on the CPU: (W @ x^T)^T. The BLAS reaches the same numbers through a faster
       path than x @ W^T, whose small-M GEMM packs the whole weight (BENCHMARKS.md)."""
@@ -633,8 +714,8 @@ def cuda_graph_us(run, replays: int = 10) -> float:
 def use_decode_kernels(model: plain.Llama, measure: bool = True) -> dict:
     """Kernels for decoding a few tokens at a time (compiled): every nn.Linear becomes a
     DecodeLinear, and on a GPU with Triton the cached attention of up to 16 new tokens goes
-    through decode_attention; when measure, each weight shape's faster product is set and blocks
-    whose products all favour the multiply-and-sum take steps of one or two tokens through decode_block.
+    through decode_attention; when measure, each weight shape's faster product is set and batch-1
+    forwards of up to BLOCK_TOKENS tokens go through decode_block wherever it fuses.
     Returns the projection timings (empty on the CPU)."""
     for module in model.modules():
         if type(module) is nn.Linear:

@@ -1315,7 +1315,7 @@ for name, shape in [("d96 3/1 heads", dict(hidden_size=96, intermediate_size=160
     block, cache = m.model.layers[1], m.model.layers[1].self_attn.kv_cache
     with torch.no_grad():
         m(torch.randint(0, 64, (1, 20)), start_pos=0)  # 20 positions cached
-        for T in (1, 2):  # a one-token step; a speculative draft's two-token catch-up
+        for T in (1, 2, 5):  # a one-token step; a draft's two-token catch-up; a verification of 4 proposals
             x, pos = torch.randn(1, T, cfg.hidden_size), 20 + torch.arange(T)
             before = cache.k.clone(), cache.v.clone()
             want = block(x, m.rope_cos[pos], m.rope_sin[pos], pos)
@@ -1345,43 +1345,44 @@ print(json.dumps(worst))
 def test_decode_block_kernels_equal_the_block():
     """kernels.decode_block (norm + q/k/v + RoPE + cache write, the decode attention, o_proj +
     residual, norm + SwiGLU, down_proj + residual), run by Triton's interpreter on the CPU, against
-    model.Block's forward of one and of two tokens: output and cache, fp32, 1e-5; the custom op
+    model.Block's forward of one, two and five tokens: output and cache, fp32, 1e-5; the custom op
     passes torch.library.opcheck (schema, fake, mutation), and compiled it gives the eager op's
     output and cache. (The interpreter's bf16 products are not bf16's; bf16 is compared on the GPU
     by bench.py decode-block.)"""
     worst = in_triton_interpreter(DECODE_BLOCK_CHECK)
-    assert len(worst) == 9, worst
+    assert len(worst) == 13, worst
     for name, err in worst.items():
         assert err > 0.01 if name.endswith("written") else err < 1e-5, worst
 
 
 def test_decode_blocks_take_only_few_token_steps_of_one_sequence(monkeypatch):
-    """use_decode_blocks routes a batch-1 cached step of one or two tokens through decode_block and leaves
-    prompts, several sequences and whole sequences to the block's own forward; a block whose
-    products were measured faster through cuBLAS keeps its forward."""
+    """use_decode_blocks routes a batch-1 cached forward of up to BLOCK_TOKENS tokens through
+    decode_block (a step, a draft's two-token catch-up, a verification) and leaves longer prompts,
+    several sequences and whole sequences to the block's own forward; a block with a bias keeps its
+    forward."""
     torch.manual_seed(0)
     model = Llama(small_config()).eval()
     kernels.use_decode_kernels(model, measure=False)  # DecodeLinear, as on the GPU before measuring
-    model.model.layers[1].mlp.down_proj.multiply_sum = False
+    down = model.model.layers[1].mlp.down_proj
+    down.bias = torch.nn.Parameter(torch.zeros(down.out_features))  # decode_block has no biases
     kernels.use_decode_blocks(model)
     calls = []
     monkeypatch.setattr(kernels, "decode_block", lambda block, x, rope, pos: calls.append(
         (list(model.model.layers).index(block), tuple(x.shape))) or type(block).forward(
         block, x, rope[0][pos], rope[1][pos], pos))
+    fused = [i for i in range(model.config.num_hidden_layers) if i != 1]
     with torch.no_grad():
         model(torch.randint(0, 256, (1, 12)))
         model.setup_cache(1, 32)
-        model(torch.randint(0, 256, (1, 5)), start_pos=0)
+        model(torch.randint(0, 256, (1, kernels.BLOCK_TOKENS + 1)), start_pos=0)
         assert calls == []
-        model(torch.randint(0, 256, (1, 1)), start_pos=5)
-        assert calls == [(i, (1, 1, model.config.hidden_size)) for i in range(model.config.num_hidden_layers)
-                         if i != 1]
-        calls.clear()
-        model(torch.randint(0, 256, (1, 2)), start_pos=6)  # a draft's two-token catch-up
-        assert calls == [(i, (1, 2, model.config.hidden_size)) for i in range(model.config.num_hidden_layers)
-                         if i != 1]
+        start = kernels.BLOCK_TOKENS + 1
+        for T in (1, 2, kernels.BLOCK_TOKENS):
+            model(torch.randint(0, 256, (1, T)), start_pos=start)
+            assert calls == [(i, (1, T, model.config.hidden_size)) for i in fused], T
+            calls.clear()
+            start += T
         model.setup_cache(2, 32)
-        calls.clear()
         model(torch.randint(0, 256, (2, 1)), start_pos=0)
         assert calls == []
 
