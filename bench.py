@@ -579,7 +579,7 @@ def decode_block_one(shape: str = "150m", tokens: str = "1,2,5") -> dict:
         for name, (kind, call) in kernel_calls.items():
             chosen = kernels.DOT_TILES[kind]
             for r, k, w in tiles:
-                kernels.DOT_TILES[kind] = (r, k or chosen[1], w)
+                kernels.DOT_TILES[kind] = (r, k or chosen[1], w, *chosen[3:])
                 us = kernels.cuda_graph_us(lambda: [call(b, r, w) for b in layers]) / n
                 rows.append({"shape": shape, "what": name, "tokens": T, "rows": r, "warps": w,
                              **({"chunk": k} if k else {}), "us_per_layer": round(us, 2)})

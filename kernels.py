@@ -502,18 +502,24 @@ if triton is not None:
 # Small tiles and many programs, every load in flight at once, won.
 TILES = {"qkv": (1, 2), "linear": (2, 4), "swiglu": (2, 4)}
 # From DOT_TOKENS tokens on, the products run on the tensor cores (tl.dot, the tokens padded to its
-# least of 16 rows): (rows per program, columns per chunk, warps) of each kernel.
+# least of 16 rows): (rows per program, columns per chunk, warps, pipeline stages) of each kernel.
 DOT_TOKENS = 3
-DOT_TILES = {"qkv": (32, 256, 4), "linear": (32, 256, 4), "swiglu": (64, 256, 4)}
+DOT_TILES = {"qkv": (32, 256, 4, 4), "linear": (32, 256, 4, 4), "swiglu": (64, 256, 4, 4)}
 
 
 def tiles(kernel: str, T: int, width: int, rows=None, num_warps=None, most_rows: int = 1 << 30) -> dict:
     """A kernel's launch settings for T tokens over rows of `width` values: R, BLOCK_T, the chunk of
-    columns (BLOCK_K, the whole row below DOT_TOKENS, at most 4096), num_warps and DOT."""
+    columns (BLOCK_K, the whole row below DOT_TOKENS, at most 4096), DOT, num_warps (and num_stages
+    on the tensor cores)."""
     dot = T >= DOT_TOKENS and most_rows >= 16
-    r, k, w = DOT_TILES[kernel] if dot else (*TILES[kernel][:1], 4096, TILES[kernel][1])
+    r, k, w, *stages = DOT_TILES[kernel] if dot else (TILES[kernel][0], 4096, TILES[kernel][1])
     return dict(R=min(rows or r, most_rows), BLOCK_T=max(16 if dot else 1, triton.next_power_of_2(T)),
-                BLOCK_K=min(k, triton.next_power_of_2(width)), num_warps=num_warps or w, DOT=dot)
+                BLOCK_K=min(k, triton.next_power_of_2(width)), DOT=dot, num_warps=num_warps or w,
+                **({"num_stages": stages[0]} if stages else {}))
+
+
+def _launch(t: dict) -> dict:
+    return {k: t[k] for k in ("num_warps", "num_stages") if k in t}
 
 
 def norm_qkv_rope(x, norm_w, eps, wq, wk, wv, rope, pos, cache, rows=None, num_warps=None, pdl=False):
@@ -532,7 +538,7 @@ def norm_qkv_rope(x, norm_w, eps, wq, wk, wv, rope, pos, cache, rows=None, num_w
     _norm_qkv_rope[((H + 2 * KV) * (hd // 2 // t["R"]),)](
         x, norm_w, wq, wk, wv, *rope, pos, q, k, v, k.stride(1), k.stride(2), v.stride(1), v.stride(2), eps, T, d,
         H=H, KV=KV, HD=hd, R=t["R"], BLOCK_T=t["BLOCK_T"], BLOCK_D=t["BLOCK_K"] if t["DOT"] else triton.next_power_of_2(d),
-        DOT=t["DOT"], **pdl_options(pdl), num_warps=t["num_warps"])
+        DOT=t["DOT"], **pdl_options(pdl), **_launch(t))
     return q
 
 
@@ -555,7 +561,7 @@ def norm_swiglu(x, norm_w, eps, wg, wu, rows=None, num_warps=None, pdl=False):
     out = torch.empty(T, F_, dtype=x.dtype, device=x.device)
     _norm_swiglu[(triton.cdiv(F_, t["R"]),)](x, norm_w, wg, wu, out, eps, T, d, F_, R=t["R"], BLOCK_T=t["BLOCK_T"],
                                              BLOCK_D=t["BLOCK_K"] if t["DOT"] else triton.next_power_of_2(d),
-                                             DOT=t["DOT"], **pdl_options(pdl), num_warps=t["num_warps"])
+                                             DOT=t["DOT"], **pdl_options(pdl), **_launch(t))
     return out
 
 
