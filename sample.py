@@ -334,7 +334,10 @@ def accept(p_logits, row_seen, d, q, settings):
     else:
         j, residual = torch.zeros((), dtype=torch.long, device=d.device), p
     row = residual.index_select(0, j.view(1))[0]
-    return j, draw(row / row.sum())
+    # Rounding alone can reject with p <= q everywhere in the row: the residual is then empty (its
+    # sum 0), and p itself is what it stands for. draw needs no normalised row.
+    row = torch.where(row.sum() > 0, row, p.index_select(0, j.view(1))[0])
+    return j, draw(row)
 
 
 def fit_prompt(ids: list[int], ctx: int, max_new: int) -> tuple[list[int], int]:

@@ -1666,6 +1666,23 @@ def test_speculative_sampling_keeps_the_targets_distribution():
     assert tv(freq(plain, 0), exact) < 0.05  # the same tolerance holds for the plain sampler
 
 
+def test_accept_draws_from_the_target_when_the_residual_is_empty():
+    """A rejection where the draft's q is at least the target's p everywhere (rounding can make
+    one) leaves max(0, p - q) all zero: accept then draws the new token from p, not from 0 / 0."""
+    from sample import accept
+
+    V, settings = 4, (1.0, 0, 1.0, 1.0)  # temperature 1, no top-k or top-p, no penalty
+    p_logits = torch.zeros(2, V)  # p uniform at both rows
+    q = [torch.full((1, V), 0.5)]  # q >= p everywhere; q(d) = 0.5 > p(d) = 0.25: kept half the time
+    seen = torch.zeros(2, V, dtype=torch.bool)
+    torch.manual_seed(0)
+    rejected = [tok for j, tok in (accept(p_logits, seen, torch.tensor([2]), q, settings) for _ in range(400))
+                if j == 0]
+    assert 150 < len(rejected) < 250
+    counts = torch.bincount(torch.stack(rejected), minlength=V)
+    assert (counts > len(rejected) / V / 2).all(), counts  # every id drawn, as from the uniform p
+
+
 def test_acceptance_rate_inverts_the_rounds_accepted_count():
     """bench.py's eq. 1 takes the acceptance rate a from the accepted proposals a round: rounds that
     keep each of K = 4 proposals with probability 0.35 until the first rejection give back a = 0.35,
