@@ -534,11 +534,12 @@ def norm_qkv_rope(x, norm_w, eps, wq, wk, wv, rope, pos, cache, rows=None, num_w
     KV, hd = k.shape[1], k.shape[3]
     H = wq.shape[0] // hd
     t = tiles("qkv", T, d, rows, num_warps, most_rows=hd // 2)
+    block_d = t["BLOCK_K"] if t["DOT"] else triton.next_power_of_2(d)  # a chunk, or the whole row
     q = torch.empty(1, H, T, hd, dtype=x.dtype, device=x.device)
     _norm_qkv_rope[((H + 2 * KV) * (hd // 2 // t["R"]),)](
         x, norm_w, wq, wk, wv, *rope, pos, q, k, v, k.stride(1), k.stride(2), v.stride(1), v.stride(2), eps, T, d,
-        H=H, KV=KV, HD=hd, R=t["R"], BLOCK_T=t["BLOCK_T"], BLOCK_D=t["BLOCK_K"] if t["DOT"] else triton.next_power_of_2(d),
-        DOT=t["DOT"], **pdl_options(pdl), **_launch(t))
+        H=H, KV=KV, HD=hd, R=t["R"], BLOCK_T=t["BLOCK_T"], BLOCK_D=block_d, DOT=t["DOT"], **pdl_options(pdl),
+        **_launch(t))
     return q
 
 
@@ -558,10 +559,10 @@ def norm_swiglu(x, norm_w, eps, wg, wu, rows=None, num_warps=None, pdl=False):
     input of down_proj (model.MLP before its last product); norm_w (d,), eps; wg, wu (ffn, d)."""
     (F_, d), T = wg.shape, x.shape[1]
     t = tiles("swiglu", T, d, rows, num_warps)
+    block_d = t["BLOCK_K"] if t["DOT"] else triton.next_power_of_2(d)  # a chunk, or the whole row
     out = torch.empty(T, F_, dtype=x.dtype, device=x.device)
     _norm_swiglu[(triton.cdiv(F_, t["R"]),)](x, norm_w, wg, wu, out, eps, T, d, F_, R=t["R"], BLOCK_T=t["BLOCK_T"],
-                                             BLOCK_D=t["BLOCK_K"] if t["DOT"] else triton.next_power_of_2(d),
-                                             DOT=t["DOT"], **pdl_options(pdl), **_launch(t))
+                                             BLOCK_D=block_d, DOT=t["DOT"], **pdl_options(pdl), **_launch(t))
     return out
 
 
