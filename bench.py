@@ -603,6 +603,11 @@ def decode_block_one(shape: str = "150m", tokens: str = "1,2,5") -> dict:
 
 
 def decode_block_table(args) -> list[dict]:
+    shapes, tokens = args.shapes.split(","), args.tokens.split(",")
+    if not set(shapes) <= {"150m", "1b", "7b"}:
+        raise SystemExit(f"bench.py decode-block: --shapes {args.shapes!r}: choose from 150m, 1b, 7b, e.g. 150m,7b")
+    if not all(t.isdigit() and 1 <= int(t) <= 8 for t in tokens):  # kernels.BLOCK_TOKENS, without importing torch
+        raise SystemExit(f"bench.py decode-block: --tokens {args.tokens!r}: give token counts from 1 to 8, e.g. 1,2,5")
     rows = []
     for shape in args.shapes.split(","):
         rows += rows_of_one_child("decode-block", dict(shape=shape, tokens=args.tokens),

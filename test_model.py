@@ -1815,6 +1815,8 @@ BAD_OPTIONS = [
     ("eval_tasks.py", ["--limit", "-1"], "eval_tasks.py: --limit must be >= 0, got -1"),
     ("bench.py", ["speculative", "--new_tokens", "1"], "--new_tokens 1 leaves no token for a round to make"),
     ("bench.py", ["speculative", "--draft_tokens", "4,0"], "--draft_tokens '4,0' is not a list of draft lengths"),
+    ("bench.py", ["decode-block", "--shapes", "150m,3b"], "--shapes '150m,3b': choose from 150m, 1b, 7b"),
+    ("bench.py", ["decode-block", "--tokens", "1,9"], "--tokens '1,9': give token counts from 1 to 8"),
 ]
 if not torch.cuda.is_available():
     BAD_OPTIONS.append(("sample.py", ["--device", "cuda"], "--device cuda: no CUDA GPU is visible to PyTorch"))
