@@ -572,13 +572,15 @@ def decode_block_one(shape: str = "150m", tokens: str = "1,2,5") -> dict:
             b.mlp.up_proj.weight, r, w)),
         "down_residual": ("linear", lambda b, r, w: kernels.linear_residual(h, b.mlp.down_proj.weight, x, r, w)),
     }
-    tiles = ([(r, None, w) for r in (1, 2, 4, 8) for w in (1, 2, 4, 8)] if T == 1 else
+    tiles = ([(r, None, w) for r in (1, 2, 4, 8) for w in (1, 2, 4, 8)] if T < kernels.DOT_TOKENS else
              [(r, k, w) for r in (16, 32, 64) for k in (128, 256) for w in (4, 8)])
     rows = []
     with torch.no_grad():
         for name, (kind, call) in kernel_calls.items():
             chosen = kernels.DOT_TILES[kind]
             for r, k, w in tiles:
+                if kind == "qkv" and r > cfg.head_dim // 2:  # a program's rows lie in one half of a head
+                    continue
                 kernels.DOT_TILES[kind] = (r, k or chosen[1], w, *chosen[3:])
                 us = kernels.cuda_graph_us(lambda: [call(b, r, w) for b in layers]) / n
                 rows.append({"shape": shape, "what": name, "tokens": T, "rows": r, "warps": w,

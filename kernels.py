@@ -348,8 +348,8 @@ if triton is not None:
     def _times(w, x):
         """w (R, K) times one row x (K,): (R,). One token at a time, with the weight held in
         registers for all of them: registers do not grow with the tokens, and each token's sums
-        run in the order of a one-token step, so a position gets the same numbers in a step of
-        one token and in a verification of several (batch invariance)."""
+        run in the order of a one-token step, so a position gets the same numbers in a step of one
+        token and in a forward of two (batch invariance; from DOT_TOKENS on the tensor cores sum)."""
         return tl.sum(w * x[None, :], 1)
 
     @triton.jit
@@ -501,21 +501,54 @@ if triton is not None:
 # (rows per program, warps) of each kernel for a token or two: measured by bench.py decode-block.
 # Small tiles and many programs, every load in flight at once, won.
 TILES = {"qkv": (1, 2), "linear": (2, 4), "swiglu": (2, 4)}
-# From DOT_TOKENS tokens on, the products run on the tensor cores (tl.dot, the tokens padded to its
-# least of 16 rows): (rows per program, columns per chunk, warps, pipeline stages) of each kernel.
+# From DOT_TOKENS tokens on, the products of a bf16 or fp16 model run on the tensor cores (tl.dot, the
+# tokens padded to 16 rows): (rows per program, columns per chunk, warps, pipeline stages) of each
+# kernel, the stages as many as the GPU's shared memory holds (dot_stages). An fp32 model keeps the
+# per-token sums, exact and batch invariant.
 DOT_TOKENS = 3
 DOT_TILES = {"qkv": (32, 256, 4, 4), "linear": (32, 256, 4, 4), "swiglu": (64, 256, 4, 4)}
+DOT_DTYPES = (torch.bfloat16, torch.float16)
 
 
-def tiles(kernel: str, T: int, width: int, rows=None, num_warps=None, most_rows: int = 1 << 30) -> dict:
-    """A kernel's launch settings for T tokens over rows of `width` values: R, BLOCK_T, the chunk of
-    columns (BLOCK_K, the whole row below DOT_TOKENS, at most 4096), DOT, num_warps (and num_stages
-    on the tensor cores)."""
-    dot = T >= DOT_TOKENS and most_rows >= 16
-    r, k, w, *stages = DOT_TILES[kernel] if dot else (TILES[kernel][0], 4096, TILES[kernel][1])
-    return dict(R=min(rows or r, most_rows), BLOCK_T=max(16 if dot else 1, triton.next_power_of_2(T)),
-                BLOCK_K=min(k, triton.next_power_of_2(width)), DOT=dot, num_warps=num_warps or w,
-                **({"num_stages": stages[0]} if stages else {}))
+_SHARED = {}  # device index -> bytes
+
+
+def shared_memory(x: torch.Tensor) -> int:
+    """Bytes of shared memory a program may use on x's GPU (no bound in Triton's CPU interpreter)."""
+    if not x.is_cuda:
+        return 1 << 30
+    if x.device.index not in _SHARED:
+        props = triton.runtime.driver.active.utils.get_device_properties(x.device.index or 0)
+        _SHARED[x.device.index] = props["max_shared_mem"]
+    return _SHARED[x.device.index]
+
+
+def dot_stages(kernel: str, R: int, BLOCK_T: int, BLOCK_K: int, element_size: int, shared: int) -> int:
+    """The most pipeline stages, at most DOT_TILES', whose buffers fit `shared` bytes (0 if not
+    even 2 do): each stage after the first holds a chunk of the tokens and of each weight's R rows,
+    and about 10 KB go to the rest (Triton's compiled shared memory, test_model.py)."""
+    weights = 1 if kernel == "linear" else 2
+    for stages in range(DOT_TILES[kernel][3], 1, -1):
+        if (stages - 1) * (BLOCK_T + weights * R) * BLOCK_K * element_size + 10_240 <= shared:
+            return stages
+    return 0
+
+
+def tiles(kernel: str, x: torch.Tensor, T: int, width: int, rows=None, num_warps=None,
+          most_rows: int = 1 << 30) -> dict:
+    """A kernel's launch settings for T tokens of x over rows of `width` values: R, BLOCK_T, the chunk
+    of columns (BLOCK_K: the whole row below DOT_TOKENS, in _linear_residual at most 4096), DOT,
+    num_warps (and num_stages on the tensor cores)."""
+    if T >= DOT_TOKENS and x.dtype in DOT_DTYPES and most_rows >= 16:
+        r, k, w, _ = DOT_TILES[kernel]
+        t = dict(R=min(rows or r, most_rows), BLOCK_T=max(16, triton.next_power_of_2(T)),
+                 BLOCK_K=max(16, min(k, triton.next_power_of_2(width))), DOT=True, num_warps=num_warps or w)
+        t["num_stages"] = dot_stages(kernel, t["R"], t["BLOCK_T"], t["BLOCK_K"], x.element_size(), shared_memory(x))
+        if t["num_stages"]:
+            return t
+    r, w = TILES[kernel]
+    return dict(R=min(rows or r, most_rows), BLOCK_T=triton.next_power_of_2(T),
+                BLOCK_K=min(4096, triton.next_power_of_2(width)), DOT=False, num_warps=num_warps or w)
 
 
 def _launch(t: dict) -> dict:
@@ -533,7 +566,7 @@ def norm_qkv_rope(x, norm_w, eps, wq, wk, wv, rope, pos, cache, rows=None, num_w
     (k, v), (T, d) = cache, x.shape[-2:]
     KV, hd = k.shape[1], k.shape[3]
     H = wq.shape[0] // hd
-    t = tiles("qkv", T, d, rows, num_warps, most_rows=hd // 2)
+    t = tiles("qkv", x, T, d, rows, num_warps, most_rows=hd // 2)
     block_d = t["BLOCK_K"] if t["DOT"] else triton.next_power_of_2(d)  # a chunk, or the whole row
     q = torch.empty(1, H, T, hd, dtype=x.dtype, device=x.device)
     _norm_qkv_rope[((H + 2 * KV) * (hd // 2 // t["R"]),)](
@@ -548,7 +581,7 @@ def linear_residual(y, weight, res, rows=None, num_warps=None, pdl=False):
     (1, T, out). The projections that write into the residual stream (o_proj, down_proj)."""
     N, K = weight.shape
     T = res.shape[1]
-    t = tiles("linear", T, K, rows, num_warps)
+    t = tiles("linear", y, T, K, rows, num_warps)
     out = torch.empty_like(res)
     _linear_residual[(triton.cdiv(N, t["R"]),)](y, weight, res, out, T, N, K, **t, **pdl_options(pdl))
     return out
@@ -558,7 +591,7 @@ def norm_swiglu(x, norm_w, eps, wg, wu, rows=None, num_warps=None, pdl=False):
     """silu(gate_proj(h)) * up_proj(h) with h = norm(x), for T tokens: x (1, T, d) -> (T, ffn), the
     input of down_proj (model.MLP before its last product); norm_w (d,), eps; wg, wu (ffn, d)."""
     (F_, d), T = wg.shape, x.shape[1]
-    t = tiles("swiglu", T, d, rows, num_warps)
+    t = tiles("swiglu", x, T, d, rows, num_warps)
     block_d = t["BLOCK_K"] if t["DOT"] else triton.next_power_of_2(d)  # a chunk, or the whole row
     out = torch.empty(T, F_, dtype=x.dtype, device=x.device)
     _norm_swiglu[(triton.cdiv(F_, t["R"]),)](x, norm_w, wg, wu, out, eps, T, d, F_, R=t["R"], BLOCK_T=t["BLOCK_T"],
@@ -596,9 +629,8 @@ if triton is not None:
     def _decode_block(x: torch.Tensor, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                       sin: torch.Tensor, weights: list[torch.Tensor], eps: list[float]) -> torch.Tensor:
         n1, wq, wk, wv, wo, n2, wg, wu, wd = weights
-        # Hopper on; not for the tensor-core products, which wait for the kernel before them at once:
-        # there, kernels started early only held the SMs (a 7B-shaped block of 5 tokens took 182 us
-        # with PDL, 138 without: BENCHMARKS.md)
+        # Hopper on, for one or two tokens: with PDL on the tensor-core kernels, one after another, a
+        # 7B-shaped block of 5 tokens took 182 us against 138 without (why was not found; BENCHMARKS.md)
         pdl = (PDL and x.is_cuda and torch.version.hip is None and x.shape[1] < DOT_TOKENS
                and torch.cuda.get_device_capability(x.device)[0] >= 9)
         x = x.contiguous()
@@ -618,13 +650,15 @@ def projections(block: plain.Block) -> list:
 
 
 def fuses(block: plain.Block) -> bool:
-    """Whether decode_block can run this block: no biases, contiguous weights of one dtype, an even
-    head size. On an H200 it beat the compiled block at every width measured, for one, two and
-    five tokens (bench.py decode-block), so no timing decides it."""
+    """Whether decode_block can run this block: no biases, contiguous weights of one dtype, a head
+    size that is a power of two. No timing decides it: on an H200 it beat the compiled block at the
+    150M, 1.1B and 7B widths at one and two tokens and, its tensor-core kernels launched without
+    PDL, at five (BENCHMARKS.md). Not everywhere: at two tokens of the 7B shape, a speculative
+    verification of K = 1, it took 5.30 ms against 4.78 through cuBLAS."""
     ms = projections(block)
     return (all(m.bias is None for m in ms) and
             all(m.weight.is_contiguous() and m.weight.dtype == ms[0].weight.dtype for m in ms) and
-            block.self_attn.hd % 2 == 0)
+            block.self_attn.hd >= 2 and block.self_attn.hd & (block.self_attn.hd - 1) == 0)
 
 
 def use_decode_blocks(model: plain.Llama):
@@ -735,7 +769,7 @@ def use_decode_kernels(model: plain.Llama, measure: bool = True) -> dict:
     if not measure:
         return {}
     timings = measure_projections(model)
-    use_decode_blocks(model)  # where the products were measured faster as multiply-and-sums
+    use_decode_blocks(model)
     return timings
 
 

@@ -1302,6 +1302,7 @@ import dataclasses, json, torch, kernels
 from config import model_config
 from model import Llama
 torch.manual_seed(0)
+kernels.DOT_DTYPES += (torch.float32,)  # the tensor-core branch (from 3 tokens) too, exact in fp32 here
 worst = {}
 # a width and FFN that are not powers of two (masked tiles), MHA-like 3/1 heads; the 150M's own shape
 for name, shape in [("d96 3/1 heads", dict(hidden_size=96, intermediate_size=160, num_attention_heads=3,
@@ -1353,6 +1354,53 @@ def test_decode_block_kernels_equal_the_block():
     assert len(worst) == 13, worst
     for name, err in worst.items():
         assert err > 0.01 if name.endswith("written") else err < 1e-5, worst
+
+
+def compiled_shared_bytes(kernel, types: dict, constexprs: dict, num_warps: int, num_stages: int,
+                          capability: int) -> int:
+    """The shared memory of a Triton kernel compiled ahead of time for an NVIDIA GPU of `capability`
+    (Triton's own ptxas; no GPU needed): every tl.constexpr parameter from constexprs, the others
+    typed by `types`, pointers 16-byte aligned as torch allocations are."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature, consts, attrs = {}, {}, {}
+    for i, p in enumerate(kernel.params):
+        if p.is_constexpr:
+            signature[p.name], consts[(i,)] = "constexpr", constexprs[p.name]
+        else:
+            signature[p.name] = types[p.name]
+            if types[p.name].startswith("*"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    compiled = triton.compile(ASTSource(kernel, signature, consts, attrs), target=GPUTarget("cuda", capability, 32),
+                              options=dict(num_warps=num_warps, num_stages=num_stages))
+    return compiled.metadata.shared
+
+
+@pytest.mark.parametrize("capability, shared", [(90, 232448), (80, 166912), (89, 101376)])
+def test_tensor_core_tiles_fit_the_gpus_shared_memory(capability, shared):
+    """kernels.dot_stages picks pipeline stages that the GPU's shared memory holds (the per-program
+    limits of H100/H200, A100, L4/RTX 40): each tensor-core kernel of a verification (5 tokens) of
+    the 1.1B and 7B shapes, compiled for that GPU with them, fits; at least 2 stages everywhere."""
+    pytest.importorskip("triton")
+    ptr = "*bf16"
+    for d, ffn, H, KV in ((2048, 5632, 32, 4), (4096, 14336, 32, 8)):
+        for kind, kernel, width, types, extra in (
+                ("qkv", kernels._norm_qkv_rope, d,
+                 {**dict.fromkeys(("X", "NW", "WQ", "WK", "WV", "Q_OUT", "K_CACHE", "V_CACHE"), ptr),
+                  "COS": "*fp32", "SIN": "*fp32", "POS": "*i64", "EPS": "fp32",
+                  **dict.fromkeys(("skh", "sks", "svh", "svs"), "i32")}, dict(D=d, H=H, KV=KV, HD=128)),
+                ("linear", kernels._linear_residual, ffn, dict.fromkeys(("Y", "W", "RES", "OUT"), ptr), dict(N=d, K=ffn)),
+                ("swiglu", kernels._norm_swiglu, d, {**dict.fromkeys(("X", "NW", "WG", "WU", "OUT"), ptr), "EPS": "fp32"},
+                 dict(D=d, F=ffn))):
+            R, BLOCK_K, warps, _ = kernels.DOT_TILES[kind]
+            stages = kernels.dot_stages(kind, R, 16, BLOCK_K, 2, shared)
+            assert stages >= 2, (kind, capability)
+            blocks = {"BLOCK_K": BLOCK_K} if kind == "linear" else {"BLOCK_D": BLOCK_K}
+            used = compiled_shared_bytes(kernel, types, dict(T=5, R=R, BLOCK_T=16, DOT=True, PDL=False, **blocks,
+                                                             **extra), warps, stages, capability)
+            assert used <= shared, (kind, d, capability, stages, used)
 
 
 def test_decode_blocks_take_only_few_token_steps_of_one_sequence(monkeypatch):
