@@ -13,6 +13,7 @@ decoding keeps the plain attention.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -510,17 +511,14 @@ DOT_TILES = {"qkv": (32, 256, 4, 4), "linear": (32, 256, 4, 4), "swiglu": (64, 2
 DOT_DTYPES = (torch.bfloat16, torch.float16)
 
 
-_SHARED = {}  # device index -> bytes
-
-
 def shared_memory(x: torch.Tensor) -> int:
     """Bytes of shared memory a program may use on x's GPU (no bound in Triton's CPU interpreter)."""
-    if not x.is_cuda:
-        return 1 << 30
-    if x.device.index not in _SHARED:
-        props = triton.runtime.driver.active.utils.get_device_properties(x.device.index or 0)
-        _SHARED[x.device.index] = props["max_shared_mem"]
-    return _SHARED[x.device.index]
+    return _shared_memory(x.device.index) if x.is_cuda else 1 << 30
+
+
+@functools.cache
+def _shared_memory(device: int) -> int:
+    return triton.runtime.driver.active.utils.get_device_properties(device)["max_shared_mem"]
 
 
 def dot_stages(kernel: str, R: int, BLOCK_T: int, BLOCK_K: int, element_size: int, shared: int) -> int:
