@@ -340,8 +340,7 @@ def random_model(shape: str, device: str, dtype, hf: bool = False):
 
     cfg = model_config("portimbria-150m")
     cfg.fp32_edge_blocks = False
-    if shape in ("1b", "7b"):
-        cfg = dataclasses.replace(cfg, **(SHAPE_7B if shape == "7b" else SHAPE_1B))
+    cfg = dataclasses.replace(cfg, **{"1b": SHAPE_1B, "7b": SHAPE_7B}.get(shape, {}))
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -611,10 +610,10 @@ def decode_block_table(args) -> list[dict]:
     if not all(t.isdigit() and 1 <= int(t) <= 8 for t in tokens):  # kernels.BLOCK_TOKENS, without importing torch
         raise SystemExit(f"bench.py decode-block: --tokens {args.tokens!r}: give token counts from 1 to 8, e.g. 1,2,5")
     rows = []
-    for shape in args.shapes.split(","):
+    for shape in shapes:
         rows += rows_of_one_child("decode-block", dict(shape=shape, tokens=args.tokens),
                                   lambda row: print(json.dumps(row), flush=True))
-    for shape in args.shapes.split(","):
+    for shape in shapes:
         mine = [r for r in rows if r["shape"] == shape]
         best = {}
         for r in mine:
