@@ -561,29 +561,32 @@ def decode_block_one(shape: str = "150m", tokens: str = "1,2,5") -> dict:
     y = torch.randn(T, cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
     h = torch.randn(T, cfg.intermediate_size, device="cuda", dtype=torch.bfloat16) * 0.1
     kernel_calls = {
-        "norm_qkv_rope": ("qkv", lambda b, r, w: kernels.norm_qkv_rope(
+        "norm_qkv_rope": ("qkv", lambda b, r, w, s: kernels.norm_qkv_rope(
             x, b.input_layernorm.weight, b.input_layernorm.eps, b.self_attn.q_proj.weight, b.self_attn.k_proj.weight,
             b.self_attn.v_proj.weight, (model.rope_cos, model.rope_sin), pos,
-            (b.self_attn.kv_cache.k, b.self_attn.kv_cache.v), r, w)),
-        "o_proj_residual": ("linear", lambda b, r, w: kernels.linear_residual(y, b.self_attn.o_proj.weight, x, r, w)),
-        "norm_swiglu": ("swiglu", lambda b, r, w: kernels.norm_swiglu(
+            (b.self_attn.kv_cache.k, b.self_attn.kv_cache.v), r, w, splits=s)),
+        "o_proj_residual": ("linear", lambda b, r, w, s: kernels.linear_residual(
+            y, b.self_attn.o_proj.weight, x, r, w, splits=s)),
+        "norm_swiglu": ("swiglu", lambda b, r, w, s: kernels.norm_swiglu(
             x, b.post_attention_layernorm.weight, b.post_attention_layernorm.eps, b.mlp.gate_proj.weight,
-            b.mlp.up_proj.weight, r, w)),
-        "down_residual": ("linear", lambda b, r, w: kernels.linear_residual(h, b.mlp.down_proj.weight, x, r, w)),
+            b.mlp.up_proj.weight, r, w, splits=s)),
+        "down_residual": ("linear", lambda b, r, w, s: kernels.linear_residual(
+            h, b.mlp.down_proj.weight, x, r, w, splits=s)),
     }
-    tiles = ([(r, None, w) for r in (1, 2, 4, 8) for w in (1, 2, 4, 8)] if T < kernels.DOT_TOKENS else
-             [(r, k, w) for r in (16, 32, 64) for k in (128, 256) for w in (4, 8)])
+    # (rows, columns a chunk, warps, splits of the columns); None: the kernel's own choice
+    tiles = ([(r, None, w, None) for r in (1, 2, 4, 8) for w in (1, 2, 4, 8)] if T < kernels.DOT_TOKENS else
+             [(r, 256, 4, s) for r in (16, 32, 64) for s in (1, 2, 4, 8, None)])
     rows = []
     with torch.no_grad():
         for name, (kind, call) in kernel_calls.items():
             chosen = kernels.DOT_TILES[kind]
-            for r, k, w in tiles:
+            for r, k, w, s in tiles:
                 if kind == "qkv" and r > cfg.head_dim // 2:  # a program's rows lie in one half of a head
                     continue
                 kernels.DOT_TILES[kind] = (r, k or chosen[1], w, *chosen[3:])
-                us = kernels.cuda_graph_us(lambda: [call(b, r, w) for b in layers]) / n
+                us = kernels.cuda_graph_us(lambda: [call(b, r, w, s) for b in layers]) / n
                 rows.append({"shape": shape, "what": name, "tokens": T, "rows": r, "warps": w,
-                             **({"chunk": k} if k else {}), "us_per_layer": round(us, 2)})
+                             **({"chunk": k, "splits": s or "auto"} if k else {}), "us_per_layer": round(us, 2)})
             kernels.DOT_TILES[kind] = chosen
         fused = [b.forward for b in layers]
         for b in layers:
@@ -622,7 +625,7 @@ def decode_block_table(args) -> list[dict]:
         print(f"\n{'a few tokens, per layer (' + shape + ', bf16)':<42}{'us':>7}  best tile")
         for r in list(best.values()) + [r for r in mine if "rows" not in r]:
             tile = (f"{r['tokens']} tokens: {r['rows']} rows, " + (f"{r['chunk']} columns, " if "chunk" in r else "")
-                    + f"{r['warps']} warps") if "rows" in r else ""
+                    + f"{r['warps']} warps" + (f", {r['splits']} splits" if "splits" in r else "")) if "rows" in r else ""
             print(f"{r['what']:<42}{r['us_per_layer']:>7}  {tile}")
     return rows
 

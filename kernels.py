@@ -377,6 +377,31 @@ if triton is not None:
         return x
 
     @triton.jit
+    def _park(WS, tile, split, S: tl.constexpr, SLOT: tl.constexpr, at: tl.constexpr, x, offsets):
+        """Split-K: a program's partial sums x, at `offsets`, into its split's slot of its tile's
+        workspace (S slots of SLOT fp32 values a tile)."""
+        tl.store(WS + (tile * S + split) * SLOT + at + offsets, x)
+
+    @triton.jit
+    def _last(TICKETS, tile, S: tl.constexpr):
+        """Split-K: whether this program is the last of its tile's S to have parked its sums. Each
+        takes a ticket, an atomic add with acquire-release order: what a program parked before
+        its ticket is seen by the one that takes a later ticket. The last sets the count back to 0
+        for the next launch."""
+        last = tl.atomic_add(TICKETS + tile, 1) == S - 1
+        tl.atomic_xchg(TICKETS + tile, 0, mask=last)
+        return last
+
+    @triton.jit
+    def _gathered(WS, tile, S: tl.constexpr, SLOT: tl.constexpr, at: tl.constexpr, offsets):
+        """Split-K: the S partial sums parked at `at` of a tile, added in split order 0 .. S-1, so
+        the result does not depend on which program finished last. Read past L1 (.cg)."""
+        total = tl.load(WS + tile * S * SLOT + at + offsets, cache_modifier=".cg")
+        for s in tl.static_range(1, S):
+            total += tl.load(WS + (tile * S + s) * SLOT + at + offsets, cache_modifier=".cg")
+        return total
+
+    @triton.jit
     def _dot(x, w):
         """x (BLOCK_T, K) times w (R, K) transposed on the tensor cores, fp32 sums: (BLOCK_T, R).
         'ieee' keeps fp32 operands exact; bf16 and fp16 ones ignore it."""
@@ -388,16 +413,17 @@ if triton is not None:
         return tl.where(tl.arange(0, acc.shape[0])[:, None] == i, row[None, :], acc)
 
     @triton.jit
-    def _norm_qkv_rope(X, NW, WQ, WK, WV, COS, SIN, POS, Q_OUT, K_CACHE, V_CACHE, skh, sks, svh, svs, EPS,
-                       T: tl.constexpr, D: tl.constexpr, H: tl.constexpr, KV: tl.constexpr, HD: tl.constexpr,
-                       R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr,
-                       PDL: tl.constexpr):
-        """Program (head, j) of the H query, KV key and KV value heads: channels r = j*R .. j*R+R-1
-        of the head's first half and r + HD/2 of its second, the two that RoPE's rotate-half mixes,
-        for each of the T tokens."""
+    def _norm_qkv_rope(X, NW, WQ, WK, WV, COS, SIN, POS, Q_OUT, K_CACHE, V_CACHE, WS, TICKETS, skh, sks, svh, svs,
+                       EPS, T: tl.constexpr, D: tl.constexpr, H: tl.constexpr, KV: tl.constexpr, HD: tl.constexpr,
+                       R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, S: tl.constexpr,
+                       KS: tl.constexpr, DOT: tl.constexpr, PDL: tl.constexpr):
+        """Tile (head, j) of the H query, KV key and KV value heads: channels r = j*R .. j*R+R-1 of
+        the head's first half and r + HD/2 of its second, the two that RoPE's rotate-half mixes,
+        for each of the T tokens. With S > 1 (split-K, tensor cores only) S programs share a tile,
+        split s summing columns s*KS .. s*KS+KS-1."""
         _let_the_next_kernel_start(PDL)
-        pid = tl.program_id(0)
-        head, j = pid // (HD // 2 // R), pid % (HD // 2 // R)
+        tile, split = tl.program_id(0) // S, tl.program_id(0) % S
+        head, j = tile // (HD // 2 // R), tile % (HD // 2 // R)
         if head < H:
             w_head = WQ + head * HD * D
         elif head < H + KV:
@@ -405,15 +431,26 @@ if triton is not None:
         else:
             w_head = WV + (head - H - KV) * HD * D
         r = j * R + tl.arange(0, R)
+        t = tl.arange(0, BLOCK_T)
+        last = True
         if DOT:  # several tokens: the weight streamed through the tensor cores in chunks of BLOCK_D
             _wait_for_the_previous_kernel(PDL)
             inv = _inv_rms(X, EPS, T, D, BLOCK_T, BLOCK_D)
             a, b = tl.zeros([BLOCK_T, R], tl.float32), tl.zeros([BLOCK_T, R], tl.float32)
-            for k0 in range(0, D, BLOCK_D):
+            for i in range(0, KS, BLOCK_D):  # this split's columns
+                k0 = split * KS + i
                 c = k0 + tl.arange(0, BLOCK_D)[None, :]
                 xn = _chunk(X, NW, inv, k0, T, D, BLOCK_T, BLOCK_D)
                 a += _dot(xn, tl.load(w_head + r[:, None] * D + c, mask=c < D, other=0.0))
                 b += _dot(xn, tl.load(w_head + (r + HD // 2)[:, None] * D + c, mask=c < D, other=0.0))
+            if S > 1:
+                o = t[:, None] * R + tl.arange(0, R)[None, :]
+                _park(WS, tile, split, S, 2 * BLOCK_T * R, 0, a, o)
+                _park(WS, tile, split, S, 2 * BLOCK_T * R, BLOCK_T * R, b, o)
+                last = _last(TICKETS, tile, S)
+                if last:
+                    a = _gathered(WS, tile, S, 2 * BLOCK_T * R, 0, o)
+                    b = _gathered(WS, tile, S, 2 * BLOCK_T * R, BLOCK_T * R, o)
         else:  # a token or two: whole rows of the weight held in registers, the tokens one at a time
             c = tl.arange(0, BLOCK_D)
             wa = tl.load(w_head + r[:, None] * D + c[None, :], mask=(c < D)[None, :], other=0.0)  # loads first:
@@ -423,35 +460,39 @@ if triton is not None:
             for i in tl.static_range(T):
                 xn = _normed(X + i * D, NW, EPS, D, BLOCK_D)  # the norm is computed while they arrive
                 a, b = _put(a, i, _times(wa, xn)), _put(b, i, _times(wb, xn))
-        dt = X.dtype.element_ty
-        a, b = a.to(dt).to(tl.float32), b.to(dt).to(tl.float32)  # (BLOCK_T, R): the projection's output, rounded
-        t = tl.arange(0, BLOCK_T)
-        pos = tl.load(POS + t, mask=t < T, other=0)[:, None]
-        r = r[None, :]
-        if head < H + KV:  # RoPE on queries and keys: x * cos + rotate_half(x) * sin
-            c1 = tl.load(COS + pos * HD + r).to(dt).to(tl.float32)
-            s1 = tl.load(SIN + pos * HD + r).to(dt).to(tl.float32)
-            c2 = tl.load(COS + pos * HD + r + HD // 2).to(dt).to(tl.float32)
-            s2 = tl.load(SIN + pos * HD + r + HD // 2).to(dt).to(tl.float32)
-            a, b = a * c1 - b * s1, b * c2 + a * s2
-        if head < H:  # q (1, H, T, HD)
-            out = Q_OUT + head * T * HD + t[:, None] * HD
-        elif head < H + KV:
-            out = K_CACHE + (head - H) * skh + pos * sks
-        else:
-            out = V_CACHE + (head - H - KV) * svh + pos * svs
-        tl.store(out + r, a.to(out.dtype.element_ty), mask=(t < T)[:, None])
-        tl.store(out + r + HD // 2, b.to(out.dtype.element_ty), mask=(t < T)[:, None])
+        if last:  # (the last of a tile's splits)
+            dt = X.dtype.element_ty
+            a, b = a.to(dt).to(tl.float32), b.to(dt).to(tl.float32)  # (BLOCK_T, R): the projection's output, rounded
+            pos = tl.load(POS + t, mask=t < T, other=0)[:, None]
+            rr = r[None, :]
+            if head < H + KV:  # RoPE on queries and keys: x * cos + rotate_half(x) * sin
+                c1 = tl.load(COS + pos * HD + rr).to(dt).to(tl.float32)
+                s1 = tl.load(SIN + pos * HD + rr).to(dt).to(tl.float32)
+                c2 = tl.load(COS + pos * HD + rr + HD // 2).to(dt).to(tl.float32)
+                s2 = tl.load(SIN + pos * HD + rr + HD // 2).to(dt).to(tl.float32)
+                a, b = a * c1 - b * s1, b * c2 + a * s2
+            if head < H:  # q (1, H, T, HD)
+                out = Q_OUT + head * T * HD + t[:, None] * HD
+            elif head < H + KV:
+                out = K_CACHE + (head - H) * skh + pos * sks
+            else:
+                out = V_CACHE + (head - H - KV) * svh + pos * svs
+            tl.store(out + rr, a.to(out.dtype.element_ty), mask=(t < T)[:, None])
+            tl.store(out + rr + HD // 2, b.to(out.dtype.element_ty), mask=(t < T)[:, None])
 
     @triton.jit
-    def _linear_residual(Y, W, RES, OUT, T: tl.constexpr, N: tl.constexpr, K: tl.constexpr, R: tl.constexpr,
-                         BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr, PDL: tl.constexpr):
-        """Rows n = pid*R .. pid*R+R-1 of res + W @ y, for each of the T tokens."""
+    def _linear_residual(Y, W, RES, OUT, WS, TICKETS, T: tl.constexpr, N: tl.constexpr, K: tl.constexpr,
+                         R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, S: tl.constexpr,
+                         KS: tl.constexpr, DOT: tl.constexpr, PDL: tl.constexpr):
+        """Tile: rows n = tile*R .. tile*R+R-1 of res + W @ y, for each of the T tokens. With S > 1
+        (split-K) S programs share a tile, split s summing columns s*KS .. s*KS+KS-1."""
         _let_the_next_kernel_start(PDL)
-        n = tl.program_id(0) * R + tl.arange(0, R)
+        tile, split = tl.program_id(0) // S, tl.program_id(0) % S
+        n = tile * R + tl.arange(0, R)
         t = tl.arange(0, BLOCK_T)[:, None]
         acc = tl.zeros([BLOCK_T, R], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for i in range(0, KS, BLOCK_K):  # this split's columns
+            k0 = split * KS + i
             c = k0 + tl.arange(0, BLOCK_K)
             w = tl.load(W + n[:, None] * K + c[None, :], mask=(n < N)[:, None] & (c < K)[None, :], other=0.0)
             _wait_for_the_previous_kernel(PDL)  # (at once after the first time)
@@ -461,28 +502,50 @@ if triton is not None:
                 for i in tl.static_range(T):
                     y = tl.load(Y + i * K + c, mask=c < K, other=0.0).to(tl.float32)
                     acc += tl.where(t == i, _times(w, y)[None, :], 0.0)
-        dt = RES.dtype.element_ty
-        rows, keep = t * N + n[None, :], (t < T) & (n < N)[None, :]
-        res = tl.load(RES + rows, mask=keep, other=0.0).to(tl.float32)
-        tl.store(OUT + rows, (res + acc.to(dt).to(tl.float32)).to(dt), mask=keep)
+        last = True
+        if S > 1:
+            o = t * R + tl.arange(0, R)[None, :]
+            _park(WS, tile, split, S, BLOCK_T * R, 0, acc, o)
+            last = _last(TICKETS, tile, S)
+            if last:
+                acc = _gathered(WS, tile, S, BLOCK_T * R, 0, o)
+        if last:
+            dt = RES.dtype.element_ty
+            rows, keep = t * N + n[None, :], (t < T) & (n < N)[None, :]
+            res = tl.load(RES + rows, mask=keep, other=0.0).to(tl.float32)
+            tl.store(OUT + rows, (res + acc.to(dt).to(tl.float32)).to(dt), mask=keep)
 
     @triton.jit
-    def _norm_swiglu(X, NW, WG, WU, OUT, EPS, T: tl.constexpr, D: tl.constexpr, F: tl.constexpr,
-                     R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr,
-                     PDL: tl.constexpr):
-        """Rows f = pid*R .. pid*R+R-1 of silu(Wg @ norm(x)) * (Wu @ norm(x)), for each of the T tokens."""
+    def _norm_swiglu(X, NW, WG, WU, OUT, WS, TICKETS, EPS, T: tl.constexpr, D: tl.constexpr, F: tl.constexpr,
+                     R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, S: tl.constexpr,
+                     KS: tl.constexpr, DOT: tl.constexpr, PDL: tl.constexpr):
+        """Tile: rows f = tile*R .. tile*R+R-1 of silu(Wg @ norm(x)) * (Wu @ norm(x)), for each of the
+        T tokens. With S > 1 (split-K, tensor cores only) S programs share a tile, split s summing
+        columns s*KS .. s*KS+KS-1."""
         _let_the_next_kernel_start(PDL)
-        f = tl.program_id(0) * R + tl.arange(0, R)
+        tile, split = tl.program_id(0) // S, tl.program_id(0) % S
+        f = tile * R + tl.arange(0, R)
+        t = tl.arange(0, BLOCK_T)
+        last = True
         if DOT:
             _wait_for_the_previous_kernel(PDL)
             inv = _inv_rms(X, EPS, T, D, BLOCK_T, BLOCK_D)
             g, u = tl.zeros([BLOCK_T, R], tl.float32), tl.zeros([BLOCK_T, R], tl.float32)
-            for k0 in range(0, D, BLOCK_D):
+            for i in range(0, KS, BLOCK_D):  # this split's columns
+                k0 = split * KS + i
                 c = k0 + tl.arange(0, BLOCK_D)[None, :]
                 m = (f < F)[:, None] & (c < D)
                 xn = _chunk(X, NW, inv, k0, T, D, BLOCK_T, BLOCK_D)
                 g += _dot(xn, tl.load(WG + f[:, None] * D + c, mask=m, other=0.0))
                 u += _dot(xn, tl.load(WU + f[:, None] * D + c, mask=m, other=0.0))
+            if S > 1:
+                o = t[:, None] * R + tl.arange(0, R)[None, :]
+                _park(WS, tile, split, S, 2 * BLOCK_T * R, 0, g, o)
+                _park(WS, tile, split, S, 2 * BLOCK_T * R, BLOCK_T * R, u, o)
+                last = _last(TICKETS, tile, S)
+                if last:
+                    g = _gathered(WS, tile, S, 2 * BLOCK_T * R, 0, o)
+                    u = _gathered(WS, tile, S, 2 * BLOCK_T * R, BLOCK_T * R, o)
         else:
             c = tl.arange(0, BLOCK_D)
             m = (f < F)[:, None] & (c < D)[None, :]
@@ -493,10 +556,11 @@ if triton is not None:
             for i in tl.static_range(T):
                 xn = _normed(X + i * D, NW, EPS, D, BLOCK_D)
                 g, u = _put(g, i, _times(wg, xn)), _put(u, i, _times(wu, xn))
-        dt = X.dtype.element_ty
-        g, u = g.to(dt).to(tl.float32), u.to(dt).to(tl.float32)  # (BLOCK_T, R)
-        t = tl.arange(0, BLOCK_T)[:, None]
-        tl.store(OUT + t * F + f[None, :], (g * tl.sigmoid(g) * u).to(dt), mask=(t < T) & (f < F)[None, :])
+        if last:
+            dt = X.dtype.element_ty
+            g, u = g.to(dt).to(tl.float32), u.to(dt).to(tl.float32)  # (BLOCK_T, R)
+            tt = t[:, None]
+            tl.store(OUT + tt * F + f[None, :], (g * tl.sigmoid(g) * u).to(dt), mask=(tt < T) & (f < F)[None, :])
 
 
 # (rows per program, warps) of each kernel for a token or two: measured by bench.py decode-block.
@@ -511,6 +575,15 @@ DOT_TILES = {"qkv": (32, 256, 4, 4), "linear": (32, 256, 4, 4), "swiglu": (64, 2
 DOT_DTYPES = (torch.bfloat16, torch.float16)
 
 
+# Split-K on the tensor cores: a verification's tiles of 32 or 64 rows can be fewer than the SMs
+# (the 1.1B's q/k/v has 40, its down_proj 64, against an H200's 132), which leaves SMs idle; each
+# tile's columns are then cut into S splits, one program each. With their pipeline stages a program
+# fills an SM's shared memory, so one wave of programs (S * tiles <= SMs) is the most that pays: S is
+# the largest power of two that keeps to one wave, a split at least SPLIT_COLUMNS columns (measured:
+# BENCHMARKS.md). The 7B shape's tiles (96 to 224) are not split.
+SPLIT_COLUMNS = 512
+
+
 def shared_memory(x: torch.Tensor) -> int:
     """Bytes of shared memory a program may use on x's GPU (no bound in Triton's CPU interpreter)."""
     return _shared_memory(x.device.index) if x.is_cuda else 1 << 30
@@ -519,6 +592,11 @@ def shared_memory(x: torch.Tensor) -> int:
 @functools.cache
 def _shared_memory(device: int) -> int:
     return triton.runtime.driver.active.utils.get_device_properties(device)["max_shared_mem"]
+
+
+def multiprocessors(x: torch.Tensor) -> int:
+    """SMs of x's GPU (1 in Triton's CPU interpreter, which runs one program at a time)."""
+    return torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
 
 
 def dot_stages(kernel: str, R: int, BLOCK_T: int, BLOCK_K: int, element_size: int, shared: int) -> int:
@@ -549,11 +627,33 @@ def tiles(kernel: str, x: torch.Tensor, T: int, width: int, rows=None, num_warps
                 BLOCK_K=min(4096, triton.next_power_of_2(width)), DOT=False, num_warps=num_warps or w)
 
 
+def split_k(t: dict, x: torch.Tensor, n_tiles: int, width: int, sums: int, splits=None) -> dict:
+    """The splits S of each of n_tiles tiles' `width` columns (split-K; only on the tensor cores),
+    the columns of a split KS (a multiple of BLOCK_K), and the workspace WS (room for `sums`
+    partial sums of (BLOCK_T, R) a split) and TICKETS (one count a tile,
+    0 between launches) that S > 1 uses."""
+    S = (splits or 1) if t["DOT"] else 1
+    if t["DOT"] and not splits:
+        while n_tiles * 2 * S <= multiprocessors(x) and width >= 2 * S * SPLIT_COLUMNS:
+            S *= 2
+    KS = triton.cdiv(triton.cdiv(width, S), t["BLOCK_K"]) * t["BLOCK_K"]
+    slot = sums * t["BLOCK_T"] * t["R"]
+    ws, tickets = _split_buffers(x.device, n_tiles * S * slot if S > 1 else 1, n_tiles)
+    return dict(S=S, KS=KS, WS=ws, TICKETS=tickets)
+
+
+@functools.cache
+def _split_buffers(device: torch.device, floats: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A split-K workspace and its tickets; the kernels that share one run one after another."""
+    return (torch.empty(floats, dtype=torch.float32, device=device),
+            torch.zeros(tiles, dtype=torch.int32, device=device))
+
+
 def _launch(t: dict) -> dict:
     return {k: t[k] for k in ("num_warps", "num_stages") if k in t}
 
 
-def norm_qkv_rope(x, norm_w, eps, wq, wk, wv, rope, pos, cache, rows=None, num_warps=None, pdl=False):
+def norm_qkv_rope(x, norm_w, eps, wq, wk, wv, rope, pos, cache, rows=None, num_warps=None, pdl=False, splits=None):
     """RMSNorm, the q/k/v projections and RoPE of T tokens (a few), their keys and values
     written into the cache: the queries (1, H, T, hd). x (1, T, d); norm_w (d,) and eps the
     RMSNorm's; wq (H*hd, d), wk, wv (KV*hd, d); rope the model's whole (cos, sin) tables
@@ -566,34 +666,41 @@ def norm_qkv_rope(x, norm_w, eps, wq, wk, wv, rope, pos, cache, rows=None, num_w
     H = wq.shape[0] // hd
     t = tiles("qkv", x, T, d, rows, num_warps, most_rows=hd // 2)
     block_d = t["BLOCK_K"] if t["DOT"] else triton.next_power_of_2(d)  # a chunk, or the whole row
+    n_tiles = (H + 2 * KV) * (hd // 2 // t["R"])
+    sk = split_k(t, x, n_tiles, d, 2, splits)
     q = torch.empty(1, H, T, hd, dtype=x.dtype, device=x.device)
-    _norm_qkv_rope[((H + 2 * KV) * (hd // 2 // t["R"]),)](
-        x, norm_w, wq, wk, wv, *rope, pos, q, k, v, k.stride(1), k.stride(2), v.stride(1), v.stride(2), eps, T, d,
-        H=H, KV=KV, HD=hd, R=t["R"], BLOCK_T=t["BLOCK_T"], BLOCK_D=block_d, DOT=t["DOT"], **pdl_options(pdl),
-        **_launch(t))
+    _norm_qkv_rope[(n_tiles * sk["S"],)](
+        x, norm_w, wq, wk, wv, *rope, pos, q, k, v, sk["WS"], sk["TICKETS"], k.stride(1), k.stride(2), v.stride(1),
+        v.stride(2), eps, T, d, H=H, KV=KV, HD=hd, R=t["R"], BLOCK_T=t["BLOCK_T"], BLOCK_D=block_d, S=sk["S"],
+        KS=sk["KS"], DOT=t["DOT"], **pdl_options(pdl), **_launch(t))
     return q
 
 
-def linear_residual(y, weight, res, rows=None, num_warps=None, pdl=False):
+def linear_residual(y, weight, res, rows=None, num_warps=None, pdl=False, splits=None):
     """res + y @ weight.T for T tokens: y (T, in) contiguous, weight (out, in), res (1, T, out) ->
     (1, T, out). The projections that write into the residual stream (o_proj, down_proj)."""
     N, K = weight.shape
     T = res.shape[1]
     t = tiles("linear", y, T, K, rows, num_warps)
+    n_tiles = triton.cdiv(N, t["R"])
     out = torch.empty_like(res)
-    _linear_residual[(triton.cdiv(N, t["R"]),)](y, weight, res, out, T, N, K, **t, **pdl_options(pdl))
+    _linear_residual[(n_tiles * (sk := split_k(t, y, n_tiles, K, 1, splits))["S"],)](
+        y, weight, res, out, T=T, N=N, K=K, **t, **sk, **pdl_options(pdl))
     return out
 
 
-def norm_swiglu(x, norm_w, eps, wg, wu, rows=None, num_warps=None, pdl=False):
+def norm_swiglu(x, norm_w, eps, wg, wu, rows=None, num_warps=None, pdl=False, splits=None):
     """silu(gate_proj(h)) * up_proj(h) with h = norm(x), for T tokens: x (1, T, d) -> (T, ffn), the
     input of down_proj (model.MLP before its last product); norm_w (d,), eps; wg, wu (ffn, d)."""
     (F_, d), T = wg.shape, x.shape[1]
     t = tiles("swiglu", x, T, d, rows, num_warps)
     block_d = t["BLOCK_K"] if t["DOT"] else triton.next_power_of_2(d)  # a chunk, or the whole row
+    n_tiles = triton.cdiv(F_, t["R"])
+    sk = split_k(t, x, n_tiles, d, 2, splits)
     out = torch.empty(T, F_, dtype=x.dtype, device=x.device)
-    _norm_swiglu[(triton.cdiv(F_, t["R"]),)](x, norm_w, wg, wu, out, eps, T, d, F_, R=t["R"], BLOCK_T=t["BLOCK_T"],
-                                             BLOCK_D=block_d, DOT=t["DOT"], **pdl_options(pdl), **_launch(t))
+    _norm_swiglu[(n_tiles * sk["S"],)](x, norm_w, wg, wu, out, sk["WS"], sk["TICKETS"], eps, T, d, F_, R=t["R"],
+                                       BLOCK_T=t["BLOCK_T"], BLOCK_D=block_d, S=sk["S"], KS=sk["KS"],
+                                       DOT=t["DOT"], **pdl_options(pdl), **_launch(t))
     return out
 
 

@@ -1303,7 +1303,15 @@ from config import model_config
 from model import Llama
 torch.manual_seed(0)
 kernels.DOT_DTYPES += (torch.float32,)  # the tensor-core branch (from 3 tokens) too, exact in fp32 here
-worst = {}
+worst, splits, split_k = {}, [], kernels.split_k
+
+
+def recorded_split_k(*args, **kwargs):
+    splits.append(split_k(*args, **kwargs))
+    return splits[-1]
+
+
+kernels.split_k = recorded_split_k
 # a width and FFN that are not powers of two (masked tiles), MHA-like 3/1 heads; the 150M's own shape
 for name, shape in [("d96 3/1 heads", dict(hidden_size=96, intermediate_size=160, num_attention_heads=3,
                                            num_key_value_heads=1)), ("150M", {})]:
@@ -1316,16 +1324,22 @@ for name, shape in [("d96 3/1 heads", dict(hidden_size=96, intermediate_size=160
     block, cache = m.model.layers[1], m.model.layers[1].self_attn.kv_cache
     with torch.no_grad():
         m(torch.randint(0, 64, (1, 20)), start_pos=0)  # 20 positions cached
-        for T in (1, 2, 5):  # a one-token step; a draft's two-token catch-up; a verification of 4 proposals
+        # a one-token step; a draft's two-token catch-up; a verification of 4 proposals, its tiles' columns
+        # also split (split-K) as on a GPU of 64 SMs, 16 columns a split at the least
+        for T, split in ((1, False), (2, False), (5, False), (5, True)):
+            kernels.multiprocessors = lambda x: 64 if split else 1
+            kernels.SPLIT_COLUMNS = 16 if split else 512
             x, pos = torch.randn(1, T, cfg.hidden_size), 20 + torch.arange(T)
             before = cache.k.clone(), cache.v.clone()
             want = block(x, m.rope_cos[pos], m.rope_sin[pos], pos)
             want_k, want_v = cache.k.clone(), cache.v.clone()
             cache.k.copy_(before[0]), cache.v.copy_(before[1])
+            splits.clear()
             got = kernels.decode_block(block, x, (m.rope_cos, m.rope_sin), pos)
-            worst[f"{name} T={T}"] = max((got - want).abs().max().item(), (cache.k - want_k).abs().max().item(),
+            assert (max(sk["S"] for sk in splits) > 1) == split, splits
+            worst[f"{name} T={T}" + (" split-K" if split else "")] = max((got - want).abs().max().item(), (cache.k - want_k).abs().max().item(),
                                          (cache.v - want_v).abs().max().item())
-            worst[f"{name} T={T}: position {19 + T} written"] = (
+            worst[f"{name} T={T}" + (" split-K" if split else "") + f": position {19 + T} written"] = (
                 cache.k[0, :, 19 + T] - before[0][0, :, 19 + T]).abs().max().item()
             cache.k.copy_(before[0]), cache.v.copy_(before[1])
     if name.startswith("d96"):  # the custom op's schema, fake and mutation, and its compiled form
@@ -1351,7 +1365,7 @@ def test_decode_block_kernels_equal_the_block():
     output and cache. (The interpreter's bf16 products are not bf16's; bf16 is compared on the GPU
     by bench.py decode-block.)"""
     worst = in_triton_interpreter(DECODE_BLOCK_CHECK)
-    assert len(worst) == 13, worst
+    assert len(worst) == 17, worst
     for name, err in worst.items():
         assert err > 0.01 if name.endswith("written") else err < 1e-5, worst
 
@@ -1382,7 +1396,8 @@ def compiled_shared_bytes(kernel, types: dict, constexprs: dict, num_warps: int,
 def test_tensor_core_tiles_fit_the_gpus_shared_memory(capability, shared):
     """kernels.dot_stages picks pipeline stages that the GPU's shared memory holds (the per-program
     limits of H100/H200, A100, L4/RTX 40): each tensor-core kernel of a verification (5 tokens) of
-    the 1.1B and 7B shapes, compiled for that GPU with them, fits; at least 2 stages everywhere."""
+    the 1.1B and 7B shapes, its columns split in 4 (split-K), compiled for that GPU with them,
+    fits; at least 2 stages everywhere."""
     pytest.importorskip("triton")
     ptr = "*bf16"
     for d, ffn, H, KV in ((2048, 5632, 32, 4), (4096, 14336, 32, 8)):
@@ -1394,12 +1409,13 @@ def test_tensor_core_tiles_fit_the_gpus_shared_memory(capability, shared):
                 ("linear", kernels._linear_residual, ffn, dict.fromkeys(("Y", "W", "RES", "OUT"), ptr), dict(N=d, K=ffn)),
                 ("swiglu", kernels._norm_swiglu, d, {**dict.fromkeys(("X", "NW", "WG", "WU", "OUT"), ptr), "EPS": "fp32"},
                  dict(D=d, F=ffn))):
+            types.update(WS="*fp32", TICKETS="*i32")
             R, BLOCK_K, warps, _ = kernels.DOT_TILES[kind]
             stages = kernels.dot_stages(kind, R, 16, BLOCK_K, 2, shared)
             assert stages >= 2, (kind, capability)
             blocks = {"BLOCK_K": BLOCK_K} if kind == "linear" else {"BLOCK_D": BLOCK_K}
-            used = compiled_shared_bytes(kernel, types, dict(T=5, R=R, BLOCK_T=16, DOT=True, PDL=False, **blocks,
-                                                             **extra), warps, stages, capability)
+            used = compiled_shared_bytes(kernel, types, dict(T=5, R=R, BLOCK_T=16, S=4, KS=width // 4, DOT=True,
+                                                             PDL=False, **blocks, **extra), warps, stages, capability)
             assert used <= shared, (kind, d, capability, stages, used)
 
 
