@@ -539,9 +539,10 @@ def decode_block_one(shape: str = "150m", tokens: str = "1,2,5") -> dict:
     positions cached), each timing a CUDA graph over all layers' weights (252 MB at 150m, several
     times the L2 cache, as in a decode step): each kernel of kernels.decode_block per tile (rows per
     program, warps; launched without PDL) at one token for the 150M, at the most tokens asked for
-    on the tensor cores (columns per chunk too) for wider shapes, then each number of tokens through
-    the whole decode_block and through the reference: the same blocks compiled (DecodeLinear's
-    products, the decode attention, what torch.compile makes of model.Block). Times are per layer."""
+    on the tensor cores (columns per chunk and splits of the columns too) for wider shapes, then
+    each number of tokens through the whole decode_block and through the reference: the same
+    blocks compiled (DecodeLinear's products, the decode attention, what torch.compile makes of
+    model.Block). Times are per layer."""
     import torch
 
     import kernels

@@ -1337,9 +1337,10 @@ for name, shape in [("d96 3/1 heads", dict(hidden_size=96, intermediate_size=160
             splits.clear()
             got = kernels.decode_block(block, x, (m.rope_cos, m.rope_sin), pos)
             assert (max(sk["S"] for sk in splits) > 1) == split, splits
-            worst[f"{name} T={T}" + (" split-K" if split else "")] = max((got - want).abs().max().item(), (cache.k - want_k).abs().max().item(),
-                                         (cache.v - want_v).abs().max().item())
-            worst[f"{name} T={T}" + (" split-K" if split else "") + f": position {19 + T} written"] = (
+            case = f"{name} T={T}" + (" split-K" if split else "")
+            worst[case] = max((got - want).abs().max().item(), (cache.k - want_k).abs().max().item(),
+                              (cache.v - want_v).abs().max().item())
+            worst[f"{case}: position {19 + T} written"] = (
                 cache.k[0, :, 19 + T] - before[0][0, :, 19 + T]).abs().max().item()
             cache.k.copy_(before[0]), cache.v.copy_(before[1])
     if name.startswith("d96"):  # the custom op's schema, fake and mutation, and its compiled form
@@ -1360,7 +1361,8 @@ print(json.dumps(worst))
 def test_decode_block_kernels_equal_the_block():
     """kernels.decode_block (norm + q/k/v + RoPE + cache write, the decode attention, o_proj +
     residual, norm + SwiGLU, down_proj + residual), run by Triton's interpreter on the CPU, against
-    model.Block's forward of one, two and five tokens: output and cache, fp32, 1e-5; the custom op
+    model.Block's forward of one, two and five tokens (five also with each tile's columns split
+    across programs, split-K): output and cache, fp32, 1e-5; the custom op
     passes torch.library.opcheck (schema, fake, mutation), and compiled it gives the eager op's
     output and cache. (The interpreter's bf16 products are not bf16's; bf16 is compared on the GPU
     by bench.py decode-block.)"""
@@ -1368,6 +1370,24 @@ def test_decode_block_kernels_equal_the_block():
     assert len(worst) == 17, worst
     for name, err in worst.items():
         assert err > 0.01 if name.endswith("written") else err < 1e-5, worst
+
+
+def test_split_k_keeps_to_one_wave_of_programs(monkeypatch):
+    """kernels.split_k cuts a tensor-core kernel's tiles into the most splits (a power of two) that
+    keep the programs to one per SM and each split to SPLIT_COLUMNS columns or more, and never
+    splits the per-token sums; its columns a split cover the width in whole chunks."""
+    pytest.importorskip("triton")
+    monkeypatch.setattr(kernels, "multiprocessors", lambda x: 132)  # an H200
+    x = torch.zeros(1)
+    dot, per_token = dict(DOT=True, BLOCK_T=16, R=32, BLOCK_K=256), dict(DOT=False, BLOCK_T=2, R=1, BLOCK_K=2048)
+    # the 1.1B's q/k/v (40 tiles), down_proj (64 tiles of 5632 columns), gate/up (88); the 7B's q/k/v (96);
+    # the 150M's q/k/v (20 tiles of 768 columns: a split would be under 512)
+    for n_tiles, width, want in ((40, 2048, 2), (64, 5632, 2), (88, 2048, 1), (96, 4096, 1), (20, 768, 1)):
+        sk = kernels.split_k(dot, x, n_tiles, width, 2)
+        assert sk["S"] == want, (n_tiles, width, sk["S"])
+        assert sk["KS"] % 256 == 0 and sk["S"] * sk["KS"] >= width > (sk["S"] - 1) * sk["KS"]
+    assert kernels.split_k(dot, x, 10, 8192, 2)["S"] == 8  # 80 programs; 16 splits would be 160
+    assert kernels.split_k(per_token, x, 40, 2048, 2)["S"] == 1
 
 
 def compiled_shared_bytes(kernel, types: dict, constexprs: dict, num_warps: int, num_stages: int,
