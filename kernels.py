@@ -644,7 +644,9 @@ def split_k(t: dict, x: torch.Tensor, n_tiles: int, width: int, sums: int, split
 
 @functools.cache
 def _split_buffers(device: torch.device, floats: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A split-K workspace and its tickets; the kernels that share one run one after another."""
+    """A split-K workspace and its tickets. The kernels that share one run one after another, and
+    without PDL (DOT_TOKENS on), so a launch starts only once the one before has set every ticket
+    back to 0."""
     return (torch.empty(floats, dtype=torch.float32, device=device),
             torch.zeros(tiles, dtype=torch.int32, device=device))
 
