@@ -402,6 +402,22 @@ if triton is not None:
         return total
 
     @triton.jit
+    def _pair_of_splits(WS, TICKETS, tile, split, S: tl.constexpr, a, b):
+        """Split-K for a kernel with two sums a and b (BLOCK_T, R) a program (q/k/v's halves of a
+        head, gate/up): parks both, takes the ticket and, in the tile's last program, gathers both.
+        Returns (a, b, last): the tile's totals in its last program."""
+        BLOCK_T: tl.constexpr = a.shape[0]
+        R: tl.constexpr = a.shape[1]
+        o = tl.arange(0, BLOCK_T)[:, None] * R + tl.arange(0, R)[None, :]
+        _park(WS, tile, split, S, 2 * BLOCK_T * R, 0, a, o)
+        _park(WS, tile, split, S, 2 * BLOCK_T * R, BLOCK_T * R, b, o)
+        last = _last(TICKETS, tile, S)
+        if last:
+            a = _gathered(WS, tile, S, 2 * BLOCK_T * R, 0, o)
+            b = _gathered(WS, tile, S, 2 * BLOCK_T * R, BLOCK_T * R, o)
+        return a, b, last
+
+    @triton.jit
     def _dot(x, w):
         """x (BLOCK_T, K) times w (R, K) transposed on the tensor cores, fp32 sums: (BLOCK_T, R).
         'ieee' keeps fp32 operands exact; bf16 and fp16 ones ignore it."""
@@ -444,13 +460,7 @@ if triton is not None:
                 a += _dot(xn, tl.load(w_head + r[:, None] * D + c, mask=c < D, other=0.0))
                 b += _dot(xn, tl.load(w_head + (r + HD // 2)[:, None] * D + c, mask=c < D, other=0.0))
             if S > 1:
-                o = t[:, None] * R + tl.arange(0, R)[None, :]
-                _park(WS, tile, split, S, 2 * BLOCK_T * R, 0, a, o)
-                _park(WS, tile, split, S, 2 * BLOCK_T * R, BLOCK_T * R, b, o)
-                last = _last(TICKETS, tile, S)
-                if last:
-                    a = _gathered(WS, tile, S, 2 * BLOCK_T * R, 0, o)
-                    b = _gathered(WS, tile, S, 2 * BLOCK_T * R, BLOCK_T * R, o)
+                a, b, last = _pair_of_splits(WS, TICKETS, tile, split, S, a, b)
         else:  # a token or two: whole rows of the weight held in registers, the tokens one at a time
             c = tl.arange(0, BLOCK_D)
             wa = tl.load(w_head + r[:, None] * D + c[None, :], mask=(c < D)[None, :], other=0.0)  # loads first:
@@ -539,13 +549,7 @@ if triton is not None:
                 g += _dot(xn, tl.load(WG + f[:, None] * D + c, mask=m, other=0.0))
                 u += _dot(xn, tl.load(WU + f[:, None] * D + c, mask=m, other=0.0))
             if S > 1:
-                o = t[:, None] * R + tl.arange(0, R)[None, :]
-                _park(WS, tile, split, S, 2 * BLOCK_T * R, 0, g, o)
-                _park(WS, tile, split, S, 2 * BLOCK_T * R, BLOCK_T * R, u, o)
-                last = _last(TICKETS, tile, S)
-                if last:
-                    g = _gathered(WS, tile, S, 2 * BLOCK_T * R, 0, o)
-                    u = _gathered(WS, tile, S, 2 * BLOCK_T * R, BLOCK_T * R, o)
+                g, u, last = _pair_of_splits(WS, TICKETS, tile, split, S, g, u)
         else:
             c = tl.arange(0, BLOCK_D)
             m = (f < F)[:, None] & (c < D)[None, :]
@@ -685,9 +689,9 @@ def linear_residual(y, weight, res, rows=None, num_warps=None, pdl=False, splits
     T = res.shape[1]
     t = tiles("linear", y, T, K, rows, num_warps)
     n_tiles = triton.cdiv(N, t["R"])
+    sk = split_k(t, y, n_tiles, K, 1, splits)
     out = torch.empty_like(res)
-    _linear_residual[(n_tiles * (sk := split_k(t, y, n_tiles, K, 1, splits))["S"],)](
-        y, weight, res, out, T=T, N=N, K=K, **t, **sk, **pdl_options(pdl))
+    _linear_residual[(n_tiles * sk["S"],)](y, weight, res, out, T=T, N=N, K=K, **t, **sk, **pdl_options(pdl))
     return out
 
 
