@@ -806,7 +806,8 @@ def speculative_one(impl: str, target: str, draft: str, new_tokens: int, draft_t
         if impl == "ours" and device == "cuda":  # the target's (K+1)-token forward alone
             tokens = torch.randint(3, 32768, (1, draft_tokens + 1), device=device)
             start = torch.tensor(100, device=device)
-            verify = lambda: gen.forward["target"](tokens, start_pos=start)  # noqa: E731
+            forward = torch.compile(t, fullgraph=True, dynamic=False, options=kernels.step_options(t))
+            verify = lambda: forward(tokens, start_pos=start)  # noqa: E731
             verify()
             extra["verify_ms"] = round(kernels.cuda_graph_us(lambda: [verify() for _ in range(20)]) / 20e3, 3)
     n = sum(len(o) for o in outs)

@@ -920,16 +920,17 @@ def compile_generator(gen, sync_every: int = 32):
 
 
 def compile_speculative(gen, sync_every: int = 8):
-    """Compile a sample.SpeculativeGenerator's forwards (three shapes: the draft's one and two
-    tokens, the target's k + 1) with the decode kernels; on a GPU, the `sync_every` rounds between
-    two host reads become one CUDA graph replay, and each model's prompt pass is one too."""
+    """Compile a sample.SpeculativeGenerator's round of gen.k proposals whole, with the decode kernels:
+    the draft's two-token and one-token forwards, the target's k + 1, and the bookkeeping between
+    them (greedy picks, seen-token rows, accept) fused into a few kernels. On a GPU, the
+    `sync_every` rounds between two host reads become one CUDA graph replay, and each model's
+    prompt pass is one too. The rounds near the end of the context, with fewer proposals, run eagerly."""
     for m in {id(gen.target): gen.target, id(gen.draft): gen.draft}.values():
         use_decode_kernels(m)
-    gen.forward = {name: torch.compile(m, fullgraph=True, dynamic=False, options=step_options(m)) for name, m in
-                   (("target", gen.target), ("draft", gen.draft))}
+    gen.steady_round = torch.compile(gen.round, fullgraph=True, dynamic=False, options=step_options(gen.target))
     gen.compiled = True
     if gen.target.lm_head.weight.is_cuda:
-        gen.rounds, gen.sync_every = GraphedSteps(gen.round, [gen.target, gen.draft]), sync_every
+        gen.rounds, gen.sync_every = GraphedSteps(gen.steady_round, [gen.target, gen.draft]), sync_every
         gen.prefill = {name: GraphedPrefill(m) for name, m in (("target", gen.target), ("draft", gen.draft))}
 
 

@@ -197,8 +197,8 @@ class SpeculativeGenerator:
             raise ValueError(f"the draft's vocabulary ({draft.config.vocab_size} ids) is not the "
                              f"target's ({target.config.vocab_size}); a draft must use the target's tokenizer")
         self.target, self.draft, self.k, self.sync_every = target, draft, draft_tokens, sync_every
-        self.forward = {"target": target, "draft": draft}  # the calls a round makes (compiled from outside)
         self.prefill = {"target": functools.partial(prefill, target), "draft": functools.partial(prefill, draft)}
+        self.steady_round = self.round  # a round of self.k proposals (compiled from outside)
         self.rounds = self.run_rounds
         self.compiled = False
         self.reset_stats()
@@ -215,9 +215,7 @@ class SpeculativeGenerator:
         one not yet in either cache; seen (1, V): the tokens of seq; counts (3,): rounds, proposed
         and accepted tokens so far. k: proposals (self.k; fewer at the end of the context)."""
         k = self.k if k is None else k
-        steady = k == self.k  # the compiled shapes; the end of the context runs the plain models
-        draft = self.forward["draft"] if steady else self.draft
-        target = self.forward["target"] if steady else self.target
+        draft, target = self.draft, self.target
         settings, dev = (temperature, top_k, top_p, penalty), seq.device
         row_seen, proposals, q = [seen], [], []
         if k:
@@ -249,7 +247,7 @@ class SpeculativeGenerator:
 
     def run_rounds(self, rounds: int, *state_and_settings):
         for _ in range(rounds):
-            self.round(*state_and_settings)
+            self.steady_round(*state_and_settings)
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[int], cfg: SampleConfig, eos_id: int, on_token=None) -> list[list[int]]:

@@ -3,6 +3,7 @@
 transformers is used here only, as the reference the model must match.
 """
 
+import copy
 import dataclasses
 import gzip
 import importlib.util
@@ -1666,8 +1667,7 @@ def random_llama(seed, **kw):
 
 def half_agreeing_draft(target, seed=1):
     """A copy of the target with a noisy head: it agrees with the target on some tokens only."""
-    draft = random_llama(0)
-    draft.load_state_dict(target.state_dict())
+    draft = copy.deepcopy(target)
     torch.manual_seed(seed)
     with torch.no_grad():
         draft.lm_head.weight.add_(torch.randn_like(draft.lm_head.weight) * 0.2)
@@ -1700,6 +1700,20 @@ def test_speculative_greedy_is_the_targets_greedy_output(draft_kind, penalty):
     eos = want[12]
     gen = sample.SpeculativeGenerator(target, draft, 3)
     assert gen.generate(prompt, settings, eos_id=eos)[0] == want[:want.index(eos)]
+
+
+def test_compiled_speculative_round_keeps_the_targets_greedy_output():
+    """kernels.compile_speculative compiles a round whole (its forwards and its bookkeeping): on the
+    CPU it still gives the target's own greedy tokens, penalty included, with some proposals kept
+    and some rejected, for two prompts."""
+    target = random_llama(0, num_hidden_layers=1)
+    gen = sample.SpeculativeGenerator(target, half_agreeing_draft(target), 3)
+    kernels.compile_speculative(gen)
+    settings = SampleConfig(max_new_tokens=40, temperature=0, repetition_penalty=1.1)
+    for prompt in ([1, 5, 9, 33, 7], [1, 5, 9]):
+        want = sample.Generator(target).generate(prompt, settings, eos_id=-1)[0]
+        assert gen.generate(prompt, settings, eos_id=-1)[0] == want
+    assert 0 < gen.stats["accepted"] < gen.stats["proposed"]
 
 
 def test_speculative_stats_count_the_targets_forwards():
