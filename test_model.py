@@ -1729,10 +1729,13 @@ def test_speculative_stats_count_the_targets_forwards():
     with pytest.raises(ValueError, match="prompt 3 \\+ 20 new tokens exceed the 16-token context of the draft"):
         short.generate([1, 5, 9], settings, eos_id=-1)
 
-def test_speculative_sampling_keeps_the_targets_distribution():
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_speculative_sampling_keeps_the_targets_distribution(compiled):
     """Accept/reject sampling: the first token's frequencies match the target's processed
     distribution and the second token's match target-only sampling, though the draft's own
-    distribution is far from the target's (the test could tell them apart)."""
+    distribution is far from the target's (the test could tell them apart). Compiled, the round's
+    random draws are inductor's, not eager torch's: the same must hold."""
     V, n = 16, 3000
     target = random_llama(0, vocab_size=V)
     draft = random_llama(3, vocab_size=V, num_hidden_layers=1)
@@ -1756,6 +1759,8 @@ def test_speculative_sampling_keeps_the_targets_distribution():
     exact = first_token_probs(target)
     assert tv(exact, first_token_probs(draft)) > 0.3
     gen = sample.SpeculativeGenerator(target, draft, 2)
+    if compiled:
+        kernels.compile_speculative(gen)
     spec = gen.generate(prompt, settings, eos_id=-1)
     plain = sample.Generator(target).generate(prompt, dataclasses.replace(settings, seed=1), eos_id=-1)
     assert 0 < gen.stats["accepted"] < gen.stats["proposed"]  # both branches ran
