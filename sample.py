@@ -290,8 +290,10 @@ class SpeculativeGenerator:
                 on_token([out])
             if len(out) >= max_new or (out and out[-1] == eos_id):
                 break
-            if count + self.sync_every * (K + 1) + K < length:
-                self.rounds(self.sync_every, seq, n, seen, counts, *settings)
+            # No round past the last token: a round makes at most K + 1, so this many are all needed.
+            rounds = min(self.sync_every, -(-(max_new - len(out)) // (K + 1)))
+            if count + rounds * (K + 1) + K < length:
+                self.rounds(rounds, seq, n, seen, counts, *settings)
             elif count < length:  # near the end of the caches: one round at a time, fewer proposals at the end
                 self.round(seq, n, seen, counts, *settings, k=min(K, length - 1 - count))
             else:

@@ -1718,11 +1718,15 @@ def test_compiled_speculative_round_keeps_the_targets_greedy_output():
 
 def test_speculative_stats_count_the_targets_forwards():
     """The target as its own draft keeps every proposal: at K = 3 the prompt's pass makes the first
-    token and each round 4, so 20 tokens take 1 + 5 target forwards. A draft whose context is
-    shorter than the text's is refused, not cut short."""
+    token and each round 4, so 20 tokens take 1 + 5 target forwards, also where several rounds run
+    between two host reads. A draft whose context is shorter than the text's is refused, not cut short."""
     target = random_llama(0)
     settings = SampleConfig(max_new_tokens=20, temperature=0, repetition_penalty=1.0)
     gen = sample.SpeculativeGenerator(target, target, 3)
+    assert len(gen.generate([1, 5, 9], settings, eos_id=-1)[0]) == 20
+    assert gen.stats == dict(rounds=5, proposed=15, accepted=15, forwards=6, tokens=20)
+    gen.reset_stats()
+    gen.sync_every = 8  # as on a GPU: up to 8 rounds between two host reads, but none past the 20th token
     assert len(gen.generate([1, 5, 9], settings, eos_id=-1)[0]) == 20
     assert gen.stats == dict(rounds=5, proposed=15, accepted=15, forwards=6, tokens=20)
     short = sample.SpeculativeGenerator(target, random_llama(1, max_position_embeddings=16), 3)
