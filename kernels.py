@@ -305,12 +305,14 @@ def decode_attention(q, k, v, pos, split: int | None = None, block_n: int = 64, 
     q (B, H, T, hd); k, v (B, KV, S, hd), the cache; pos (T,) increasing positions, query t sees
     slots 0..pos[t]. Returns (B, H, T, hd) in q's dtype, laid out as (B, T, H, hd), the order
     o_proj reads it in; equal to decode_attention_reference.
-    By default about 64 splits of at least 32 slots: a short context's few slots are still spread
-    over many programs, each waiting on one load of its keys and values, not a chain of them.
+    By default splits of 64 slots (past 4,096 slots, S/64 rounded up to a power of two): a short
+    context's few slots are still spread over several programs, each waiting on one load of its
+    keys and values, not a chain of them. Splits of 32 slots, the default before, were slower in
+    every shape's blocks measured and in the speculative round (BENCHMARKS.md).
     pdl: both kernels launched with programmatic dependent launch (decode_block's chain)."""
     B, H, T, hd = q.shape
     KV, S = k.shape[1], k.shape[2]
-    split = split or max(32, triton.next_power_of_2(S) // 64)
+    split = split or max(64, triton.next_power_of_2(S) // 64)
     block_n = min(block_n, split)
     G = H // KV
     block_m = max(16, triton.next_power_of_2(G * T))
