@@ -202,8 +202,10 @@ if triton is not None:
     def _let_the_next_kernel_start(PDL: tl.constexpr):
         """Programmatic dependent launch (PDL, Hopper on): a kernel launched with it may start while
         the one before it is still running, once every program of that one has come here. Its
-        programs load what no kernel writes (weights), then _wait_for_the_previous_kernel, so its
-        launch and its weight loads overlap the tail of the kernel before."""
+        programs load what no kernel of the chain writes (weights; the positions and RoPE's tables,
+        which only kernels launched without PDL write, and those have finished before anything
+        after them starts), then _wait_for_the_previous_kernel, so its launch and those loads
+        overlap the tail of the kernel before."""
         if PDL:
             gdc_launch_dependents()
 
@@ -224,7 +226,6 @@ if triton is not None:
         head and the T new tokens are the BLOCK_M rows of one tile (row m = g * T + t), so each key
         is read once for all of them. Writes the split's normalised output and log2-sum-exp."""
         _let_the_next_kernel_start(PDL)
-        _wait_for_the_previous_kernel(PDL)  # it wrote this token's key and value
         bk, s = tl.program_id(0), tl.program_id(1)
         b, kv = bk // KV, bk % KV
         m = tl.arange(0, BLOCK_M)
@@ -232,6 +233,7 @@ if triton is not None:
         row = m < G * T
         pos = tl.load(POS + t, mask=row, other=-1)  # query t sees slots 0..pos[t]
         last = tl.load(POS + T - 1)  # positions increase: no row sees past the last one
+        _wait_for_the_previous_kernel(PDL)  # it wrote this token's key and value (the positions: no chain kernel)
         d = tl.arange(0, HD)
         q = tl.load(Q + b * sqb + (kv * G + g)[:, None] * sqh + t[:, None] * sqt + d[None, :],
                     mask=row[:, None], other=0.0)
@@ -431,6 +433,18 @@ if triton is not None:
         return tl.where(tl.arange(0, acc.shape[0])[:, None] == i, row[None, :], acc)
 
     @triton.jit
+    def _rope_rows(POS, COS, SIN, r, T: tl.constexpr, HD: tl.constexpr, BLOCK_T: tl.constexpr):
+        """The T tokens' positions (BLOCK_T, 1) and RoPE's cos and sin at them, channels r and r + HD/2
+        (BLOCK_T, R) each. No kernel of the chain writes them, so they are read before the wait, with
+        the weights, not after the product: two memory round trips (the positions, then the
+        tables) off the end of the kernel."""
+        t = tl.arange(0, BLOCK_T)[:, None]
+        pos = tl.load(POS + t, mask=t < T, other=0)
+        rr = r[None, :]
+        return (pos, tl.load(COS + pos * HD + rr), tl.load(SIN + pos * HD + rr), tl.load(COS + pos * HD + rr + HD // 2),
+                tl.load(SIN + pos * HD + rr + HD // 2))
+
+    @triton.jit
     def _norm_qkv_rope(X, NW, WQ, WK, WV, COS, SIN, POS, Q_OUT, K_CACHE, V_CACHE, WS, TICKETS, skh, sks, svh, svs,
                        EPS, T: tl.constexpr, D: tl.constexpr, H: tl.constexpr, KV: tl.constexpr, HD: tl.constexpr,
                        R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, S: tl.constexpr,
@@ -452,6 +466,7 @@ if triton is not None:
         t = tl.arange(0, BLOCK_T)
         last = True
         if DOT:  # several tokens: the weight streamed through the tensor cores in chunks of BLOCK_D
+            pos, c1, s1, c2, s2 = _rope_rows(POS, COS, SIN, r, T, HD, BLOCK_T)
             _wait_for_the_previous_kernel(PDL)
             inv = _inv_rms(X, EPS, T, D, BLOCK_T, BLOCK_D)
             a, b = tl.zeros([BLOCK_T, R], tl.float32), tl.zeros([BLOCK_T, R], tl.float32)
@@ -467,6 +482,7 @@ if triton is not None:
             c = tl.arange(0, BLOCK_D)
             wa = tl.load(w_head + r[:, None] * D + c[None, :], mask=(c < D)[None, :], other=0.0)  # loads first:
             wb = tl.load(w_head + (r + HD // 2)[:, None] * D + c[None, :], mask=(c < D)[None, :], other=0.0)
+            pos, c1, s1, c2, s2 = _rope_rows(POS, COS, SIN, r, T, HD, BLOCK_T)  # after the weights' loads: it waits
             _wait_for_the_previous_kernel(PDL)
             a, b = tl.zeros([BLOCK_T, R], tl.float32), tl.zeros([BLOCK_T, R], tl.float32)
             for i in tl.static_range(T):
@@ -475,14 +491,11 @@ if triton is not None:
         if last:  # (the last of a tile's splits)
             dt = X.dtype.element_ty
             a, b = a.to(dt).to(tl.float32), b.to(dt).to(tl.float32)  # (BLOCK_T, R): the projection's output, rounded
-            pos = tl.load(POS + t, mask=t < T, other=0)[:, None]
-            rr = r[None, :]
-            if head < H + KV:  # RoPE on queries and keys: x * cos + rotate_half(x) * sin
-                c1 = tl.load(COS + pos * HD + rr).to(dt).to(tl.float32)
-                s1 = tl.load(SIN + pos * HD + rr).to(dt).to(tl.float32)
-                c2 = tl.load(COS + pos * HD + rr + HD // 2).to(dt).to(tl.float32)
-                s2 = tl.load(SIN + pos * HD + rr + HD // 2).to(dt).to(tl.float32)
+            if head < H + KV:  # RoPE on queries and keys: x * cos + rotate_half(x) * sin, cos and sin in x's dtype
+                c1, s1 = c1.to(dt).to(tl.float32), s1.to(dt).to(tl.float32)
+                c2, s2 = c2.to(dt).to(tl.float32), s2.to(dt).to(tl.float32)
                 a, b = a * c1 - b * s1, b * c2 + a * s2
+            rr = r[None, :]
             if head < H:  # q (1, H, T, HD)
                 out = Q_OUT + head * T * HD + t[:, None] * HD
             elif head < H + KV:
@@ -502,7 +515,16 @@ if triton is not None:
         tile, split = tl.program_id(0) // S, tl.program_id(0) % S
         n = tile * R + tl.arange(0, R)
         t = tl.arange(0, BLOCK_T)[:, None]
-        acc = tl.zeros([BLOCK_T, R], tl.float32)
+        rows, keep = t * N + n[None, :], (t < T) & (n < N)[None, :]
+        acc, res = tl.zeros([BLOCK_T, R], tl.float32), tl.zeros([BLOCK_T, R], tl.float32)
+        # The residual is read with the first activations, not after the product (a memory round
+        # trip less), where one program sums a tile in one chunk (per token) or alone (tensor cores).
+        # Read inside a loop of chunks it slowed the 7B's down_proj; with split-K only the last
+        # program needs it.
+        EARLY_RES: tl.constexpr = (DOT and S == 1) or (not DOT and KS == BLOCK_K)
+        if DOT and EARLY_RES:  # (no weight loads to overlap with the wait)
+            _wait_for_the_previous_kernel(PDL)
+            res = tl.load(RES + rows, mask=keep, other=0.0).to(tl.float32)
         for i in range(0, KS, BLOCK_K):  # this split's columns
             k0 = split * KS + i
             c = k0 + tl.arange(0, BLOCK_K)
@@ -511,9 +533,11 @@ if triton is not None:
             if DOT:
                 acc += _dot(_chunk(Y, None, None, k0, T, K, BLOCK_T, BLOCK_K), w)
             else:
-                for i in tl.static_range(T):
-                    y = tl.load(Y + i * K + c, mask=c < K, other=0.0).to(tl.float32)
-                    acc += tl.where(t == i, _times(w, y)[None, :], 0.0)
+                if EARLY_RES:
+                    res = tl.load(RES + rows, mask=keep, other=0.0).to(tl.float32)
+                for tk in tl.static_range(T):
+                    y = tl.load(Y + tk * K + c, mask=c < K, other=0.0).to(tl.float32)
+                    acc += tl.where(t == tk, _times(w, y)[None, :], 0.0)
         last = True
         if S > 1:
             o = t * R + tl.arange(0, R)[None, :]
@@ -522,9 +546,9 @@ if triton is not None:
             if last:
                 acc = _gathered(WS, tile, S, BLOCK_T * R, 0, o)
         if last:
+            if not EARLY_RES:
+                res = tl.load(RES + rows, mask=keep, other=0.0).to(tl.float32)
             dt = RES.dtype.element_ty
-            rows, keep = t * N + n[None, :], (t < T) & (n < N)[None, :]
-            res = tl.load(RES + rows, mask=keep, other=0.0).to(tl.float32)
             tl.store(OUT + rows, (res + acc.to(dt).to(tl.float32)).to(dt), mask=keep)
 
     @triton.jit
