@@ -767,7 +767,9 @@ if triton is not None:
                       sin: torch.Tensor, weights: list[torch.Tensor], eps: list[float]) -> torch.Tensor:
         n1, wq, wk, wv, wo, n2, wg, wu, wd = weights
         # Hopper on, for one or two tokens: with PDL on the tensor-core kernels, one after another, a
-        # 7B-shaped block of 5 tokens took 182 us against 138 without (why was not found; BENCHMARKS.md)
+        # 7B-shaped block of 5 tokens took 182 us against 138 without (why was not found; BENCHMARKS.md).
+        # Nor would they be safe as they are: a pipelined loop loads its first chunks of activations
+        # in its prologue, before the wait inside it (_linear_residual with split-K).
         pdl = (PDL and x.is_cuda and torch.version.hip is None and x.shape[1] < DOT_TOKENS
                and torch.cuda.get_device_capability(x.device)[0] >= 9)
         x = x.contiguous()
