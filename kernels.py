@@ -359,14 +359,19 @@ if triton is not None:
 
     @triton.jit
     def _inv_rms(X, EPS, T: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
-        """1 / sqrt(mean(x^2) + eps) of each of the T rows of D values at X (fp32): (BLOCK_T,)."""
+        """1 / sqrt(mean(x^2) + eps) of each of the T rows of D values at X (fp32): (BLOCK_T,).
+        The chunks are unrolled and their squares summed elementwise, one reduction at the end, so
+        no load waits for the one before: all are in flight at once, where a loop with a sum per
+        chunk made a chain of D / BLOCK_K memory round trips before the first weight chunk. A pass
+        of its own: the squares summed in the product's loop instead, its sums scaled at the end,
+        were measured slower (BENCHMARKS.md)."""
         t = tl.arange(0, BLOCK_T)[:, None]
-        ss = tl.zeros([BLOCK_T], tl.float32)
-        for k0 in range(0, D, BLOCK_K):
+        sq = tl.zeros([BLOCK_T, BLOCK_K], tl.float32)
+        for k0 in tl.static_range(0, D, BLOCK_K):
             c = k0 + tl.arange(0, BLOCK_K)[None, :]
             x = tl.load(X + t * D + c, mask=(t < T) & (c < D), other=0.0).to(tl.float32)
-            ss += tl.sum(x * x, 1)
-        return tl.rsqrt(ss / D + EPS)
+            sq += x * x
+        return tl.rsqrt(tl.sum(sq, 1) / D + EPS)
 
     @triton.jit
     def _chunk(X, NW, inv, k0, T: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
