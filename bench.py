@@ -419,7 +419,7 @@ def decode_one(impl: str, device: str, shape: str, new_tokens: int, prompt_len: 
         gen = Generator(model)
         if impl in ("ours", "ours-nopdl"):
             kernels.PDL = impl == "ours"
-            extra["projections_us"] = {f"{o}x{i}": t for (o, i), t in kernels.compile_generator(gen).items()}
+            extra.update(kernels.compile_generator(gen))  # the projections' and the attention's timings
         elif impl == "plain-compiled":  # torch.compile of the plain model's step: cuBLAS, SDPA
             for block in model.model.layers:
                 block.self_attn.attend = kernels.decode_attention_reference  # over expanded heads
@@ -777,12 +777,12 @@ def speculative_one(impl: str, target: str, draft: str, new_tokens: int, draft_t
             if impl == "alone-eager":  # as sample.py decodes without --compile
                 kernels.use_decode_kernels(t, measure=False)
             else:
-                kernels.compile_generator(gen)
+                extra.update(kernels.compile_generator(gen))
         else:
             d = t if draft == target and target == "random-cpu" else load(draft)
             gen = sample.SpeculativeGenerator(t, d, draft_tokens)
             if impl == "ours":
-                kernels.compile_speculative(gen)
+                extra.update(kernels.compile_speculative(gen))
             else:
                 for m in (t, d):
                     kernels.use_decode_kernels(m, measure=False)

@@ -241,29 +241,29 @@ if triton is not None:
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HD], tl.float32)
         start = s * SPLIT
-        for i in range(0, SPLIT, BLOCK_N):
-            n0 = start + i
-            if n0 <= last:  # the blocks past the last position are skipped
-                n = n0 + tl.arange(0, BLOCK_N)
-                kt = tl.load(K + b * skb + kv * skh + n[:, None] * sks + d[None, :], mask=(n <= last)[:, None],
-                             other=0.0)
-                vt = tl.load(V + b * svb + kv * svh + n[:, None] * svs + d[None, :], mask=(n <= last)[:, None],
-                             other=0.0)  # issued with the keys' load: both wait on memory at once
-                if IEEE:
-                    sc = tl.dot(q, tl.trans(kt), input_precision="ieee")
-                else:
-                    sc = tl.dot(q, tl.trans(kt))
-                sc = tl.where(n[None, :] <= pos[:, None], sc * QK_SCALE, float("-inf"))  # (BLOCK_M, BLOCK_N)
-                m_new = tl.maximum(m_i, tl.max(sc, 1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet
-                alpha = tl.exp2(m_i - m_safe)
-                p = tl.exp2(sc - m_safe[:, None])
-                l_i = l_i * alpha + tl.sum(p, 1)
-                if IEEE:
-                    acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision="ieee")
-                else:
-                    acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
-                m_i = m_new
+        # Run-time bounds, no block past the last position, and no `if` in the loop: so Triton can
+        # pipeline it, and with num_stages > 1 the keys and values arrive through cp.async.
+        for n0 in range(start, tl.minimum(start + SPLIT, last + 1), BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            kt = tl.load(K + b * skb + kv * skh + n[:, None] * sks + d[None, :], mask=(n <= last)[:, None],
+                         other=0.0)
+            vt = tl.load(V + b * svb + kv * svh + n[:, None] * svs + d[None, :], mask=(n <= last)[:, None],
+                         other=0.0)  # issued with the keys' load: both wait on memory at once
+            if IEEE:
+                sc = tl.dot(q, tl.trans(kt), input_precision="ieee")
+            else:
+                sc = tl.dot(q, tl.trans(kt))
+            sc = tl.where(n[None, :] <= pos[:, None], sc * QK_SCALE, float("-inf"))  # (BLOCK_M, BLOCK_N)
+            m_new = tl.maximum(m_i, tl.max(sc, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(sc - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+            m_i = m_new
         nonempty = l_i > 0
         out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
         lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
@@ -296,7 +296,8 @@ def pdl_options(pdl: bool) -> dict:
     return {"PDL": True, "launch_pdl": True} if pdl else {"PDL": False}
 
 
-def decode_attention(q, k, v, pos, split: int | None = None, block_n: int = 64, pdl: bool = False):
+def decode_attention(q, k, v, pos, split: int | None = None, block_n: int = 64, pdl: bool = False,
+                     stages: int = 1):
     """Attention of a few new tokens over a static KV cache, flash-decoding style (Dao et al.
     2023): the cache is cut into splits of `split` slots, each split's partial softmax is computed
     by its own program, and a second kernel combines them with their log-sum-exp. Splits past the
@@ -311,7 +312,10 @@ def decode_attention(q, k, v, pos, split: int | None = None, block_n: int = 64, 
     context's few slots are still spread over several programs, each waiting on one load of its
     keys and values, not a chain of them. Splits of 32 slots, the default before, were slower in
     every shape's blocks measured and in the speculative round (BENCHMARKS.md).
-    pdl: both kernels launched with programmatic dependent launch (decode_block's chain)."""
+    pdl: both kernels launched with programmatic dependent launch (decode_block's chain).
+    stages: the split kernel's pipeline stages (Triton's num_stages); from 2 on its keys and values
+    go through cp.async into shared memory, 32 KB a stage. Which count is fastest was measured to
+    depend on the kernels around it, not on the attention alone (attention_stages)."""
     B, H, T, hd = q.shape
     KV, S = k.shape[1], k.shape[2]
     split = split or max(64, triton.next_power_of_2(S) // 64)
@@ -325,7 +329,7 @@ def decode_attention(q, k, v, pos, split: int | None = None, block_n: int = 64, 
         q, k, v, pos, o_part, lse_part, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
         k.stride(2), v.stride(0), v.stride(1), v.stride(2), T, KV, QK_SCALE=hd ** -0.5 * math.log2(math.e),
         G=G, HD=hd, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT=split, IEEE=q.dtype == torch.float32,
-        **pdl_options(pdl))
+        num_stages=stages, **pdl_options(pdl))
     out = torch.empty(B, T, H, hd, dtype=q.dtype, device=q.device).transpose(1, 2)  # o_proj's order
     _decode_attention_combine[(B * KV, G * T)](
         o_part, lse_part, out, out.stride(0), out.stride(1), out.stride(2), T, KV, n_split, G=G, HD=hd,
@@ -749,14 +753,15 @@ PDL = True
 BLOCK_TOKENS = 8
 
 
-def decode_block(block: plain.Block, x, rope, pos):
+def decode_block(block: plain.Block, x, rope, pos, stages: int = 1):
     """model.Block.forward for a few tokens of one sequence (at most BLOCK_TOKENS), in six kernels: norm + q/k/v +
     RoPE + cache write, the decode attention (two), o_proj + residual, norm + gate/up + SiLU,
     down_proj + residual. x (1, T, d); rope the model's (cos, sin) tables; pos (T,). Equal to
     block(x, rope[0][pos], rope[1][pos], pos). One custom op to torch.compile: inductor neither
-    looks into its kernels nor launches them, so they can be launched with PDL."""
+    looks into its kernels nor launches them, so they can be launched with PDL. stages: the decode
+    attention's (attention_stages)."""
     cache = block.self_attn.kv_cache
-    return _decode_block(x, pos, cache.k, cache.v, rope[0], rope[1], *block_weights(block))
+    return _decode_block(x, pos, cache.k, cache.v, rope[0], rope[1], *block_weights(block), stages)
 
 
 def block_weights(block: plain.Block) -> tuple[list, list]:
@@ -769,7 +774,7 @@ def block_weights(block: plain.Block) -> tuple[list, list]:
 if triton is not None:
     @torch.library.custom_op("portimbria::decode_block", mutates_args=("k", "v"))
     def _decode_block(x: torch.Tensor, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
-                      sin: torch.Tensor, weights: list[torch.Tensor], eps: list[float]) -> torch.Tensor:
+                      sin: torch.Tensor, weights: list[torch.Tensor], eps: list[float], stages: int) -> torch.Tensor:
         n1, wq, wk, wv, wo, n2, wg, wu, wd = weights
         # Hopper on, for one or two tokens: with PDL on the tensor-core kernels, one after another, a
         # 7B-shaped block of 5 tokens took 182 us against 138 without (why was not found; BENCHMARKS.md).
@@ -779,12 +784,12 @@ if triton is not None:
                and torch.cuda.get_device_capability(x.device)[0] >= 9)
         x = x.contiguous()
         q = norm_qkv_rope(x, n1, eps[0], wq, wk, wv, (cos, sin), pos, (k, v), pdl=pdl)
-        y = decode_attention(q, k, v, pos, pdl=pdl).transpose(1, 2)  # (1, T, H, hd), contiguous
+        y = decode_attention(q, k, v, pos, pdl=pdl, stages=stages).transpose(1, 2)  # (1, T, H, hd), contiguous
         x = linear_residual(y, wo, x, pdl=pdl)
         return linear_residual(norm_swiglu(x, n2, eps[1], wg, wu, pdl=pdl), wd, x, pdl=pdl)
 
     @_decode_block.register_fake
-    def _(x, pos, k, v, cos, sin, weights, eps):
+    def _(x, pos, k, v, cos, sin, weights, eps, stages):
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
@@ -805,22 +810,48 @@ def fuses(block: plain.Block) -> bool:
             block.self_attn.hd >= 2 and block.self_attn.hd & (block.self_attn.hd - 1) == 0)
 
 
-def use_decode_blocks(model: plain.Llama):
+def use_decode_blocks(model: plain.Llama, stages: int = 1):
     """Cached forwards of up to BLOCK_TOKENS tokens of batch 1 through decode_block where it fuses (the
-    block's own forward otherwise, and for every other forward)."""
+    block's own forward otherwise, and for every other forward), its attention with `stages`."""
     for block in model.model.layers:
         block.__dict__.pop("forward", None)  # the class's forward, if installed before
         if fuses(block):
-            block.forward = _few_token_forward(model, block, block.forward)
+            block.forward = _few_token_forward(model, block, block.forward, stages)
 
 
-def _few_token_forward(model, block, forward):
+def _few_token_forward(model, block, forward, stages):
     def run(x, cos, sin, pos=None):
         if (pos is not None and x.shape[0] == 1 and x.shape[1] <= BLOCK_TOKENS
                 and block.self_attn.kv_cache.k.shape[0] == 1):
-            return decode_block(block, x, (model.rope_cos, model.rope_sin), pos)
+            return decode_block(block, x, (model.rope_cos, model.rope_sin), pos, stages)
         return forward(x, cos, sin, pos)
     return run
+
+
+def attention_stages(model: plain.Llama, candidates=(1, 2, 4), slots: int = 512, cached: int = 300) -> dict:
+    """Time a one-token step's blocks through decode_block with each of the decode attention's
+    `candidates` pipeline stages: one CUDA graph over every block that fuses, each with a cache of
+    `slots` holding `cached` positions. The best count showed only among the kernels around the
+    attention, and it differs by model: on an H200 the Portimbria-150M's blocks were fastest with 4
+    stages, a 7B-shaped model's with 2 and a 1.1B's with 1; at five tokens the count hardly mattered
+    (BENCHMARKS.md). Returns {stages: us a block}."""
+    blocks = [b for b in model.model.layers if fuses(b)]
+    if not blocks:
+        return {}
+    w = model.lm_head.weight
+    a = blocks[0].self_attn
+    caches = [torch.randn(2, 1, a.n_kv, slots, a.hd, dtype=w.dtype, device=w.device) for _ in blocks]
+    x = torch.randn(1, 1, w.shape[1], dtype=w.dtype, device=w.device)
+    pos, rope = torch.tensor([cached], device=w.device), (model.rope_cos, model.rope_sin)
+    weights = [block_weights(b) for b in blocks]
+    times = {}
+    with torch.no_grad():
+        for s in candidates:
+            def run(s=s):
+                return [_decode_block(x, pos, k, v, *rope, *bw, s) for (k, v), bw in zip(caches, weights)]
+            run()  # Triton compiles, outside the graph
+            times[s] = round(cuda_graph_us(run, 20) / len(blocks), 2)
+    return times
 
 
 class DecodeLinear(nn.Linear):
@@ -900,8 +931,9 @@ def use_decode_kernels(model: plain.Llama, measure: bool = True) -> dict:
     """Kernels for decoding a few tokens at a time (compiled): every nn.Linear becomes a
     DecodeLinear, and on a GPU with Triton the cached attention of up to 16 new tokens goes
     through decode_attention; when measure, each weight shape's faster product is set and batch-1
-    forwards of up to BLOCK_TOKENS tokens go through decode_block wherever it fuses.
-    Returns the projection timings (empty on the CPU)."""
+    forwards of up to BLOCK_TOKENS tokens go through decode_block wherever it fuses, its attention
+    with the fastest stages measured. Returns those timings (empty on the CPU):
+    {"projections_us": {"outxin": ..}, "attention_stages_us": {stages: us a block}}."""
     for module in model.modules():
         if type(module) is nn.Linear:
             module.__class__ = DecodeLinear  # same weights, the decode-time forward
@@ -913,8 +945,9 @@ def use_decode_kernels(model: plain.Llama, measure: bool = True) -> dict:
     if not measure:
         return {}
     timings = measure_projections(model)
-    use_decode_blocks(model)
-    return timings
+    stages = attention_stages(model)
+    use_decode_blocks(model, min(stages, key=stages.get, default=1))
+    return {"projections_us": {f"{o}x{i}": t for (o, i), t in timings.items()}, "attention_stages_us": stages}
 
 
 def _cached_attention(q, k, v, pos=None):
@@ -957,14 +990,16 @@ def compile_speculative(gen, sync_every: int = 8):
     the draft's two-token and one-token forwards, the target's k + 1, and the bookkeeping between
     them (greedy picks, seen-token rows, accept) fused into a few kernels. On a GPU, the
     `sync_every` rounds between two host reads become one CUDA graph replay, and each model's
-    prompt pass is one too. The rounds near the end of the context, with fewer proposals, run eagerly."""
-    for m in {id(gen.target): gen.target, id(gen.draft): gen.draft}.values():
-        use_decode_kernels(m)
+    prompt pass is one too. The rounds near the end of the context, with fewer proposals, run eagerly.
+    Returns each model's use_decode_kernels timings."""
+    timings = {name: use_decode_kernels(m) for name, m in (("target", gen.target), ("draft", gen.draft))
+               if name == "target" or gen.draft is not gen.target}
     gen.steady_round = torch.compile(gen.round, fullgraph=True, dynamic=False, options=step_options(gen.target))
     gen.compiled = True
     if gen.target.lm_head.weight.is_cuda:
         gen.rounds, gen.sync_every = GraphedSteps(gen.steady_round, [gen.target, gen.draft]), sync_every
         gen.prefill = {name: GraphedPrefill(m) for name, m in (("target", gen.target), ("draft", gen.draft))}
+    return timings
 
 
 def cache_addresses(models) -> tuple:

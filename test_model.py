@@ -1262,10 +1262,28 @@ def test_compiled_decoding_shares_one_graph_across_prompt_lengths():
     assert graphs == [1, 1, 1, 2]  # 600 + 8 positions need the 1024-position cache
 
 
+# Triton's interpreter holds a scalar as a one-element array and turns it into a loop bound with
+# int(), which NumPy 2.4 refuses for arrays of one dimension: the decode attention's loop has
+# run-time bounds (compiled, they are plain integers).
+INTERPRETER_LOOP_BOUNDS = """
+import triton.runtime.interpreter as _interpreter
+_patch_tensor = _interpreter._patch_lang_tensor
+
+
+def _scalar_bounds(tensor):
+    _patch_tensor(tensor)
+    tensor.__index__ = lambda self: int(self.handle.data.item())
+
+
+_interpreter._patch_lang_tensor = _scalar_bounds
+"""
+
+
 def in_triton_interpreter(script: str) -> dict:
     """The JSON last printed by `script`, run in a child whose Triton kernels run on the CPU."""
     pytest.importorskip("triton")
-    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=REPO,
+    p = subprocess.run([sys.executable, "-c", INTERPRETER_LOOP_BOUNDS + script], capture_output=True, text=True,
+                       timeout=600, cwd=REPO,
                        env=child_env(TRITON_INTERPRET="1"))
     assert p.returncode == 0, p.stderr[-3000:]
     return json.loads(p.stdout.strip().splitlines()[-1])
@@ -1348,7 +1366,7 @@ for name, shape in [("d96 3/1 heads", dict(hidden_size=96, intermediate_size=160
         rope = (m.rope_cos, m.rope_sin)
         with torch.no_grad():
             torch.library.opcheck(kernels._decode_block, (x, pos, cache.k, cache.v, *rope,
-                                                          *kernels.block_weights(block)))
+                                                          *kernels.block_weights(block), 2))
             cache.k.copy_(before[0]), cache.v.copy_(before[1])
             want = kernels.decode_block(block, x, rope, pos)
             want_k = cache.k.clone()
