@@ -1460,7 +1460,8 @@ def test_tensor_core_tiles_fit_the_gpus_shared_memory(capability, shared):
 
 def test_decode_blocks_take_only_few_token_steps_of_one_sequence(monkeypatch):
     """use_decode_blocks routes a batch-1 cached forward of up to BLOCK_TOKENS tokens through
-    decode_block (a step, a draft's two-token catch-up, a verification) and leaves longer prompts,
+    decode_block (a step, a draft's two-token catch-up, a verification), with the attention's
+    stages it was given, and leaves longer prompts,
     several sequences and whole sequences to the block's own forward; a block with a bias keeps its
     forward."""
     torch.manual_seed(0)
@@ -1468,10 +1469,10 @@ def test_decode_blocks_take_only_few_token_steps_of_one_sequence(monkeypatch):
     kernels.use_decode_kernels(model, measure=False)  # DecodeLinear, as on the GPU before measuring
     down = model.model.layers[1].mlp.down_proj
     down.bias = torch.nn.Parameter(torch.zeros(down.out_features))  # decode_block has no biases
-    kernels.use_decode_blocks(model)
+    kernels.use_decode_blocks(model, stages=2)
     calls = []
-    monkeypatch.setattr(kernels, "decode_block", lambda block, x, rope, pos: calls.append(
-        (list(model.model.layers).index(block), tuple(x.shape))) or type(block).forward(
+    monkeypatch.setattr(kernels, "decode_block", lambda block, x, rope, pos, stages: calls.append(
+        (list(model.model.layers).index(block), tuple(x.shape), stages)) or type(block).forward(
         block, x, rope[0][pos], rope[1][pos], pos))
     fused = [i for i in range(model.config.num_hidden_layers) if i != 1]
     with torch.no_grad():
@@ -1482,7 +1483,7 @@ def test_decode_blocks_take_only_few_token_steps_of_one_sequence(monkeypatch):
         start = kernels.BLOCK_TOKENS + 1
         for T in (1, 2, kernels.BLOCK_TOKENS):
             model(torch.randint(0, 256, (1, T)), start_pos=start)
-            assert calls == [(i, (1, T, model.config.hidden_size)) for i in fused], T
+            assert calls == [(i, (1, T, model.config.hidden_size), 2) for i in fused], T
             calls.clear()
             start += T
         model.setup_cache(2, 32)
