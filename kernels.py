@@ -838,8 +838,9 @@ def attention_stages(model: plain.Llama, candidates=(1, 2, 4), slots: int = 512,
     blocks = [b for b in model.model.layers if fuses(b)]
     if not blocks:
         return {}
-    w = model.lm_head.weight
-    a = blocks[0].self_attn
+    w, a = model.lm_head.weight, blocks[0].self_attn
+    slots = min(slots, model.rope_cos.shape[0])  # a short context: no position past RoPE's tables
+    cached = min(cached, slots - 1)
     caches = [torch.randn(2, 1, a.n_kv, slots, a.hd, dtype=w.dtype, device=w.device) for _ in blocks]
     x = torch.randn(1, 1, w.shape[1], dtype=w.dtype, device=w.device)
     pos, rope = torch.tensor([cached], device=w.device), (model.rope_cos, model.rope_sin)
