@@ -314,8 +314,8 @@ def decode_attention(q, k, v, pos, split: int | None = None, block_n: int = 64, 
     every shape's blocks measured and in the speculative round (BENCHMARKS.md).
     pdl: both kernels launched with programmatic dependent launch (decode_block's chain).
     stages: the split kernel's pipeline stages (Triton's num_stages); from 2 on its keys and values
-    go through cp.async into shared memory, 32 KB a stage. Which count is fastest was measured to
-    depend on the kernels around it, not on the attention alone (attention_stages)."""
+    go through cp.async into shared memory, one block of them a stage. Which count is fastest was
+    measured to depend on the kernels around it, not on the attention alone (attention_stages)."""
     B, H, T, hd = q.shape
     KV, S = k.shape[1], k.shape[2]
     split = split or max(64, triton.next_power_of_2(S) // 64)
