@@ -221,10 +221,13 @@ if triton is not None:
     def _decode_attention_split(Q, K, V, POS, O_PART, LSE_PART, sqb, sqh, sqt, skb, skh, sks, svb, svh, svs,
                                 T, KV, QK_SCALE: tl.constexpr, G: tl.constexpr, HD: tl.constexpr, BLOCK_M: tl.constexpr,
                                 BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
-                                PDL: tl.constexpr = False):
+                                PDL: tl.constexpr = False, READ_AHEAD: tl.constexpr = False):
         """One (sequence, KV head, split of SPLIT cache slots): the G query heads that share the KV
         head and the T new tokens are the BLOCK_M rows of one tile (row m = g * T + t), so each key
-        is read once for all of them. Writes the split's normalised output and log2-sum-exp."""
+        is read once for all of them. Writes the split's normalised output and log2-sum-exp.
+        READ_AHEAD: the first block's slots before the first new position, which earlier forwards
+        wrote and the kernel before does not, are read before the PDL wait, off the chain's
+        critical path (the rest of the block after it)."""
         _let_the_next_kernel_start(PDL)
         bk, s = tl.program_id(0), tl.program_id(1)
         b, kv = bk // KV, bk % KV
@@ -232,23 +235,33 @@ if triton is not None:
         g, t = m // T, m % T
         row = m < G * T
         pos = tl.load(POS + t, mask=row, other=-1)  # query t sees slots 0..pos[t]
-        last = tl.load(POS + T - 1)  # positions increase: no row sees past the last one
-        _wait_for_the_previous_kernel(PDL)  # it wrote this token's key and value (the positions: no chain kernel)
+        first, last = tl.load(POS), tl.load(POS + T - 1)  # positions increase: no row sees past the last one
         d = tl.arange(0, HD)
+        start = s * SPLIT
+        if READ_AHEAD:
+            n_old = start + tl.arange(0, BLOCK_N)
+            old = (n_old < first)[:, None]
+            k_old = tl.load(K + b * skb + kv * skh + n_old[:, None] * sks + d[None, :], mask=old, other=0.0)
+            v_old = tl.load(V + b * svb + kv * svh + n_old[:, None] * svs + d[None, :], mask=old, other=0.0)
+        _wait_for_the_previous_kernel(PDL)  # it wrote this token's key and value (the positions: no chain kernel)
         q = tl.load(Q + b * sqb + (kv * G + g)[:, None] * sqh + t[:, None] * sqt + d[None, :],
                     mask=row[:, None], other=0.0)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HD], tl.float32)
-        start = s * SPLIT
         # Run-time bounds, no block past the last position, and no `if` in the loop: so Triton can
         # pipeline it, and with num_stages > 1 the keys and values arrive through cp.async.
         for n0 in range(start, tl.minimum(start + SPLIT, last + 1), BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
-            kt = tl.load(K + b * skb + kv * skh + n[:, None] * sks + d[None, :], mask=(n <= last)[:, None],
-                         other=0.0)
-            vt = tl.load(V + b * svb + kv * svh + n[:, None] * svs + d[None, :], mask=(n <= last)[:, None],
+            read = (n <= last)[:, None]
+            if READ_AHEAD:
+                early = old & (n0 == start)  # read before the wait
+                read = read & ~early
+            kt = tl.load(K + b * skb + kv * skh + n[:, None] * sks + d[None, :], mask=read, other=0.0)
+            vt = tl.load(V + b * svb + kv * svh + n[:, None] * svs + d[None, :], mask=read,
                          other=0.0)  # issued with the keys' load: both wait on memory at once
+            if READ_AHEAD:
+                kt, vt = tl.where(early, k_old, kt), tl.where(early, v_old, vt)
             if IEEE:
                 sc = tl.dot(q, tl.trans(kt), input_precision="ieee")
             else:
@@ -297,7 +310,7 @@ def pdl_options(pdl: bool) -> dict:
 
 
 def decode_attention(q, k, v, pos, split: int | None = None, block_n: int = 64, pdl: bool = False,
-                     stages: int = 1):
+                     stages: int = 1, read_ahead: bool = False):
     """Attention of a few new tokens over a static KV cache, flash-decoding style (Dao et al.
     2023): the cache is cut into splits of `split` slots, each split's partial softmax is computed
     by its own program, and a second kernel combines them with their log-sum-exp. Splits past the
@@ -315,7 +328,9 @@ def decode_attention(q, k, v, pos, split: int | None = None, block_n: int = 64, 
     pdl: both kernels launched with programmatic dependent launch (decode_block's chain).
     stages: the split kernel's pipeline stages (Triton's num_stages); from 2 on its keys and values
     go through cp.async into shared memory, one block of them a stage. Which count is fastest was
-    measured to depend on the kernels around it, not on the attention alone (attention_stages)."""
+    measured to depend on the kernels around it, not on the attention alone (attention_settings).
+    read_ahead: the split kernel reads the first block's cached slots before its PDL wait (only
+    those before the new tokens, which the kernel before it does not write)."""
     B, H, T, hd = q.shape
     KV, S = k.shape[1], k.shape[2]
     split = split or max(64, triton.next_power_of_2(S) // 64)
@@ -329,7 +344,7 @@ def decode_attention(q, k, v, pos, split: int | None = None, block_n: int = 64, 
         q, k, v, pos, o_part, lse_part, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
         k.stride(2), v.stride(0), v.stride(1), v.stride(2), T, KV, QK_SCALE=hd ** -0.5 * math.log2(math.e),
         G=G, HD=hd, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT=split, IEEE=q.dtype == torch.float32,
-        num_stages=stages, **pdl_options(pdl))
+        num_stages=stages, READ_AHEAD=read_ahead, **pdl_options(pdl))
     out = torch.empty(B, T, H, hd, dtype=q.dtype, device=q.device).transpose(1, 2)  # o_proj's order
     _decode_attention_combine[(B * KV, G * T)](
         o_part, lse_part, out, out.stride(0), out.stride(1), out.stride(2), T, KV, n_split, G=G, HD=hd,
@@ -753,15 +768,15 @@ PDL = True
 BLOCK_TOKENS = 8
 
 
-def decode_block(block: plain.Block, x, rope, pos, stages: int = 1):
+def decode_block(block: plain.Block, x, rope, pos, stages: int = 1, read_ahead: bool = False):
     """model.Block.forward for a few tokens of one sequence (at most BLOCK_TOKENS), in six kernels: norm + q/k/v +
     RoPE + cache write, the decode attention (two), o_proj + residual, norm + gate/up + SiLU,
     down_proj + residual. x (1, T, d); rope the model's (cos, sin) tables; pos (T,). Equal to
     block(x, rope[0][pos], rope[1][pos], pos). One custom op to torch.compile: inductor neither
-    looks into its kernels nor launches them, so they can be launched with PDL. stages: the decode
-    attention's (attention_stages)."""
+    looks into its kernels nor launches them, so they can be launched with PDL. stages, read_ahead:
+    the decode attention's (attention_settings)."""
     cache = block.self_attn.kv_cache
-    return _decode_block(x, pos, cache.k, cache.v, rope[0], rope[1], *block_weights(block), stages)
+    return _decode_block(x, pos, cache.k, cache.v, rope[0], rope[1], *block_weights(block), stages, read_ahead)
 
 
 def block_weights(block: plain.Block) -> tuple[list, list]:
@@ -774,7 +789,8 @@ def block_weights(block: plain.Block) -> tuple[list, list]:
 if triton is not None:
     @torch.library.custom_op("portimbria::decode_block", mutates_args=("k", "v"))
     def _decode_block(x: torch.Tensor, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
-                      sin: torch.Tensor, weights: list[torch.Tensor], eps: list[float], stages: int) -> torch.Tensor:
+                      sin: torch.Tensor, weights: list[torch.Tensor], eps: list[float], stages: int,
+                      read_ahead: bool) -> torch.Tensor:
         n1, wq, wk, wv, wo, n2, wg, wu, wd = weights
         # Hopper on, for one or two tokens: with PDL on the tensor-core kernels, one after another, a
         # 7B-shaped block of 5 tokens took 182 us against 138 without (why was not found; BENCHMARKS.md).
@@ -784,12 +800,13 @@ if triton is not None:
                and torch.cuda.get_device_capability(x.device)[0] >= 9)
         x = x.contiguous()
         q = norm_qkv_rope(x, n1, eps[0], wq, wk, wv, (cos, sin), pos, (k, v), pdl=pdl)
-        y = decode_attention(q, k, v, pos, pdl=pdl, stages=stages).transpose(1, 2)  # (1, T, H, hd), contiguous
+        y = decode_attention(q, k, v, pos, pdl=pdl, stages=stages, read_ahead=read_ahead and pdl)
+        y = y.transpose(1, 2)  # (1, T, H, hd), contiguous
         x = linear_residual(y, wo, x, pdl=pdl)
         return linear_residual(norm_swiglu(x, n2, eps[1], wg, wu, pdl=pdl), wd, x, pdl=pdl)
 
     @_decode_block.register_fake
-    def _(x, pos, k, v, cos, sin, weights, eps, stages):
+    def _(x, pos, k, v, cos, sin, weights, eps, stages, read_ahead):
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
@@ -810,31 +827,32 @@ def fuses(block: plain.Block) -> bool:
             block.self_attn.hd >= 2 and block.self_attn.hd & (block.self_attn.hd - 1) == 0)
 
 
-def use_decode_blocks(model: plain.Llama, stages: int = 1):
+def use_decode_blocks(model: plain.Llama, stages: int = 1, read_ahead: bool = False):
     """Cached forwards of up to BLOCK_TOKENS tokens of batch 1 through decode_block where it fuses (the
-    block's own forward otherwise, and for every other forward), its attention with `stages`."""
+    block's own forward otherwise, and for every other forward), its attention with `stages` and
+    `read_ahead`."""
     for block in model.model.layers:
         block.__dict__.pop("forward", None)  # the class's forward, if installed before
         if fuses(block):
-            block.forward = _few_token_forward(model, block, block.forward, stages)
+            block.forward = _few_token_forward(model, block, block.forward, stages, read_ahead)
 
 
-def _few_token_forward(model, block, forward, stages):
+def _few_token_forward(model, block, forward, stages, read_ahead):
     def run(x, cos, sin, pos=None):
         if (pos is not None and x.shape[0] == 1 and x.shape[1] <= BLOCK_TOKENS
                 and block.self_attn.kv_cache.k.shape[0] == 1):
-            return decode_block(block, x, (model.rope_cos, model.rope_sin), pos, stages)
+            return decode_block(block, x, (model.rope_cos, model.rope_sin), pos, stages, read_ahead)
         return forward(x, cos, sin, pos)
     return run
 
 
-def attention_stages(model: plain.Llama, candidates=(1, 2, 4), slots: int = 512, cached: int = 300) -> dict:
+def attention_settings(model: plain.Llama, stages=(1, 2, 4), slots: int = 512, cached: int = 300) -> dict:
     """Time a one-token step's blocks through decode_block with each of the decode attention's
-    `candidates` pipeline stages: one CUDA graph over every block that fuses, each with a cache of
-    `slots` holding `cached` positions. The best count showed only among the kernels around the
-    attention, and it differs by model: on an H200 the Portimbria-150M's blocks were fastest with 4
-    stages, a 7B-shaped model's with 2 and a 1.1B's with 1; at five tokens the count hardly mattered
-    (BENCHMARKS.md). Returns {stages: us a block}."""
+    pipeline `stages`, reading ahead or not: one CUDA graph over every block that fuses, each with
+    a cache of `slots` holding `cached` positions. The best showed only among the kernels around
+    the attention, and it differs by model: on an H200 the Portimbria-150M's blocks were fastest
+    with 4 stages reading ahead, a 7B-shaped model's with 2 stages and not reading ahead, which
+    slowed its blocks (BENCHMARKS.md). Returns {(stages, read_ahead): us a block}."""
     blocks = [b for b in model.model.layers if fuses(b)]
     if not blocks:
         return {}
@@ -847,11 +865,11 @@ def attention_stages(model: plain.Llama, candidates=(1, 2, 4), slots: int = 512,
     weights = [block_weights(b) for b in blocks]
     times = {}
     with torch.no_grad():
-        for s in candidates:
-            def run(s=s):
-                return [_decode_block(x, pos, k, v, *rope, *bw, s) for (k, v), bw in zip(caches, weights)]
+        for setting in [(s, ahead) for ahead in (False, True) for s in stages]:
+            def run(setting=setting):
+                return [_decode_block(x, pos, k, v, *rope, *bw, *setting) for (k, v), bw in zip(caches, weights)]
             run()  # Triton compiles, outside the graph
-            times[s] = round(cuda_graph_us(run, 20) / len(blocks), 2)
+            times[setting] = round(cuda_graph_us(run, 20) / len(blocks), 2)
     return times
 
 
@@ -933,8 +951,8 @@ def use_decode_kernels(model: plain.Llama, measure: bool = True) -> dict:
     DecodeLinear, and on a GPU with Triton the cached attention of up to 16 new tokens goes
     through decode_attention; when measure, each weight shape's faster product is set and batch-1
     forwards of up to BLOCK_TOKENS tokens go through decode_block wherever it fuses, its attention
-    with the fastest stages measured. Returns those timings (empty on the CPU):
-    {"projections_us": {"outxin": ..}, "attention_stages_us": {stages: us a block}}."""
+    with the fastest attention settings measured. Returns those timings (empty on the CPU):
+    {"projections_us": {"outxin": ..}, "attention_us": {"stages 4, read ahead": us a block, ..}}."""
     for module in model.modules():
         if type(module) is nn.Linear:
             module.__class__ = DecodeLinear  # same weights, the decode-time forward
@@ -946,9 +964,10 @@ def use_decode_kernels(model: plain.Llama, measure: bool = True) -> dict:
     if not measure:
         return {}
     timings = measure_projections(model)
-    stages = attention_stages(model)
-    use_decode_blocks(model, min(stages, key=stages.get, default=1))
-    return {"projections_us": {f"{o}x{i}": t for (o, i), t in timings.items()}, "attention_stages_us": stages}
+    settings = attention_settings(model)
+    use_decode_blocks(model, *min(settings, key=settings.get, default=(1, False)))
+    return {"projections_us": {f"{o}x{i}": t for (o, i), t in timings.items()},
+            "attention_us": {f"stages {s}" + (", read ahead" if ahead else ""): t for (s, ahead), t in settings.items()}}
 
 
 def _cached_attention(q, k, v, pos=None):

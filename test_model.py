@@ -1302,18 +1302,20 @@ for B, H, KV, hd, S, pos in [(1, 6, 2, 128, 512, [0]), (1, 6, 2, 128, 512, [37])
     q = torch.randn(B, T, H, hd).transpose(1, 2)  # strided, as the model makes it
     k, v = torch.randn(B, KV, S, hd), torch.randn(B, KV, S, hd)
     pos = torch.tensor(pos)
-    got = kernels.decode_attention(q, k, v, pos)
     want = kernels.decode_attention_reference(q, k, v, pos)
-    worst[f"{H}/{KV} T={T} S={S} pos={pos[-1].item()}"] = (got - want).abs().max().item()
+    for ahead in (False, True):  # the first block's cached slots read before the wait, or not
+        got = kernels.decode_attention(q, k, v, pos, read_ahead=ahead)
+        worst[f"{H}/{KV} T={T} S={S} pos={pos[-1].item()} ahead={ahead}"] = (got - want).abs().max().item()
 print(json.dumps(worst))
 """
 
 
 def test_decode_attention_kernel_equals_plain_attention():
     """The Triton decode attention, run by Triton's interpreter on the CPU, against the model's
-    attention over the expanded KV heads: fp32, 1e-5."""
+    attention over the expanded KV heads, reading the first block's cached slots ahead or not:
+    fp32, 1e-5."""
     worst = in_triton_interpreter(DECODE_ATTENTION_CHECK)
-    assert len(worst) == 6 and all(err < 1e-5 for err in worst.values()), worst
+    assert len(worst) == 12 and all(err < 1e-5 for err in worst.values()), worst
 
 
 DECODE_BLOCK_CHECK = """
@@ -1366,7 +1368,7 @@ for name, shape in [("d96 3/1 heads", dict(hidden_size=96, intermediate_size=160
         rope = (m.rope_cos, m.rope_sin)
         with torch.no_grad():
             torch.library.opcheck(kernels._decode_block, (x, pos, cache.k, cache.v, *rope,
-                                                          *kernels.block_weights(block), 2))
+                                                          *kernels.block_weights(block), 2, True))
             cache.k.copy_(before[0]), cache.v.copy_(before[1])
             want = kernels.decode_block(block, x, rope, pos)
             want_k = cache.k.clone()
@@ -1461,18 +1463,17 @@ def test_tensor_core_tiles_fit_the_gpus_shared_memory(capability, shared):
 def test_decode_blocks_take_only_few_token_steps_of_one_sequence(monkeypatch):
     """use_decode_blocks routes a batch-1 cached forward of up to BLOCK_TOKENS tokens through
     decode_block (a step, a draft's two-token catch-up, a verification), with the attention's
-    stages it was given, and leaves longer prompts,
-    several sequences and whole sequences to the block's own forward; a block with a bias keeps its
+    settings it was given, and leaves longer prompts, several sequences and whole sequences to the block's own forward; a block with a bias keeps its
     forward."""
     torch.manual_seed(0)
     model = Llama(small_config()).eval()
     kernels.use_decode_kernels(model, measure=False)  # DecodeLinear, as on the GPU before measuring
     down = model.model.layers[1].mlp.down_proj
     down.bias = torch.nn.Parameter(torch.zeros(down.out_features))  # decode_block has no biases
-    kernels.use_decode_blocks(model, stages=2)
+    kernels.use_decode_blocks(model, stages=2, read_ahead=True)
     calls = []
-    monkeypatch.setattr(kernels, "decode_block", lambda block, x, rope, pos, stages: calls.append(
-        (list(model.model.layers).index(block), tuple(x.shape), stages)) or type(block).forward(
+    monkeypatch.setattr(kernels, "decode_block", lambda block, x, rope, pos, stages, ahead: calls.append(
+        (list(model.model.layers).index(block), tuple(x.shape), stages, ahead)) or type(block).forward(
         block, x, rope[0][pos], rope[1][pos], pos))
     fused = [i for i in range(model.config.num_hidden_layers) if i != 1]
     with torch.no_grad():
@@ -1483,7 +1484,7 @@ def test_decode_blocks_take_only_few_token_steps_of_one_sequence(monkeypatch):
         start = kernels.BLOCK_TOKENS + 1
         for T in (1, 2, kernels.BLOCK_TOKENS):
             model(torch.randint(0, 256, (1, T)), start_pos=start)
-            assert calls == [(i, (1, T, model.config.hidden_size), 2) for i in fused], T
+            assert calls == [(i, (1, T, model.config.hidden_size), 2, True) for i in fused], T
             calls.clear()
             start += T
         model.setup_cache(2, 32)
