@@ -850,9 +850,9 @@ def attention_settings(model: plain.Llama, stages=(1, 2, 4), slots: int = 512, c
     """Time a one-token step's blocks through decode_block with each of the decode attention's
     pipeline `stages`, reading ahead or not: one CUDA graph over every block that fuses, each with
     a cache of `slots` holding `cached` positions. The best showed only among the kernels around
-    the attention, and it differs by model: on an H200 the Portimbria-150M's blocks were fastest
-    with 4 stages reading ahead, a 7B-shaped model's with 2 stages and not reading ahead, which
-    slowed its blocks (BENCHMARKS.md). Returns {(stages, read_ahead): us a block}."""
+    the attention, and it differs by model: on an H200, reading ahead, the 1.1B's and a 7B-shaped
+    model's blocks were fastest with 1 stage and the Portimbria-150M's with 1 or 4, while with 2
+    stages reading ahead slowed the 7B shape's by 6-7 us (BENCHMARKS.md). Returns {(stages, read_ahead): us a block}."""
     blocks = [b for b in model.model.layers if fuses(b)]
     if not blocks:
         return {}
