@@ -852,7 +852,8 @@ def attention_settings(model: plain.Llama, stages=(1, 2, 4), slots: int = 512, c
     a cache of `slots` holding `cached` positions. The best showed only among the kernels around
     the attention, and it differs by model: on an H200, reading ahead, the 1.1B's and a 7B-shaped
     model's blocks were fastest with 1 stage and the Portimbria-150M's with 1 or 4, while with 2
-    stages reading ahead slowed the 7B shape's by 6-7 us (BENCHMARKS.md). Returns {(stages, read_ahead): us a block}."""
+    stages reading ahead slowed the 7B shape's by 6-7 us (BENCHMARKS.md).
+    Returns {(stages, read_ahead): us a block}."""
     blocks = [b for b in model.model.layers if fuses(b)]
     if not blocks:
         return {}
@@ -967,7 +968,8 @@ def use_decode_kernels(model: plain.Llama, measure: bool = True) -> dict:
     settings = attention_settings(model)
     use_decode_blocks(model, *min(settings, key=settings.get, default=(1, False)))
     return {"projections_us": {f"{o}x{i}": t for (o, i), t in timings.items()},
-            "attention_us": {f"stages {s}" + (", read ahead" if ahead else ""): t for (s, ahead), t in settings.items()}}
+            "attention_us": {f"stages {s}" + (", read ahead" if ahead else ""): t
+                             for (s, ahead), t in settings.items()}}
 
 
 def _cached_attention(q, k, v, pos=None):

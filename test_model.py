@@ -1463,8 +1463,8 @@ def test_tensor_core_tiles_fit_the_gpus_shared_memory(capability, shared):
 def test_decode_blocks_take_only_few_token_steps_of_one_sequence(monkeypatch):
     """use_decode_blocks routes a batch-1 cached forward of up to BLOCK_TOKENS tokens through
     decode_block (a step, a draft's two-token catch-up, a verification), with the attention's
-    settings it was given, and leaves longer prompts, several sequences and whole sequences to the block's own forward; a block with a bias keeps its
-    forward."""
+    settings it was given, and leaves longer prompts, several sequences and whole sequences to the
+    block's own forward; a block with a bias keeps its forward."""
     torch.manual_seed(0)
     model = Llama(small_config()).eval()
     kernels.use_decode_kernels(model, measure=False)  # DecodeLinear, as on the GPU before measuring
