@@ -218,6 +218,15 @@ if triton is not None:
             gdc_wait()
 
     @triton.jit
+    def _slots(K, V, n, d, sks, svs, mask):
+        """The keys and values of one sequence's KV head at cache slots n (BLOCK_N,), channels d:
+        two (BLOCK_N, HD) tiles, zero where not mask. Both loads are issued before either is used,
+        so they wait on memory at once."""
+        k = tl.load(K + n[:, None] * sks + d[None, :], mask=mask, other=0.0)
+        v = tl.load(V + n[:, None] * svs + d[None, :], mask=mask, other=0.0)
+        return k, v
+
+    @triton.jit
     def _decode_attention_split(Q, K, V, POS, O_PART, LSE_PART, sqb, sqh, sqt, skb, skh, sks, svb, svh, svs,
                                 T, KV, QK_SCALE: tl.constexpr, G: tl.constexpr, HD: tl.constexpr, BLOCK_M: tl.constexpr,
                                 BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
@@ -238,11 +247,11 @@ if triton is not None:
         first, last = tl.load(POS), tl.load(POS + T - 1)  # positions increase: no row sees past the last one
         d = tl.arange(0, HD)
         start = s * SPLIT
+        k_head, v_head = K + b * skb + kv * skh, V + b * svb + kv * svh
         if READ_AHEAD:
             n_old = start + tl.arange(0, BLOCK_N)
             old = (n_old < first)[:, None]
-            k_old = tl.load(K + b * skb + kv * skh + n_old[:, None] * sks + d[None, :], mask=old, other=0.0)
-            v_old = tl.load(V + b * svb + kv * svh + n_old[:, None] * svs + d[None, :], mask=old, other=0.0)
+            k_old, v_old = _slots(k_head, v_head, n_old, d, sks, svs, old)
         _wait_for_the_previous_kernel(PDL)  # it wrote this token's key and value (the positions: no chain kernel)
         q = tl.load(Q + b * sqb + (kv * G + g)[:, None] * sqh + t[:, None] * sqt + d[None, :],
                     mask=row[:, None], other=0.0)
@@ -257,9 +266,7 @@ if triton is not None:
             if READ_AHEAD:
                 early = old & (n0 == start)  # read before the wait
                 read = read & ~early
-            kt = tl.load(K + b * skb + kv * skh + n[:, None] * sks + d[None, :], mask=read, other=0.0)
-            vt = tl.load(V + b * svb + kv * svh + n[:, None] * svs + d[None, :], mask=read,
-                         other=0.0)  # issued with the keys' load: both wait on memory at once
+            kt, vt = _slots(k_head, v_head, n, d, sks, svs, read)
             if READ_AHEAD:
                 kt, vt = tl.where(early, k_old, kt), tl.where(early, v_old, vt)
             if IEEE:
