@@ -633,6 +633,10 @@ TILES = {"qkv": (1, 2), "linear": (2, 4), "swiglu": (2, 4)}
 # per-token sums, exact and batch invariant.
 DOT_TOKENS = 3
 DOT_TILES = {"qkv": (32, 256, 4, 4), "linear": (32, 256, 4, 4), "swiglu": (64, 256, 4, 4)}
+# Gate/up's tiles where those of DOT_TILES would outnumber the SMs (the 7B shape's 14,336 rows: 224
+# tiles of 64 on an H200's 132 SMs, 1.7 waves): 128 rows, 128 columns a chunk, 8 warps, one wave of
+# 112 tiles. Measured faster at the 7B shape, slower at the 1.1B's (88 tiles of 64: one wave already).
+WIDE_SWIGLU = (128, 128, 8, 4)
 DOT_DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -672,12 +676,14 @@ def dot_stages(kernel: str, R: int, BLOCK_T: int, BLOCK_K: int, element_size: in
 
 
 def tiles(kernel: str, x: torch.Tensor, T: int, width: int, rows=None, num_warps=None,
-          most_rows: int = 1 << 30) -> dict:
-    """A kernel's launch settings for T tokens of x over rows of `width` values: R, BLOCK_T, the chunk
-    of columns (BLOCK_K: the whole row below DOT_TOKENS, in _linear_residual at most 4096), DOT,
-    num_warps (and num_stages on the tensor cores)."""
+          most_rows: int = 1 << 30, out_rows: int = 0) -> dict:
+    """A kernel's launch settings for T tokens of x over rows of `width` values (out_rows of them):
+    R, BLOCK_T, the chunk of columns (BLOCK_K: the whole row below DOT_TOKENS, in _linear_residual at
+    most 4096), DOT, num_warps (and num_stages on the tensor cores)."""
     if T >= DOT_TOKENS and x.dtype in DOT_DTYPES and most_rows >= 16:
         r, k, w, _ = DOT_TILES[kernel]
+        if kernel == "swiglu" and not rows and out_rows > r * multiprocessors(x):
+            r, k, w, _ = WIDE_SWIGLU
         t = dict(R=min(rows or r, most_rows), BLOCK_T=max(16, triton.next_power_of_2(T)),
                  BLOCK_K=max(16, min(k, triton.next_power_of_2(width))), DOT=True, num_warps=num_warps or w)
         t["num_stages"] = dot_stages(kernel, t["R"], t["BLOCK_T"], t["BLOCK_K"], x.element_size(), shared_memory(x))
@@ -756,7 +762,7 @@ def norm_swiglu(x, norm_w, eps, wg, wu, rows=None, num_warps=None, pdl=False, sp
     """silu(gate_proj(h)) * up_proj(h) with h = norm(x), for T tokens: x (1, T, d) -> (T, ffn), the
     input of down_proj (model.MLP before its last product); norm_w (d,), eps; wg, wu (ffn, d)."""
     (F_, d), T = wg.shape, x.shape[1]
-    t = tiles("swiglu", x, T, d, rows, num_warps)
+    t = tiles("swiglu", x, T, d, rows, num_warps, out_rows=F_)
     block_d = t["BLOCK_K"] if t["DOT"] else triton.next_power_of_2(d)  # a chunk, or the whole row
     n_tiles = triton.cdiv(F_, t["R"])
     sk = split_k(t, x, n_tiles, d, 2, splits)

@@ -1411,6 +1411,25 @@ def test_split_k_keeps_to_one_wave_of_programs(monkeypatch):
     assert kernels.split_k(per_token, x, 40, 2048, 2)["S"] == 1
 
 
+def test_gate_up_takes_wide_tiles_only_past_one_wave(monkeypatch):
+    """On the tensor cores, gate/up takes WIDE_SWIGLU's tiles where DOT_TILES' would outnumber the SMs
+    (the 7B shape's 14,336 rows on an H200's 132), and keeps DOT_TILES' where they fit one wave (the
+    1.1B's 5,632), below DOT_TOKENS, or when the rows are given."""
+    pytest.importorskip("triton")
+    monkeypatch.setattr(kernels, "multiprocessors", lambda x: 132)
+    monkeypatch.setattr(kernels, "shared_memory", lambda x: 232448)
+    x = torch.zeros(1, dtype=torch.bfloat16)
+
+    def picked(T, d, F, rows=None):
+        t = kernels.tiles("swiglu", x, T, d, rows, out_rows=F)
+        return t["R"], t["BLOCK_K"], t["num_warps"], t["DOT"]
+
+    assert picked(5, 4096, 14336) == (*kernels.WIDE_SWIGLU[:3], True)
+    assert picked(5, 2048, 5632) == (*kernels.DOT_TILES["swiglu"][:3], True)
+    assert picked(5, 4096, 14336, rows=64)[0] == 64
+    assert picked(1, 4096, 14336)[3] is False
+
+
 def compiled_shared_bytes(kernel, types: dict, constexprs: dict, num_warps: int, num_stages: int,
                           capability: int) -> int:
     """The shared memory of a Triton kernel compiled ahead of time for an NVIDIA GPU of `capability`
@@ -1437,8 +1456,8 @@ def compiled_shared_bytes(kernel, types: dict, constexprs: dict, num_warps: int,
 def test_tensor_core_tiles_fit_the_gpus_shared_memory(capability, shared):
     """kernels.dot_stages picks pipeline stages that the GPU's shared memory holds (the per-program
     limits of H100/H200, A100, L4/RTX 40): each tensor-core kernel of a verification (5 tokens) of
-    the 1.1B and 7B shapes, its columns split in 4 (split-K), compiled for that GPU with them,
-    fits; at least 2 stages everywhere."""
+    the 1.1B and 7B shapes (gate/up with both its tiles, DOT_TILES' and WIDE_SWIGLU), its columns
+    split in 4 (split-K), compiled for that GPU with them, fits; at least 2 stages everywhere."""
     pytest.importorskip("triton")
     ptr = "*bf16"
     for d, ffn, H, KV in ((2048, 5632, 32, 4), (4096, 14336, 32, 8)):
@@ -1451,13 +1470,14 @@ def test_tensor_core_tiles_fit_the_gpus_shared_memory(capability, shared):
                 ("swiglu", kernels._norm_swiglu, d, {**dict.fromkeys(("X", "NW", "WG", "WU", "OUT"), ptr), "EPS": "fp32"},
                  dict(D=d, F=ffn))):
             types.update(WS="*fp32", TICKETS="*i32")
-            R, BLOCK_K, warps, _ = kernels.DOT_TILES[kind]
-            stages = kernels.dot_stages(kind, R, 16, BLOCK_K, 2, shared)
-            assert stages >= 2, (kind, capability)
-            blocks = {"BLOCK_K": BLOCK_K} if kind == "linear" else {"BLOCK_D": BLOCK_K}
-            used = compiled_shared_bytes(kernel, types, dict(T=5, R=R, BLOCK_T=16, S=4, KS=width // 4, DOT=True,
-                                                             PDL=False, **blocks, **extra), warps, stages, capability)
-            assert used <= shared, (kind, d, capability, stages, used)
+            for R, BLOCK_K, warps, _ in [kernels.DOT_TILES[kind]] + [kernels.WIDE_SWIGLU] * (kind == "swiglu"):
+                stages = kernels.dot_stages(kind, R, 16, BLOCK_K, 2, shared)
+                assert stages >= 2, (kind, capability)
+                blocks = {"BLOCK_K": BLOCK_K} if kind == "linear" else {"BLOCK_D": BLOCK_K}
+                used = compiled_shared_bytes(kernel, types, dict(T=5, R=R, BLOCK_T=16, S=4, KS=width // 4, DOT=True,
+                                                                 PDL=False, **blocks, **extra), warps, stages,
+                                             capability)
+                assert used <= shared, (kind, R, d, capability, stages, used)
 
 
 def test_decode_blocks_take_only_few_token_steps_of_one_sequence(monkeypatch):
