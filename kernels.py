@@ -635,7 +635,8 @@ DOT_TOKENS = 3
 DOT_TILES = {"qkv": (32, 256, 4, 4), "linear": (32, 256, 4, 4), "swiglu": (64, 256, 4, 4)}
 # Gate/up's tiles where those of DOT_TILES would outnumber the SMs (the 7B shape's 14,336 rows: 224
 # tiles of 64 on an H200's 132 SMs, 1.7 waves): 128 rows, 128 columns a chunk, 8 warps, one wave of
-# 112 tiles. Measured faster at the 7B shape, slower at the 1.1B's (88 tiles of 64: one wave already).
+# 112 tiles. Faster at the 7B shape on an H200, slower at the 1.1B's (88 tiles of 64: one wave already;
+# BENCHMARKS.md).
 WIDE_SWIGLU = (128, 128, 8, 4)
 DOT_DTYPES = (torch.bfloat16, torch.float16)
 
