@@ -665,12 +665,13 @@ def multiprocessors(x: torch.Tensor) -> int:
     return torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
 
 
-def dot_stages(kernel: str, R: int, BLOCK_T: int, BLOCK_K: int, element_size: int, shared: int) -> int:
-    """The most pipeline stages, at most DOT_TILES', whose buffers fit `shared` bytes (0 if not
-    even 2 do): each stage after the first holds a chunk of the tokens and of each weight's R rows,
-    and about 10 KB go to the rest (Triton's compiled shared memory, test_model.py)."""
+def dot_stages(kernel: str, R: int, BLOCK_T: int, BLOCK_K: int, element_size: int, shared: int,
+               most: int | None = None) -> int:
+    """The most pipeline stages, at most `most` (DOT_TILES'), whose buffers fit `shared` bytes (0 if
+    not even 2 do): each stage after the first holds a chunk of the tokens and of each weight's R
+    rows, and about 10 KB go to the rest (Triton's compiled shared memory, test_model.py)."""
     weights = 1 if kernel == "linear" else 2
-    for stages in range(DOT_TILES[kernel][3], 1, -1):
+    for stages in range(most or DOT_TILES[kernel][3], 1, -1):
         if (stages - 1) * (BLOCK_T + weights * R) * BLOCK_K * element_size + 10_240 <= shared:
             return stages
     return 0
@@ -682,12 +683,12 @@ def tiles(kernel: str, x: torch.Tensor, T: int, width: int, rows=None, num_warps
     R, BLOCK_T, the chunk of columns (BLOCK_K: the whole row below DOT_TOKENS, in _linear_residual at
     most 4096), DOT, num_warps (and num_stages on the tensor cores)."""
     if T >= DOT_TOKENS and x.dtype in DOT_DTYPES and most_rows >= 16:
-        r, k, w, _ = DOT_TILES[kernel]
+        r, k, w, s = DOT_TILES[kernel]
         if kernel == "swiglu" and not rows and out_rows > r * multiprocessors(x):
-            r, k, w, _ = WIDE_SWIGLU
+            r, k, w, s = WIDE_SWIGLU
         t = dict(R=min(rows or r, most_rows), BLOCK_T=max(16, triton.next_power_of_2(T)),
                  BLOCK_K=max(16, min(k, triton.next_power_of_2(width))), DOT=True, num_warps=num_warps or w)
-        t["num_stages"] = dot_stages(kernel, t["R"], t["BLOCK_T"], t["BLOCK_K"], x.element_size(), shared_memory(x))
+        t["num_stages"] = dot_stages(kernel, t["R"], t["BLOCK_T"], t["BLOCK_K"], x.element_size(), shared_memory(x), s)
         if t["num_stages"]:
             return t
     r, w = TILES[kernel]

@@ -1470,8 +1470,8 @@ def test_tensor_core_tiles_fit_the_gpus_shared_memory(capability, shared):
                 ("swiglu", kernels._norm_swiglu, d, {**dict.fromkeys(("X", "NW", "WG", "WU", "OUT"), ptr), "EPS": "fp32"},
                  dict(D=d, F=ffn))):
             types.update(WS="*fp32", TICKETS="*i32")
-            for R, BLOCK_K, warps, _ in [kernels.DOT_TILES[kind]] + [kernels.WIDE_SWIGLU] * (kind == "swiglu"):
-                stages = kernels.dot_stages(kind, R, 16, BLOCK_K, 2, shared)
+            for R, BLOCK_K, warps, most in [kernels.DOT_TILES[kind]] + [kernels.WIDE_SWIGLU] * (kind == "swiglu"):
+                stages = kernels.dot_stages(kind, R, 16, BLOCK_K, 2, shared, most)
                 assert stages >= 2, (kind, capability)
                 blocks = {"BLOCK_K": BLOCK_K} if kind == "linear" else {"BLOCK_D": BLOCK_K}
                 used = compiled_shared_bytes(kernel, types, dict(T=5, R=R, BLOCK_T=16, S=4, KS=width // 4, DOT=True,
