@@ -665,13 +665,12 @@ def multiprocessors(x: torch.Tensor) -> int:
     return torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
 
 
-def dot_stages(kernel: str, R: int, BLOCK_T: int, BLOCK_K: int, element_size: int, shared: int,
-               most: int | None = None) -> int:
-    """The most pipeline stages, at most `most` (DOT_TILES'), whose buffers fit `shared` bytes (0 if
-    not even 2 do): each stage after the first holds a chunk of the tokens and of each weight's R
-    rows, and about 10 KB go to the rest (Triton's compiled shared memory, test_model.py)."""
+def dot_stages(kernel: str, R: int, BLOCK_T: int, BLOCK_K: int, element_size: int, shared: int, most: int) -> int:
+    """The most pipeline stages, at most `most` (the tiles' own count), whose buffers fit `shared`
+    bytes (0 if not even 2 do): each stage after the first holds a chunk of the tokens and of each
+    weight's R rows, and about 10 KB go to the rest (Triton's compiled shared memory, test_model.py)."""
     weights = 1 if kernel == "linear" else 2
-    for stages in range(most or DOT_TILES[kernel][3], 1, -1):
+    for stages in range(most, 1, -1):
         if (stages - 1) * (BLOCK_T + weights * R) * BLOCK_K * element_size + 10_240 <= shared:
             return stages
     return 0
